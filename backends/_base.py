@@ -1,0 +1,146 @@
+"""The `Backend` object and the shared logic of moving data onto a backend.
+
+A backend is a small frozen record: the array-API namespace ``xp``, the device arrays
+live on, and a handful of functions (``asarray``, ``to_numpy``, ``synchronize``, ``jit``).
+Adapters fill it in; the math in :mod:`bpcore` never looks at which one it got.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from bpcore.errors import BackendUnavailableError, DeviceMismatchError, DTypeError
+
+_DLPACK_CPU = 1
+_DLPACK_DEVICE_NAMES = {1: "cpu", 2: "cuda", 3: "cuda-host", 4: "opencl", 7: "vulkan",
+                        8: "metal", 10: "rocm", 13: "cuda-managed", 14: "oneapi"}
+
+FLOAT_DTYPES = ("float32", "float64")
+
+
+def _describe_dlpack_device(dev: tuple[int, int]) -> str:
+    kind, idx = int(dev[0]), int(dev[1])
+    name = _DLPACK_DEVICE_NAMES.get(kind, f"dlpack-device-type-{kind}")
+    return name if kind == _DLPACK_CPU else f"{name}:{idx}"
+
+
+def _library_of(x: Any) -> str:
+    return type(x).__module__.split(".")[0]
+
+
+@dataclass(frozen=True, eq=False)
+class Backend:
+    """One array library on one device.
+
+    Attributes
+    ----------
+    name : str
+        Registry name (``"numpy"``, ``"jax"``, ``"torch"``, ``"cupy"``, ``"array_api_strict"``).
+    xp : module
+        The array-API namespace (through ``array_api_compat`` where the library needs it).
+    device : object
+        The device new arrays are placed on, in the library's own terms.
+    asynchronous : bool
+        True when reading a value forces a wait for queued device work (JAX, CUDA);
+        bpcore then avoids host-side checks of device data inside the step.
+    """
+
+    name: str
+    xp: Any
+    device: Any
+    is_native: Callable[[Any], bool] = field(repr=False)
+    from_host: Callable[[np.ndarray], Any] = field(repr=False)
+    native_to_device: Callable[[Any], Any] = field(repr=False)
+    to_numpy: Callable[[Any], np.ndarray] = field(repr=False)
+    dlpack_device: tuple[int, int] = (1, 0)
+    from_dlpack: Callable[[Any], Any] | None = field(default=None, repr=False)
+    synchronize: Callable[[], None] = field(default=lambda: None, repr=False)
+    jit: Callable[..., Any] = field(default=lambda fn, **kw: fn, repr=False)
+    asynchronous: bool = False
+    float64_error: Callable[[], str | None] = field(default=lambda: None, repr=False)
+    version: str = ""
+
+    # -- dtypes -------------------------------------------------------------------------
+    def dtype(self, name: Any) -> Any:
+        """The backend's dtype object for ``"float32"``/``"float64"`` (or a dtype object)."""
+        if not isinstance(name, str):
+            name = _dtype_name(name)
+        if name not in FLOAT_DTYPES:
+            raise DTypeError(
+                f"dtype: expected one of {list(FLOAT_DTYPES)}, got {name!r}. "
+                "bpcore parameters are real floating point; pass dtype='float32' or 'float64'."
+            )
+        if name == "float64":
+            problem = self.float64_error()
+            if problem:
+                raise DTypeError(problem)
+        return getattr(self.xp, name)
+
+    # -- moving data --------------------------------------------------------------------
+    def asarray(self, x: Any, dtype: Any = None) -> Any:
+        """Return ``x`` as an array of this backend, on its device.
+
+        Accepts this library's arrays, NumPy arrays, Python sequences and scalars, and any
+        DLPack producer. Data on the host is moved to the device; data already on another
+        accelerator is rejected with :class:`~bpcore.errors.DeviceMismatchError` naming both
+        devices (move it to the host first), never copied silently across devices.
+        """
+        if self.is_native(x):
+            out = self.native_to_device(x)
+        elif isinstance(x, np.ndarray) or np.isscalar(x) or isinstance(x, (list, tuple)):
+            out = self.from_host(np.asarray(x))
+        elif hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
+            out = self._from_foreign_dlpack(x)
+        else:
+            host = np.asarray(x)
+            if host.dtype == object:
+                raise DTypeError(
+                    f"asarray: cannot convert a {type(x).__name__} to a {self.name} array "
+                    "(it has no numeric array interface); pass a NumPy array or any "
+                    "DLPack-capable array."
+                )
+            out = self.from_host(host)
+        if dtype is not None:
+            dt = self.dtype(dtype) if isinstance(dtype, str) else dtype
+            if out.dtype != dt:
+                out = self.xp.astype(out, dt)
+        return out
+
+    def _from_foreign_dlpack(self, x: Any) -> Any:
+        src = tuple(int(v) for v in x.__dlpack_device__())
+        if src[0] == _DLPACK_CPU:
+            try:
+                host = np.from_dlpack(x)
+            except (BufferError, RuntimeError, TypeError):  # e.g. torch tensors needing grad
+                host = np.asarray(x.detach() if hasattr(x, "detach") else x)
+            return self.from_host(host)
+        if src == tuple(self.dlpack_device) and self.from_dlpack is not None:
+            return self.from_dlpack(x)
+        raise DeviceMismatchError(
+            f"asarray: the {_library_of(x)} array is on {_describe_dlpack_device(src)}, "
+            f"but this {self.name} backend is on {_describe_dlpack_device(self.dlpack_device)}. "
+            "bpcore does not copy between accelerators behind your back: move the array to "
+            "the host (or to the model's device) first, or build the model on that backend."
+        )
+
+    def __repr__(self) -> str:
+        return f"Backend(name={self.name!r}, device={self.device!r})"
+
+
+def _dtype_name(dt: Any) -> str:
+    """'float32' for numpy/jax/torch/strict float32 dtype objects (or classes)."""
+    m = re.search(r"(bfloat16|float16|float32|float64|complex64|complex128)", str(dt))
+    if m:
+        return m.group(1)
+    try:
+        return np.dtype(dt).name
+    except TypeError:
+        return str(dt)
+
+
+def unavailable(name: str, why: str, fix: str) -> BackendUnavailableError:
+    return BackendUnavailableError(f"backend {name!r} is not usable here: {why}. {fix}")

@@ -1,0 +1,24 @@
+"""NumPy on the CPU, through ``array_api_compat.numpy``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._base import Backend
+
+
+def make() -> Backend:
+    import array_api_compat.numpy as xp
+
+    return Backend(
+        name="numpy",
+        xp=xp,
+        device="cpu",
+        is_native=lambda x: isinstance(x, np.ndarray),
+        from_host=lambda a: a,
+        native_to_device=lambda x: x,
+        to_numpy=np.asarray,
+        dlpack_device=(1, 0),
+        from_dlpack=np.from_dlpack,
+        version=np.__version__,
+    )

@@ -1,0 +1,184 @@
+"""Losses ``g(y^K)``, each returning its value and ``D = ∂g/∂Y_K`` together.
+
+All losses are means over the batch (sums over the output units of each sample), so
+every gradient carries a ``1/B``. The two cross-entropies take **logits**: the network's
+output activation should be ``identity`` and the loss applies softmax/sigmoid itself.
+That fuses the activation's Jacobian with the loss gradient into ``p - t`` (see each
+function), which is both cheaper and stable where the separate pieces would overflow.
+
+Targets are brought to one canonical form by :meth:`Loss.prepare_target` at the public
+API boundary (validated there, on the host when the data is on the host):
+``(batch, n_out)`` arrays of the model's dtype. Class labels become one-hot rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from ._array import Array, array_namespace, array_device
+from .errors import DTypeError, ShapeError, UnknownNameError
+
+__all__ = ["Loss", "LOSSES", "get_loss"]
+
+
+def _logsumexp_rows(Z: Array) -> Array:
+    xp = array_namespace(Z)
+    m = xp.max(Z, axis=1, keepdims=True)
+    return m + xp.log(xp.sum(xp.exp(Z - m), axis=1, keepdims=True))
+
+
+# ---- mean squared error, g = 1/(2B) Σ ||y - t||^2 ------------------------------------
+def _mse(Y: Array, T: Array) -> tuple[Array, Array]:
+    xp = array_namespace(Y, T)
+    R = Y - T
+    B = Y.shape[0]
+    # Fused with an identity output this is the textbook (y - t)/B.
+    return 0.5 * xp.sum(R * R) / B, R / B
+
+
+# ---- softmax cross-entropy on logits Z, g = 1/B Σ_b Σ_c t_bc (lse(z_b) - z_bc) --------
+def _softmax_cross_entropy(Z: Array, T: Array) -> tuple[Array, Array]:
+    xp = array_namespace(Z, T)
+    B = Z.shape[0]
+    lse = _logsumexp_rows(Z)
+    value = xp.sum(T * (lse - Z)) / B
+    # Softmax and cross-entropy fused: ∂g/∂z = (softmax(z) Σ_c t_c - t)/B, which is the
+    # familiar (p - onehot)/B for labels (rows of t sum to 1) and exact for any soft target.
+    P = xp.exp(Z - lse)
+    D = (P * xp.sum(T, axis=1, keepdims=True) - T) / B
+    return value, D
+
+
+# ---- binary cross-entropy on logits Z, per unit: softplus(z) - t z ------------------
+def _binary_cross_entropy(Z: Array, T: Array) -> tuple[Array, Array]:
+    xp = array_namespace(Z, T)
+    B = Z.shape[0]
+    e = xp.exp(-xp.abs(Z))
+    softplus = xp.maximum(Z, 0.0) + xp.log1p(e)  # log(1 + e^z), no overflow at |z| = 1e4
+    value = xp.sum(softplus - T * Z) / B
+    # Sigmoid and BCE fused: ∂g/∂z = (sigmoid(z) - t)/B.
+    P = xp.where(Z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    return value, (P - T) / B
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A named loss: ``forward(Y_K, T) -> (value, D)`` on canonical targets ``T``."""
+
+    name: str
+    forward: Callable[[Array, Array], tuple[Array, Array]]
+    targets: str  # "values" (mse), "classes" (softmax CE), "binary" (BCE)
+
+    def __call__(self, Y: Array, T: Array) -> Array:
+        return self.forward(Y, T)[0]
+
+    def prepare_target(self, backend: Any, y: Any, n_out: int, batch: int, dtype: Any,
+                       *, argument: str = "y") -> Array:
+        """Validate ``y`` and return it as a ``(batch, n_out)`` array on ``backend``.
+
+        ``classes`` losses take integer labels ``(batch,)`` in ``[0, n_out)`` or one-hot /
+        probability rows ``(batch, n_out)``; the others take ``(batch, n_out)`` values (or
+        ``(batch,)`` when ``n_out == 1``).
+        """
+        be = backend
+        host = _host_view(be, y)
+        shape = tuple(host.shape) if host is not None else tuple(y.shape)
+        kind = _dtype_kind(host.dtype if host is not None else y.dtype)
+        if kind == "complex" or kind == "other":
+            raise DTypeError(f"{argument}: expected real numbers for the {self.name} loss, "
+                             f"got dtype {_dtype_str(y, host)}; convert the targets first.")
+        if not shape or shape[0] != batch:
+            raise ShapeError(
+                f"{argument}: expected {batch} targets (one per row of x), got shape {shape}; "
+                "x and y must have the same number of rows."
+            )
+        if self.targets == "classes" and len(shape) == 1:
+            if kind not in ("int", "uint"):
+                raise DTypeError(
+                    f"{argument}: class labels for {self.name} must be integers in "
+                    f"[0, {n_out}), got dtype {_dtype_str(y, host)}; pass integer labels "
+                    f"(y.astype('int64')) or one-hot rows of shape ({batch}, {n_out})."
+                )
+            if host is not None and host.size:
+                lo, hi = int(host.min()), int(host.max())
+                if lo < 0 or hi >= n_out:
+                    bad = lo if lo < 0 else hi
+                    raise ShapeError(
+                        f"{argument}: class label {bad} is out of range; the network has "
+                        f"{n_out} outputs, so labels must lie in [0, {n_out - 1}]."
+                    )
+            labels = be.asarray(host if host is not None else y)
+            xp = be.xp
+            classes = xp.arange(n_out, dtype=labels.dtype, device=array_device(labels))
+            return xp.astype(labels[:, None] == classes[None, :], be.dtype(dtype))
+        if len(shape) == 1 and n_out == 1:
+            shape = (batch, 1)
+            y = host.reshape(shape) if host is not None else be.xp.reshape(y, shape)
+            host = host.reshape(shape) if host is not None else None
+        if len(shape) != 2 or shape[1] != n_out:
+            want = f"({batch},) integer labels or ({batch}, {n_out})" if self.targets == \
+                "classes" else f"({batch}, {n_out})" + (f" or ({batch},)" if n_out == 1 else "")
+            raise ShapeError(f"{argument}: expected shape {want} for the {self.name} loss "
+                             f"with {n_out} outputs, got {shape}.")
+        if self.targets == "binary" and host is not None and host.size:
+            lo, hi = float(host.min()), float(host.max())
+            if not (lo >= 0.0 and hi <= 1.0):
+                raise ShapeError(f"{argument}: binary cross-entropy targets must lie in "
+                                 f"[0, 1], got values in [{lo}, {hi}].")
+        return be.asarray(host if host is not None else y, dtype=dtype)
+
+
+def _host_view(be: Any, y: Any) -> np.ndarray | None:
+    """A NumPy view of ``y`` when reading it costs no device sync, else None."""
+    if isinstance(y, (list, tuple)) or np.isscalar(y):
+        return np.asarray(y)
+    if isinstance(y, np.ndarray):
+        return y
+    if be.is_native(y) and not be.asynchronous:
+        return be.to_numpy(y)
+    if not hasattr(y, "shape"):
+        return np.asarray(y)
+    return None
+
+
+def _dtype_kind(dt: Any) -> str:
+    s = str(dt)
+    try:
+        k = np.dtype(dt).kind
+        return {"f": "float", "i": "int", "u": "uint", "b": "bool", "c": "complex"}.get(k, "other")
+    except TypeError:
+        pass
+    for key, kind in (("complex", "complex"), ("float", "float"), ("uint", "uint"),
+                      ("int", "int"), ("bool", "bool")):
+        if key in s:
+            return kind
+    return "other"
+
+
+def _dtype_str(y: Any, host: np.ndarray | None) -> str:
+    return str(host.dtype if host is not None else y.dtype)
+
+
+LOSSES: dict[str, Loss] = {
+    loss.name: loss
+    for loss in (
+        Loss("mse", _mse, "values"),
+        Loss("softmax_cross_entropy", _softmax_cross_entropy, "classes"),
+        Loss("binary_cross_entropy", _binary_cross_entropy, "binary"),
+    )
+}
+
+
+def get_loss(name: str | Loss, *, argument: str = "loss") -> Loss:
+    """Look ``name`` up in :data:`LOSSES` (a :class:`Loss` passes through)."""
+    if isinstance(name, Loss):
+        return name
+    try:
+        return LOSSES[name]
+    except (KeyError, TypeError):
+        raise UnknownNameError(
+            f"{argument}: unknown loss {name!r}; expected one of {sorted(LOSSES)}"
+        ) from None

@@ -1,0 +1,265 @@
+"""The multilayer perceptron: forward pass, hand-written backward pass, and the `MLP` shell.
+
+Notation follows the derivation (docs/derivation.md), one row per sample:
+
+    Z^k = Y^{k-1} W^{kT} + b^k         (derivation: z^k = W^k y^{k-1} + b^k)
+    Y^k = f^k(Z^k)                     (y^k = f^k(z^k)),  Y^0 = X
+    D^K = ∂g/∂Y^K                      (∂g^{K+1}/∂y^K)
+    G^k = f'^k(Z^k) ⊙ D^k              (f'^k ⊙ δ^k; a Jacobian-transpose product for softmax)
+    ∇W^k = G^{kT} Y^{k-1}              ((f'^k ⊙ δ^k) y^{k-1 T}, summed over the batch)
+    ∇b^k = Σ_batch G^k
+    D^{k-1} = G^k W^k                  (δ^{k-1} = W^{kT} (f'^k ⊙ δ^k))
+
+``params`` is a plain list ``[(W^1, b^1), ..., (W^K, b^K)]`` with ``W^k`` of shape
+``(n_k, n_{k-1})`` and ``b^k`` of shape ``(n_k,)``. Every function here is pure: it
+returns new arrays and never mutates its inputs, so it runs under ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import backends as _backends
+from ._array import Array, Params, array_namespace
+from ._checks import prepare_input
+from .activations import Activation, get_activation
+from .errors import ConfigError, ShapeError
+from .init import init_params
+from .losses import Loss, get_loss
+
+__all__ = ["MLP", "forward", "forward_cache", "backward", "loss_and_grad", "value_and_grad"]
+
+
+def forward(params: Params, x: Array, activations: Sequence[Activation]) -> Array:
+    """Network output ``Y^K`` of shape ``(batch, n_K)`` for input ``x`` ``(batch, n_0)``."""
+    Y = x
+    for (W, b), act in zip(params, activations):
+        Y = act.forward(Y @ W.T + b[None, :])
+    return Y
+
+
+def forward_cache(params: Params, x: Array, activations: Sequence[Activation]
+                  ) -> tuple[Array, list[tuple[Array, Array, Array]]]:
+    """Like :func:`forward`, also returning ``[(Y^{k-1}, Z^k, Y^k)]`` for :func:`backward`."""
+    Y = x
+    cache = []
+    for (W, b), act in zip(params, activations):
+        Z = Y @ W.T + b[None, :]
+        Y_next = act.forward(Z)
+        cache.append((Y, Z, Y_next))
+        Y = Y_next
+    return Y, cache
+
+
+def backward(params: Params, activations: Sequence[Activation],
+             cache: list[tuple[Array, Array, Array]], D: Array, *,
+             input_grad: bool = False) -> tuple[Params, Array | None]:
+    """Back-propagate ``D = ∂g/∂Y^K`` ``(batch, n_K)`` through the network.
+
+    Returns ``(grads, dX)``: ``grads`` has the structure, shapes and dtype of ``params``;
+    ``dX = ∂g/∂X`` ``(batch, n_0)`` when ``input_grad`` is set, else ``None``.
+    """
+    xp = array_namespace(D)
+    grads: list[tuple[Array, Array]] = [None] * len(params)  # type: ignore[list-item]
+    for k in range(len(params) - 1, -1, -1):
+        W, _ = params[k]
+        Y_prev, Z, Y = cache[k]
+        G = activations[k].vjp(Z, Y, D)           # f'^k ⊙ δ^k  (batch, n_k)
+        grads[k] = (G.T @ Y_prev, xp.sum(G, axis=0))  # ∇W^k (n_k, n_{k-1}), ∇b^k (n_k,)
+        # δ^0 = ∂g/∂x is one more GEMM nobody needs for training: skip it unless asked.
+        if k > 0 or input_grad:
+            D = G @ W                              # δ^{k-1}  (batch, n_{k-1})
+    return grads, (D if input_grad else None)
+
+
+def loss_and_grad(params: Params, activations: Sequence[Activation], loss: Loss,
+                  x: Array, T: Array, *, input_grad: bool = False
+                  ) -> tuple[Array, Params, Array | None]:
+    """Pure ``(loss value, grads, dX or None)`` for canonical targets ``T`` (batch, n_K)."""
+    Y, cache = forward_cache(params, x, activations)
+    value, D = loss.forward(Y, T)
+    grads, dX = backward(params, activations, cache, D, input_grad=input_grad)
+    return value, grads, dX
+
+
+class MLP:
+    """A multilayer perceptron: plain parameters plus the names that define it.
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        Layer widths ``[n_0, n_1, ..., n_K]``: inputs, hidden layers, outputs.
+    activation : str or sequence of str
+        Hidden-layer activation (one name, or one per hidden layer), from ``ACTIVATIONS``.
+    output_activation : str
+        Activation of the last layer. Keep ``"identity"`` with the cross-entropy losses:
+        they take logits.
+    backend : str or Backend
+        Where the parameters live (``bpcore.backends.available()``).
+    dtype : {"float32", "float64"}
+    seed : int or None
+        Seed of the host-side initialisation; the same seed gives bit-identical parameters
+        on every backend.
+    init : {"auto", "he", "glorot"}
+        ``auto`` uses He for relu-like layers and Glorot for the rest.
+    """
+
+    def __init__(self, sizes: Sequence[int], activation: str | Sequence[str] = "relu",
+                 output_activation: str = "identity", *, backend: Any = "numpy",
+                 dtype: str = "float32", seed: int | None = 0, init: str = "auto",
+                 params: Params | None = None):
+        self.sizes = _check_sizes(sizes)
+        n_hidden = len(self.sizes) - 2
+        if isinstance(activation, (str, Activation)):
+            hidden = [activation] * n_hidden
+        else:
+            hidden = list(activation)
+            if len(hidden) != n_hidden:
+                raise ConfigError(
+                    f"activation: got {len(hidden)} names for {n_hidden} hidden layers; pass "
+                    "one name, or exactly one per hidden layer."
+                )
+        acts = [get_activation(a, argument="activation") for a in hidden]
+        acts.append(get_activation(output_activation, argument="output_activation"))
+        self.activations: tuple[Activation, ...] = tuple(acts)
+        self.backend = _backends.get(backend)
+        self.dtype_name = dtype if isinstance(dtype, str) else str(dtype)
+        self.dtype = self.backend.dtype(self.dtype_name)
+        if init not in ("auto", "he", "glorot"):
+            raise ConfigError(f"init: expected 'auto', 'he' or 'glorot', got {init!r}")
+        self.init = init
+        self.seed = seed
+        if params is None:
+            schemes = [a.init if init == "auto" else init for a in self.activations]
+            params = init_params(self.sizes, schemes, seed, self.dtype_name)
+        self.params = self._import_params(params)
+        self._compiled: dict[Any, Any] = {}
+
+    # -- structure ------------------------------------------------------------------------
+    @property
+    def activation_names(self) -> list[str]:
+        return [a.name for a in self.activations]
+
+    @property
+    def n_params(self) -> int:
+        return sum((i + 1) * o for i, o in zip(self.sizes[:-1], self.sizes[1:]))
+
+    def __repr__(self) -> str:
+        hidden = sorted({a.name for a in self.activations[:-1]}) or ["-"]
+        return (f"MLP({self.sizes}, activation={'/'.join(hidden)}, output_activation="
+                f"{self.activations[-1].name!r}, backend={self.backend.name!r}, "
+                f"dtype={self.dtype_name!r})")
+
+    # -- running ----------------------------------------------------------------------------
+    def __call__(self, x: Any) -> Array:
+        """Forward pass: ``(batch, n_0)`` -> ``(batch, n_K)`` on this model's backend."""
+        x = prepare_input(self.backend, x, self.sizes[0], self.dtype)
+        fn = self.compiled("forward", lambda: self.backend.jit(
+            lambda p, x: forward(p, x, self.activations)))
+        return fn(self.params, x)
+
+    def compiled(self, key: Any, build):
+        """A per-model cache of (jit-)compiled pure functions, built on first use."""
+        fn = self._compiled.get(key)
+        if fn is None:
+            fn = self._compiled[key] = build()
+        return fn
+
+    # -- parameters in and out ---------------------------------------------------------------
+    def _import_params(self, params: Params) -> Params:
+        if len(params) != len(self.sizes) - 1:
+            raise ShapeError(f"params: expected {len(self.sizes) - 1} (W, b) pairs for sizes "
+                             f"{self.sizes}, got {len(params)}.")
+        out, bad = [], []
+        for k, ((W, b), n_in, n_out) in enumerate(
+                zip(params, self.sizes[:-1], self.sizes[1:]), start=1):
+            for name, a, want in ((f"W{k}", W, (n_out, n_in)), (f"b{k}", b, (n_out,))):
+                if tuple(a.shape) != want:
+                    bad.append(f"{name}: expected {want}, got {tuple(a.shape)}")
+            # Copy host arrays: the model must never share memory with the caller's data.
+            out.append(tuple(self.backend.asarray(np.array(a) if isinstance(a, np.ndarray)
+                                                  else a, dtype=self.dtype) for a in (W, b)))
+        if bad:
+            raise ShapeError("params: shape mismatch: " + "; ".join(bad))
+        return out
+
+    def set_params(self, params: Params) -> None:
+        """Replace the parameters (checked against the layer sizes, moved to the backend)."""
+        self.params = self._import_params(params)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Parameters as a dict ``{"W1": ndarray, "b1": ndarray, ...}`` of host NumPy arrays."""
+        to_np = self.backend.to_numpy
+        out = {}
+        for k, (W, b) in enumerate(self.params, start=1):
+            out[f"W{k}"], out[f"b{k}"] = to_np(W), to_np(b)
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`; any array type is accepted."""
+        K = len(self.sizes) - 1
+        want = {f"{p}{k}" for k in range(1, K + 1) for p in "Wb"}
+        missing, extra = sorted(want - set(state)), sorted(set(state) - want)
+        if missing or extra:
+            raise ShapeError(f"state: expected keys {sorted(want)}; missing {missing}, "
+                             f"unexpected {extra}.")
+        self.set_params([(state[f"W{k}"], state[f"b{k}"]) for k in range(1, K + 1)])
+
+    def to(self, backend: Any) -> "MLP":
+        """A copy of this model on another backend (same dtype, same parameter values)."""
+        host = [(self.backend.to_numpy(W), self.backend.to_numpy(b)) for W, b in self.params]
+        return MLP(self.sizes, [a for a in self.activations[:-1]], self.activations[-1],
+                   backend=backend, dtype=self.dtype_name, seed=self.seed, init=self.init,
+                   params=host)
+
+
+def _check_sizes(sizes: Any) -> list[int]:
+    try:
+        sizes = list(sizes)
+    except TypeError:
+        raise ConfigError(f"sizes: expected a list of layer widths like [784, 256, 10], "
+                          f"got {sizes!r}") from None
+    if len(sizes) < 2:
+        raise ConfigError(f"sizes: expected at least 2 widths (inputs and outputs), "
+                          f"got {sizes}")
+    for i, n in enumerate(sizes):
+        if isinstance(n, bool) or not hasattr(n, "__index__") or int(n) < 1:
+            raise ConfigError(f"sizes[{i}]: layer widths must be positive integers, got {n!r} "
+                              f"in {sizes}")
+    return [int(n) for n in sizes]
+
+
+def value_and_grad(model: MLP, x: Any, y: Any, loss: str | Loss = "mse", *,
+                   input_grad: bool = False):
+    """Loss and exact gradients of ``model`` on one batch, from the hand-written backward.
+
+    Parameters
+    ----------
+    model : MLP
+    x : array, shape (batch, n_0)
+        Any array library or a NumPy array; moved to the model's backend.
+    y : array
+        Targets: ``(batch, n_K)`` values, or integer labels ``(batch,)`` for
+        ``softmax_cross_entropy``.
+    loss : str or Loss
+        A name from ``LOSSES``.
+    input_grad : bool
+        Also return ``∂g/∂x`` (costs one more matrix product).
+
+    Returns
+    -------
+    loss : 0-d array on the backend's device
+    grads : list of (dW, db), shaped like ``model.params``
+    dx : array (batch, n_0), only when ``input_grad`` is true
+    """
+    lossf = get_loss(loss)
+    be = model.backend
+    xb = prepare_input(be, x, model.sizes[0], model.dtype)
+    T = lossf.prepare_target(be, y, model.sizes[-1], xb.shape[0], model.dtype_name)
+    fn = model.compiled(("value_and_grad", lossf.name, input_grad), lambda: be.jit(
+        lambda p, x, t: loss_and_grad(p, model.activations, lossf, x, t,
+                                      input_grad=input_grad)))
+    value, grads, dX = fn(model.params, xb, T)
+    return (value, grads, dX) if input_grad else (value, grads)
