@@ -14,7 +14,7 @@ def make() -> Backend:
         name="numpy",
         xp=xp,
         device="cpu",
-        is_native=lambda x: isinstance(x, np.ndarray),
+        is_native=lambda x: isinstance(x, (np.ndarray, np.generic)),  # reductions give scalars
         from_host=lambda a: a,
         native_to_device=lambda x: x,
         to_numpy=np.asarray,

@@ -16,8 +16,11 @@ def prepare_input(be: Any, x: Any, n_in: int, dtype: Any, *, argument: str = "x"
     Real floating inputs of another precision are cast; integer, boolean and complex
     inputs are rejected (an integer image would otherwise be silently scaled wrong).
     """
+    given = type(x).__name__
     if isinstance(x, (list, tuple)) or np.isscalar(x):
         x = np.asarray(x)
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")) and hasattr(x, "__dlpack__"):
+        x = be.asarray(x)  # a bare DLPack producer: import it first to see shape and dtype
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise DTypeError(f"{argument}: expected an array of shape (batch, {n_in}), "
                          f"got a {type(x).__name__}.")
@@ -26,7 +29,7 @@ def prepare_input(be: Any, x: Any, n_in: int, dtype: Any, *, argument: str = "x"
         hint = (" Scale and convert it first, e.g. x.astype('float32') / 255 for 8-bit images."
                 if kind in ("int", "uint", "bool") else "")
         raise DTypeError(f"{argument}: expected real floating-point data, got dtype "
-                         f"{x.dtype}.{hint}")
+                         f"{x.dtype} (a {given}).{hint}")
     shape = tuple(x.shape)
     if len(shape) != 2:
         fix = (f" For a single sample use x.reshape(1, {n_in})." if len(shape) == 1 else

@@ -61,3 +61,33 @@ def params_np(model):
 def unit(rng, shape):
     v = rng.standard_normal(shape)
     return v / np.linalg.norm(v)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the figures the issue asks for, measured by this very run."""
+    from . import test_gradients, test_training
+
+    lines = []
+    if test_gradients.WORST_JAX_REL_ERROR:
+        lines.append("worst relative gradient error vs jax.grad (float64): " + ", ".join(
+            f"{k}={v:.2e}" for k, v in sorted(test_gradients.WORST_JAX_REL_ERROR.items())))
+    if test_training.WORST_CROSS_BACKEND:
+        lines.append("worst parameter disagreement vs numpy after 20 steps (float64): " +
+                     ", ".join(f"{k}={v:.2e}" for k, v in
+                               sorted(test_training.WORST_CROSS_BACKEND.items())))
+    counts: dict[str, dict[str, int]] = {}
+    for outcome in ("passed", "failed", "skipped"):
+        for rep in terminalreporter.stats.get(outcome, []):
+            nodeid = getattr(rep, "nodeid", "")
+            name = next((b for b in ALL_BACKENDS if f"[{b}" in nodeid or f"-{b}]" in nodeid
+                         or f"-{b}-" in nodeid), "backend-independent")
+            counts.setdefault(name, {}).setdefault(outcome, 0)
+            counts[name][outcome] += 1
+    if counts:
+        lines.append("tests per backend: " + "; ".join(
+            f"{k}: " + ", ".join(f"{n} {o}" for o, n in v.items())
+            for k, v in sorted(counts.items())))
+    if lines:
+        terminalreporter.section("bpcore figures")
+        for line in lines:
+            terminalreporter.write_line(line)
