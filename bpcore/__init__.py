@@ -8,15 +8,17 @@ from . import errors  # noqa: E402  (first: the backends import it)
 from . import backends  # noqa: E402
 from . import activations, losses, optim  # noqa: E402
 from .activations import ACTIVATIONS, Activation  # noqa: E402
+from .checkpoint import Checkpoint, load, load_checkpoint, save  # noqa: E402
 from .gradcheck import GradcheckResult, gradcheck  # noqa: E402
 from .losses import LOSSES, Loss  # noqa: E402
 from .mlp import MLP, backward, forward, forward_cache, loss_and_grad, value_and_grad  # noqa: E402
 from .optim import OPTIMIZERS  # noqa: E402
-from .train import Trainer, train_step  # noqa: E402
+from .train import Callback, EarlyStopping, History, Trainer, train_step  # noqa: E402
 
 __all__ = [
     "__version__", "errors", "backends", "activations", "losses", "optim",
     "ACTIVATIONS", "Activation", "LOSSES", "Loss", "OPTIMIZERS",
     "MLP", "forward", "forward_cache", "backward", "loss_and_grad", "value_and_grad",
-    "Trainer", "train_step", "gradcheck", "GradcheckResult",
+    "save", "load", "load_checkpoint", "Checkpoint",
+    "Trainer", "train_step", "History", "Callback", "EarlyStopping", "gradcheck", "GradcheckResult",
 ]

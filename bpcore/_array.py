@@ -19,3 +19,33 @@ def tree_map(fn, *trees: Params) -> Params:
 
 def tree_leaves(tree: Params) -> list[Array]:
     return [leaf for layer in tree for leaf in layer]
+
+
+def _is_node(t: Any) -> bool:
+    return isinstance(t, (list, tuple))
+
+
+def nested_leaves(tree: Any) -> list[Array]:
+    """Leaves of any nest of lists, tuples and NamedTuples (params, optimizer state)."""
+    if _is_node(tree):
+        return [leaf for sub in tree for leaf in nested_leaves(sub)]
+    return [tree]
+
+
+def nested_map(fn, tree: Any, *rest: Any) -> Any:
+    """``fn`` leaf-wise over nests of identical structure, keeping NamedTuple types."""
+    if _is_node(tree):
+        items = [nested_map(fn, *subs) for subs in zip(tree, *rest)]
+        if hasattr(tree, "_fields"):
+            return type(tree)(*items)
+        return type(tree)(items)
+    return fn(tree, *rest)
+
+
+def nested_unflatten(tree: Any, leaves: list[Any]) -> Any:
+    """A nest shaped like ``tree`` whose leaves are taken, in order, from ``leaves``."""
+    it = iter(leaves)
+    out = nested_map(lambda _: next(it), tree)
+    if next(it, None) is not None:
+        raise ValueError("nested_unflatten: more leaves than the structure holds")
+    return out

@@ -75,6 +75,25 @@ class Loss:
     def __call__(self, Y: Array, T: Array) -> Array:
         return self.forward(Y, T)[0]
 
+    def correct(self, Y: Array, T: Array) -> Array:
+        """How many predictions in the batch are right (0-d, in ``Y``'s dtype, on device).
+
+        Classes: ``argmax`` of the logits equals ``argmax`` of the target row. Binary: each
+        unit's logit sign matches its target (> 0.5). Values (mse): always 0.
+        """
+        xp = array_namespace(Y, T)
+        if self.targets == "classes":
+            hit = xp.argmax(Y, axis=1) == xp.argmax(T, axis=1)
+        elif self.targets == "binary":
+            hit = (Y > 0) == (T > 0.5)
+        else:
+            return xp.zeros((), dtype=Y.dtype, device=array_device(Y))
+        return xp.sum(xp.astype(hit, Y.dtype))
+
+    def correct_per_row(self, T: Array) -> int:
+        """How many predictions :meth:`correct` counts per sample."""
+        return int(T.shape[1]) if self.targets == "binary" else 1
+
     def prepare_target(self, backend: Any, y: Any, n_out: int, batch: int, dtype: Any,
                        *, argument: str = "y") -> Array:
         """Validate ``y`` and return it as a ``(batch, n_out)`` array on ``backend``.

@@ -185,6 +185,11 @@ class MLP:
             raise ShapeError("params: shape mismatch: " + "; ".join(bad))
         return out
 
+    def copy_params(self) -> Params:
+        """A copy of the parameters on the device (safe against any in-place update)."""
+        xp = self.backend.xp
+        return [tuple(xp.asarray(a, copy=True) for a in layer) for layer in self.params]
+
     def set_params(self, params: Params) -> None:
         """Replace the parameters (checked against the layer sizes, moved to the backend)."""
         self.params = self._import_params(params)

@@ -1,33 +1,142 @@
-"""`Trainer`: one forward, backward and update per call, compiled once on JAX.
+"""`Trainer`: the training loop around one pure, compiled step.
 
-The step is a pure function ``(params, opt_state, x, T) -> (params, opt_state, loss)``
-(:func:`train_step`), wrapped by the backend's ``jit``. The Trainer validates and moves
-each batch once at the boundary, runs the step, and only then replaces the model's
-parameters, so a step that raises leaves them as they were. The returned loss stays a
-0-d array on the device: ``float(loss)`` waits for the device, ``step`` itself does not.
+The step is a pure function ``(params, opt_state, guard, x, T) -> (params, opt_state,
+guard, loss, correct)`` wrapped by the backend's ``jit`` (compiled once per input shape
+on JAX). The Trainer validates and moves data once at the boundary, runs the step, and
+only then replaces the model's parameters, so a step that raises leaves them as they were.
+
+Divergence guard, without a host sync per step: the step checks on the device that the
+loss and the gradient norm are finite. The first time they are not, it records the step
+number in ``guard`` and from then on returns the parameters and optimizer state
+unchanged. :meth:`Trainer.check` (called by :meth:`fit` once per epoch) reads that flag
+and raises :class:`~bpcore.errors.DivergenceError`; the model then holds the last good
+step's parameters.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple, Sequence
 
-from ._array import Array, Params
+import numpy as np
+
+from ._array import Array, Params, array_device, array_namespace, nested_map, tree_map
 from ._checks import prepare_input
 from .activations import Activation
+from .errors import ConfigError, DivergenceError, ShapeError
 from .losses import Loss, get_loss
-from .mlp import MLP, loss_and_grad
-from .optim import GradientTransformation, apply_updates, get_optimizer
+from .mlp import MLP, backward, forward, forward_cache
+from .optim import (GradientTransformation, apply_updates, chain, clip_by_global_norm,
+                    get_optimizer, global_norm)
 
-__all__ = ["Trainer", "train_step"]
+__all__ = ["Trainer", "train_step", "GuardState", "History", "Callback", "EarlyStopping"]
 
 
-def train_step(params: Params, opt_state: Any, x: Array, T: Array, *,
+class GuardState(NamedTuple):
+    count: Array      # 0-d int32: steps run so far
+    bad_step: Array   # 0-d int32: first step (1-based) whose loss/grad was not finite, or 0
+
+
+def train_step(params: Params, opt_state: Any, guard: GuardState, x: Array, T: Array, *,
                activations: Sequence[Activation], loss: Loss,
-               optimizer: GradientTransformation) -> tuple[Params, Any, Array]:
-    """One pure step of gradient descent (any optimizer): new params, new state, loss."""
-    value, grads, _ = loss_and_grad(params, activations, loss, x, T)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return apply_updates(params, updates), opt_state, value
+               optimizer: GradientTransformation):
+    """One guarded step of gradient descent (any optimizer).
+
+    Returns ``(params, opt_state, guard, loss value, n_correct)``; ``n_correct`` is the
+    number of correctly classified samples for classification losses, else 0.
+    """
+    xp = array_namespace(x)
+    Y, cache = forward_cache(params, x, activations)
+    value, D = loss.forward(Y, T)
+    grads, _ = backward(params, activations, cache, D)
+    updates, new_state = optimizer.update(grads, opt_state, params)
+    new_params = apply_updates(params, updates)
+
+    step = guard.count + 1
+    finite = xp.isfinite(value) & xp.isfinite(global_norm(grads))
+    ok = finite & (guard.bad_step == 0)
+    keep = lambda new, old: xp.where(ok, new, old)  # noqa: E731
+    new_params = nested_map(keep, new_params, params)
+    new_state = nested_map(keep, new_state, opt_state)
+    bad = xp.where(finite | (guard.bad_step != 0), guard.bad_step, step)
+    return new_params, new_state, GuardState(step, bad), value, loss.correct(Y, T)
+
+
+@dataclass
+class History:
+    """Per-epoch records of :meth:`Trainer.fit`: ``history["loss"]``, ``["val_accuracy"]``…"""
+
+    epochs: list[int] = field(default_factory=list)
+    metrics: dict[str, list[float]] = field(default_factory=dict)
+
+    def append(self, epoch: int, logs: dict[str, float]) -> None:
+        self.epochs.append(epoch)
+        for k, v in logs.items():
+            self.metrics.setdefault(k, []).append(float(v))
+
+    def __getitem__(self, key: str) -> list[float]:
+        return self.metrics[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.metrics
+
+    def keys(self):
+        return self.metrics.keys()
+
+
+class Callback:
+    """Hooks called by :meth:`Trainer.fit`; set ``trainer.stop_training = True`` to stop."""
+
+    def on_train_begin(self, trainer: "Trainer") -> None: ...
+
+    def on_epoch_end(self, trainer: "Trainer", epoch: int, logs: dict[str, float]) -> None: ...
+
+    def on_train_end(self, trainer: "Trainer") -> None: ...
+
+
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` has not improved for ``patience`` epochs; restore the best."""
+
+    def __init__(self, monitor: str = "val_loss", patience: int = 5, min_delta: float = 0.0,
+                 mode: str = "auto", restore_best: bool = True):
+        if mode == "auto":
+            mode = "max" if "acc" in monitor else "min"
+        if mode not in ("min", "max"):
+            raise ConfigError(f"mode: expected 'min', 'max' or 'auto', got {mode!r}")
+        if int(patience) < 0:
+            raise ConfigError(f"patience: expected an integer >= 0, got {patience!r}")
+        self.monitor, self.patience, self.min_delta = monitor, int(patience), float(min_delta)
+        self.mode, self.restore_best = mode, restore_best
+
+    def on_train_begin(self, trainer):
+        self.best, self.best_epoch, self.wait, self.best_params = None, -1, 0, None
+        self.stopped_epoch = None
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        if self.monitor not in logs:
+            raise ConfigError(f"EarlyStopping: monitor {self.monitor!r} is not among the "
+                              f"logged metrics {sorted(logs)}; pass validation_data for "
+                              "val_* metrics.")
+        value = logs[self.monitor]
+        better = (self.best is None or
+                  (value < self.best - self.min_delta if self.mode == "min"
+                   else value > self.best + self.min_delta))
+        if better:
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+            if self.restore_best:
+                self.best_params = trainer.model.copy_params()
+        else:
+            self.wait += 1
+            if self.wait > self.patience:
+                self.stopped_epoch = epoch
+                trainer.stop_training = True
+
+    def on_train_end(self, trainer):
+        if self.restore_best and self.best_params is not None:
+            trainer.model.params = self.best_params
 
 
 class Trainer:
@@ -39,41 +148,261 @@ class Trainer:
     loss : str or Loss
         A name from ``LOSSES``.
     optimizer : GradientTransformation or str
-        E.g. ``bpcore.optim.adam(1e-3)``, or a name from ``OPTIMIZERS`` with defaults.
+        E.g. ``bpcore.optim.adam(1e-3)``, or a name from ``OPTIMIZERS`` with its defaults.
+    clip_norm : float, optional
+        Clip gradients to this global norm before the optimizer sees them.
     """
 
     def __init__(self, model: MLP, loss: str | Loss = "softmax_cross_entropy",
-                 optimizer: GradientTransformation | str = "sgd"):
+                 optimizer: GradientTransformation | str = "sgd", *,
+                 clip_norm: float | None = None):
         if not isinstance(model, MLP):
             raise TypeError(f"model: expected a bpcore.MLP, got {type(model).__name__}")
         self.model = model
         self.loss = get_loss(loss)
-        self.optimizer = get_optimizer(optimizer)
+        self.base_optimizer = get_optimizer(optimizer)
+        self.clip_norm = clip_norm
+        self.optimizer = (self.base_optimizer if clip_norm is None else
+                          chain(clip_by_global_norm(clip_norm), self.base_optimizer,
+                                name=self.base_optimizer.name, hyper=self.base_optimizer.hyper))
         self.opt_state = self.optimizer.init(model.params)
-        self.steps = 0
+        self.guard = self._new_guard()
+        self.epoch = 0
+        self.stop_training = False
+        self.trace_count = 0  # how many times the step was traced (once per shape on JAX)
         self._step_fn = model.backend.jit(self._pure_step)
-        self.trace_count = 0  # how many times the step was traced/compiled (JAX)
 
-    def _pure_step(self, params, opt_state, x, T):
-        self.trace_count += 1  # runs once per compilation on JAX, every call elsewhere
-        return train_step(params, opt_state, x, T, activations=self.model.activations,
+    def _new_guard(self) -> GuardState:
+        W = self.model.params[0][0]
+        xp = array_namespace(W)
+        z = xp.zeros((), dtype=xp.int32, device=array_device(W))
+        return GuardState(z, z)
+
+    def _pure_step(self, params, opt_state, guard, x, T):
+        self.trace_count += 1  # Python side effect: runs once per compilation on JAX
+        return train_step(params, opt_state, guard, x, T, activations=self.model.activations,
                           loss=self.loss, optimizer=self.optimizer)
 
+    # -- one step -------------------------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        """Steps run so far (reads a device counter)."""
+        return int(self.guard.count)
+
     def prepare_batch(self, x: Any, y: Any) -> tuple[Array, Array]:
-        """Validate one batch and move it to the model's device (what ``step`` does first)."""
+        """Validate a batch and move it to the model's device (what ``step`` does first)."""
         m = self.model
         xb = prepare_input(m.backend, x, m.sizes[0], m.dtype)
         T = self.loss.prepare_target(m.backend, y, m.sizes[-1], xb.shape[0], m.dtype_name)
         return xb, T
 
     def step(self, x: Any, y: Any) -> Array:
-        """One forward/backward/update on batch ``(x, y)``; returns the loss (0-d, on device)."""
-        xb, T = self.prepare_batch(x, y)
-        return self.step_prepared(xb, T)
+        """One forward/backward/update on ``(x, y)``; returns the loss (0-d, on the device).
 
-    def step_prepared(self, xb: Array, T: Array) -> Array:
-        """``step`` for a batch already returned by :meth:`prepare_batch` (no checks)."""
-        params, opt_state, value = self._step_fn(self.model.params, self.opt_state, xb, T)
-        self.model.params, self.opt_state = params, opt_state
-        self.steps += 1
-        return value
+        Does not wait for the device. A non-finite loss or gradient freezes the parameters
+        at the last good step; :meth:`check` reports it.
+        """
+        return self.step_prepared(*self.prepare_batch(x, y))[0]
+
+    def step_prepared(self, xb: Array, T: Array) -> tuple[Array, Array]:
+        """``step`` on a batch from :meth:`prepare_batch`: returns ``(loss, n_correct)``."""
+        params, state, guard, value, correct = self._step_fn(
+            self.model.params, self.opt_state, self.guard, xb, T)
+        self.model.params, self.opt_state, self.guard = params, state, guard
+        return value, correct
+
+    def check(self) -> None:
+        """Raise :class:`DivergenceError` if a step produced a non-finite loss or gradient."""
+        bad = int(self.guard.bad_step)
+        if bad:
+            raise DivergenceError(
+                f"training diverged at step {bad}: the loss or a gradient was not finite. "
+                f"The parameters and optimizer state are those after step {bad - 1}, the "
+                "last good one. Lower the learning rate, clip gradients (clip_norm=...), or "
+                "check the data for NaN/inf."
+            )
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save(self, path: Any, metadata: dict | None = None) -> None:
+        """Atomically save the model, optimizer state, step and epoch (see bpcore.save)."""
+        from .checkpoint import save
+
+        save(path, self.model, self.opt_state, metadata, optimizer=self.base_optimizer,
+             loss=self.loss.name, step=self.steps, epoch=self.epoch,
+             extra={"clip_norm": self.clip_norm})
+
+    @classmethod
+    def resume(cls, path: Any, backend: Any = "numpy",
+               optimizer: GradientTransformation | None = None) -> "Trainer":
+        """A Trainer that continues exactly where the one saved at ``path`` stopped."""
+        from .checkpoint import load_checkpoint
+        from .errors import CheckpointError
+
+        ckpt = load_checkpoint(path, backend=backend)
+        opt = optimizer or ckpt.build_optimizer()
+        if opt is None:
+            raise CheckpointError(f"resume: {path!r} holds no optimizer description; pass "
+                                  "optimizer=...")
+        if ckpt.meta.get("loss") is None:
+            raise CheckpointError(f"resume: {path!r} does not name its loss")
+        trainer = cls(ckpt.model, ckpt.meta["loss"], opt, clip_norm=ckpt.meta.get("clip_norm"))
+        if ckpt.optimizer_state:
+            trainer.opt_state = ckpt.restore_state(trainer.opt_state)
+        be, xp = ckpt.model.backend, ckpt.model.backend.xp
+        trainer.guard = GuardState(be.asarray(np.int32(ckpt.meta.get("step", 0))),
+                                   trainer.guard.bad_step)
+        trainer.epoch = int(ckpt.meta.get("epoch", 0))
+        return trainer
+
+    def reset_guard(self) -> None:
+        """Clear a recorded divergence so training can go on (e.g. after lowering lr)."""
+        self.guard = GuardState(self.guard.count, self.guard.bad_step * 0)
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def evaluate(self, X: Any, y: Any, batch_size: int = 4096) -> dict[str, float]:
+        """Mean loss (and accuracy for classification losses) over ``(X, y)``."""
+        Xd, Td = self.prepare_batch(X, y)
+        total, correct = self._evaluate_prepared(Xd, Td, batch_size)
+        n = Xd.shape[0]
+        out = {"loss": float(total) / n}
+        if self.loss.targets != "values":
+            out["accuracy"] = float(correct) / (n * self.loss.correct_per_row(Td))
+        return out
+
+    def _evaluate_prepared(self, Xd, Td, batch_size):
+        fn = self.model.compiled(("eval", self.loss.name), lambda: self.model.backend.jit(
+            lambda p, x, t: _eval_batch(p, x, t, self.model.activations, self.loss)))
+        n = Xd.shape[0]
+        total = correct = 0.0
+        for i in range(0, n, batch_size):
+            j = min(i + batch_size, n)  # the standard leaves out-of-bounds slice stops undefined
+            value, c = fn(self.model.params, Xd[i:j, ...], Td[i:j, ...])
+            total, correct = total + value, correct + c
+        return total, correct
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self, X: Any, y: Any, epochs: int = 10, batch_size: int = 128, *,
+            validation_data: tuple[Any, Any] | None = None, shuffle: bool = True,
+            seed: int | None = 0, callbacks: Sequence[Callback] = (), verbose: int = 1,
+            drop_last: bool = False) -> History:
+        """Train for ``epochs`` passes over ``(X, y)`` in mini-batches.
+
+        Data is validated and moved to the device once; batches are gathered there with a
+        permutation drawn on the host from ``(seed, epoch)``, so a resumed run shuffles
+        exactly as the uninterrupted one. Returns a :class:`History` with ``loss`` (mean
+        training loss of the epoch), ``accuracy`` (classification losses), ``val_loss`` /
+        ``val_accuracy`` with ``validation_data``, and ``time`` (seconds per epoch).
+
+        Raises :class:`DivergenceError` (parameters restored to the last good step) when a
+        loss or gradient becomes non-finite.
+        """
+        if int(epochs) < 0 or int(batch_size) < 1:
+            raise ConfigError(f"fit: expected epochs >= 0 and batch_size >= 1, got "
+                              f"epochs={epochs!r}, batch_size={batch_size!r}")
+        be, xp = self.model.backend, self.model.backend.xp
+        Xd, Td = self.prepare_batch(X, y)
+        Vd = None
+        if validation_data is not None:
+            if len(validation_data) != 2:
+                raise ShapeError("validation_data: expected a pair (X_val, y_val), got "
+                                 f"{len(validation_data)} items")
+            Vd = self.prepare_batch(*validation_data)
+        n = Xd.shape[0]
+        per_row = self.loss.correct_per_row(Td)
+        n_batches = n // batch_size if drop_last else math.ceil(n / batch_size)
+        if n_batches == 0:
+            raise ConfigError(f"fit: batch_size={batch_size} with drop_last=True leaves no "
+                              f"batch from {n} samples")
+        history = History()
+        self.stop_training = False
+        for cb in callbacks:
+            cb.on_train_begin(self)
+        bar = _progress(verbose, n_batches)
+        start_epoch = self.epoch
+        try:
+            for epoch in range(start_epoch, start_epoch + int(epochs)):
+                t0 = time.perf_counter()
+                order = (np.random.default_rng([seed if seed is not None else 0, epoch])
+                         .permutation(n) if shuffle else np.arange(n))
+                idx = be.asarray(order.astype(np.int64))
+                total = correct = 0.0
+                bar.start(epoch + 1, start_epoch + int(epochs))
+                for b in range(n_batches):
+                    sel = idx[b * batch_size:min((b + 1) * batch_size, n)]
+                    value, c = self.step_prepared(xp.take(Xd, sel, axis=0),
+                                                  xp.take(Td, sel, axis=0))
+                    total, correct = total + value * sel.shape[0], correct + c
+                    bar.update(lambda: float(value))
+                seen = min(n, n_batches * batch_size)
+                self.check()  # one host sync per epoch
+                self.epoch = epoch + 1
+                logs = {"loss": float(total) / seen}
+                if self.loss.targets != "values":
+                    logs["accuracy"] = float(correct) / (seen * per_row)
+                if Vd is not None:
+                    vt, vc = self._evaluate_prepared(*Vd, 4096)
+                    logs["val_loss"] = float(vt) / Vd[0].shape[0]
+                    if self.loss.targets != "values":
+                        logs["val_accuracy"] = float(vc) / (Vd[0].shape[0] * per_row)
+                logs["time"] = time.perf_counter() - t0
+                history.append(epoch + 1, logs)
+                bar.end(logs, seen / logs["time"])
+                for cb in callbacks:
+                    cb.on_epoch_end(self, epoch + 1, logs)
+                if self.stop_training:
+                    break
+        finally:
+            bar.close()
+            for cb in callbacks:
+                cb.on_train_end(self)
+        return history
+
+
+def _eval_batch(params, x, T, activations, loss):
+    Y = forward(params, x, activations)
+    value, _ = loss.forward(Y, T)
+    return value * x.shape[0], loss.correct(Y, T)
+
+
+class _progress:
+    """A tqdm bar per epoch when tqdm is installed and verbose; a plain line otherwise."""
+
+    def __init__(self, verbose: int, total: int):
+        self.verbose, self.total, self.bar = verbose, total, None
+        self._last = 0.0
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            tqdm = None
+        # A bar only on a terminal; logs and pipes get one plain line per epoch.
+        self._tqdm = tqdm if verbose >= 1 and sys.stderr.isatty() else None
+
+    def start(self, epoch: int, epochs: int) -> None:
+        self.label = f"epoch {epoch}/{epochs}"
+        if self._tqdm is not None:
+            self.bar = self._tqdm(total=self.total, desc=self.label, unit="step", leave=True,
+                                  file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, read_loss: Callable[[], float]) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(1)
+        now = time.perf_counter()
+        if now - self._last > 0.5:  # reading the loss syncs the device: only twice a second
+            self._last = now
+            self.bar.set_postfix(loss=f"{read_loss():.4f}", refresh=False)
+
+    def end(self, logs: dict[str, float], rate: float) -> None:
+        shown = {k: f"{v:.4f}" for k, v in logs.items() if k != "time"}
+        if self.bar is not None:
+            self.bar.set_postfix(**shown, samples_per_s=f"{rate:.0f}")
+            self.bar.close()
+            self.bar = None
+        elif self.verbose >= 1:
+            print(f"{self.label}: " + " ".join(f"{k}={v}" for k, v in shown.items()) +
+                  f" ({logs['time']:.2f}s, {rate:.0f} samples/s)", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -1,0 +1,124 @@
+"""Small built-in datasets (no download) and loaders for users' own files."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+
+import numpy as np
+
+from .errors import ConfigError, ShapeError
+
+__all__ = ["load_digits", "make_spirals", "load_file", "train_test_split", "DATASETS"]
+
+
+def make_spirals(n_per_class: int = 300, n_classes: int = 3, noise: float = 0.15,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Interleaved 2-d spirals: ``X`` float32 ``(n, 2)``, ``y`` int64 ``(n,)``."""
+    rng = np.random.default_rng(seed)
+    X, y = [], []
+    t = np.linspace(0.0, 1.0, n_per_class)
+    for c in range(n_classes):
+        angle = 4.0 * t + 2.0 * math.pi * c / n_classes + rng.normal(0, noise, n_per_class) * t
+        X.append(np.stack([t * np.sin(angle), t * np.cos(angle)], axis=1))
+        y.append(np.full(n_per_class, c))
+    return np.concatenate(X).astype(np.float32), np.concatenate(y).astype(np.int64)
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray, str]:
+    """The 8×8 digits (1797 × 64, 10 classes, scaled to [0, 1]) bundled with scikit-learn.
+
+    Without scikit-learn, falls back to a synthetic 3-class spiral set. Returns
+    ``(X, y, name)``.
+    """
+    try:
+        from sklearn.datasets import load_digits as _sk_digits
+    except ImportError:
+        X, y = make_spirals()
+        return X, y, "spirals (synthetic; install scikit-learn for the 8x8 digits)"
+    d = _sk_digits()
+    return (d.data / 16.0).astype(np.float32), d.target.astype(np.int64), "digits (8x8)"
+
+
+def load_file(path: str, label_column: str | int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(X, y)`` from a ``.npz`` (arrays ``X`` and ``y``) or a CSV with a label column.
+
+    CSV: a header row is detected when its cells are not numbers; the label column is
+    ``label_column`` (a name or index) or else one named label/y/target/class, or the last.
+    """
+    if not os.path.exists(path):
+        raise ConfigError(f"data: no file at {path!r}")
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as f:  # never unpickle user files
+            missing = [k for k in ("X", "y") if k not in f.files]
+            if missing:
+                raise ShapeError(f"data: {path!r} must hold arrays 'X' and 'y'; it has "
+                                 f"{f.files} (missing {missing})")
+            X, y = np.asarray(f["X"]), np.asarray(f["y"])
+        if X.ndim != 2:
+            X = X.reshape(len(X), -1)
+        if len(X) != len(y):
+            raise ShapeError(f"data: X has {len(X)} rows but y has {len(y)} in {path!r}")
+        return X, y
+    if path.endswith(".csv") or path.endswith(".txt"):
+        return _load_csv(path, label_column)
+    raise ConfigError(f"data: {path!r}: expected a .npz (with X and y) or a .csv file")
+
+
+def _load_csv(path: str, label_column: str | int | None) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    if not rows:
+        raise ShapeError(f"data: {path!r} is empty")
+
+    def numeric(row):
+        try:
+            [float(c) for c in row]
+            return True
+        except ValueError:
+            return False
+
+    header = None if numeric(rows[0]) else [c.strip() for c in rows[0]]
+    body = rows[1:] if header else rows
+    width = len(rows[0])
+    if isinstance(label_column, str) and not label_column.lstrip("-").isdigit():
+        if header is None or label_column not in header:
+            raise ShapeError(f"data: label column {label_column!r} not found in {path!r} "
+                             f"(header: {header})")
+        col = header.index(label_column)
+    elif label_column is not None:
+        col = int(label_column) % width
+    elif header:
+        names = [h.lower() for h in header]
+        col = next((names.index(n) for n in ("label", "y", "target", "class") if n in names),
+                   width - 1)
+    else:
+        col = width - 1
+    try:
+        table = np.array([[float(c) for c in r] for r in body], dtype=np.float64)
+    except ValueError as e:
+        raise ShapeError(f"data: {path!r} has a non-numeric cell ({e})") from None
+    except Exception:
+        raise ShapeError(f"data: {path!r}: rows have different numbers of cells") from None
+    if table.ndim != 2 or table.shape[1] != width:
+        raise ShapeError(f"data: {path!r}: rows have different numbers of cells")
+    y = table[:, col]
+    X = np.delete(table, col, axis=1).astype(np.float32)
+    if np.all(y == np.round(y)):
+        y = y.astype(np.int64)
+    return X, y
+
+
+def train_test_split(X: np.ndarray, y: np.ndarray, test_fraction: float = 0.2,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A seeded random split: ``X_train, X_test, y_train, y_test``."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ConfigError(f"test_fraction: expected a number in (0, 1), got {test_fraction}")
+    order = np.random.default_rng(seed).permutation(len(X))
+    n_test = max(1, int(round(len(X) * test_fraction)))
+    test, train = order[:n_test], order[n_test:]
+    return X[train], X[test], y[train], y[test]
+
+
+DATASETS = {"digits": load_digits}
