@@ -102,7 +102,7 @@ def _encode(tensors: dict[str, np.ndarray], meta: dict) -> bytes:
     header: dict[str, Any] = {}
     chunks, offset = [], 0
     for name, a in tensors.items():
-        a = np.ascontiguousarray(a)
+        a = np.asarray(a, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
         if a.dtype.byteorder == ">":
             a = a.astype(a.dtype.newbyteorder("<"))
         code = _CODES.get(np.dtype(a.dtype))

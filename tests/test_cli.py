@@ -1,0 +1,117 @@
+"""The bpcore command: the default training run, its outputs, predict, info, and errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bpcore
+from bpcore import backends
+from bpcore.cli import main
+from bpcore.datasets import load_file, make_spirals, train_test_split
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "jax"])
+def test_default_train_reaches_95_percent_on_digits(tmp_path, capsys, backend_name):
+    pytest.importorskip("sklearn")
+    if backend_name not in backends.available():
+        pytest.skip(backends.reasons().get(backend_name, backend_name))
+    out = tmp_path / "run"
+    assert main(["train", "--backend", backend_name, "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    acc = float(printed.split("test accuracy ")[1].split(",")[0])
+    assert acc >= 0.95, printed
+    hist = json.loads((out / "history.json").read_text())
+    assert hist["test"]["accuracy"] == pytest.approx(acc, abs=1e-4)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model = bpcore.load(out / "model.safetensors")
+    assert model.sizes == [64, 128, 64, 10]
+
+
+def test_train_on_files_resume_and_predict(tmp_path, capsys):
+    X, y = make_spirals(60, 3, seed=1)
+    npz = tmp_path / "d.npz"
+    np.savez(npz, X=X, y=y + 5)  # arbitrary label values are mapped to classes and back
+    csv = tmp_path / "d.csv"
+    with open(csv, "w") as f:
+        f.write("a,b,label\n")
+        for row, label in zip(X, y):
+            f.write(f"{row[0]},{row[1]},{label}\n")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(npz), "--hidden", "32,32", "--activation", "tanh",
+                 "--optimizer", "momentum", "--lr", "0.05", "--epochs", "5",
+                 "--batch-size", "16", "--seed", "3", "--out", str(out), "--quiet"]) == 0
+    ck = bpcore.load_checkpoint(out / "model.safetensors")
+    assert ck.meta["epoch"] == 5 and ck.metadata["classes"] == [5, 6, 7]
+    assert main(["train", "--data", str(npz), "--resume", str(out / "model.safetensors"),
+                 "--epochs", "3", "--out", str(out), "--quiet"]) == 0
+    assert bpcore.load_checkpoint(out / "model.safetensors").meta["epoch"] == 8
+    assert main(["train", "--data", str(csv), "--epochs", "2", "--out", str(tmp_path / "c"),
+                 "--quiet", "--patience", "1"]) == 0
+    capsys.readouterr()
+    preds = tmp_path / "p.npy"
+    assert main(["predict", str(out / "model.safetensors"), "--data", str(npz),
+                 "--out", str(preds)]) == 0
+    p = np.load(preds)
+    assert p.shape == (180,) and set(np.unique(p)) <= {5, 6, 7}
+    assert "accuracy" in capsys.readouterr().err
+
+
+def test_info_lists_backends_and_blas(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name in backends.available():
+        assert name in out
+    assert "cpu:" in out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--lr", "-1"], "--lr"),
+    (["train", "--lr", "abc"], "--lr"),
+    (["train", "--epochs", "0"], "--epochs"),
+    (["train", "--hidden", "3,x"], "--hidden"),
+    (["train", "--hidden", "0"], "--hidden"),
+    (["train", "--activation", "rellu"], "--activation"),
+    (["train", "--optimizer", "rmsprop"], "--optimizer"),
+    (["train", "--dtype", "float16"], "--dtype"),
+    (["train", "--backend", "nope", "--epochs", "1"], "unknown name 'nope'"),
+    (["train", "--data", "/does/not/exist.npz"], "no file"),
+    (["train", "--data", "pyproject.toml"], "expected a .npz"),
+    (["train", "--resume", "/does/not/exist.safetensors"], "no checkpoint"),
+    (["predict", "/does/not/exist.safetensors", "--data", "x.npz"], "no checkpoint"),
+    (["predict"], "checkpoint"),
+    (["frobnicate"], "invalid choice"),
+    ([], "required"),
+])
+def test_cli_errors_are_one_line_without_traceback(argv, needle):
+    r = subprocess.run([sys.executable, "-m", "bpcore", *argv], capture_output=True, text=True,
+                       timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert needle in lines[0] and "Traceback" not in r.stderr
+
+
+def test_file_loaders(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("1,2,0\n3,4,1\n")
+    X, y = load_file(str(p))
+    assert X.shape == (2, 2) and list(y) == [0, 1]
+    p.write_text("y,f1,f2\n1,0.5,2\n0,1.5,3\n")
+    X, y = load_file(str(p))
+    np.testing.assert_array_equal(X, [[0.5, 2], [1.5, 3]])
+    X, y = load_file(str(p), label_column="f2")
+    assert X.shape == (2, 2) and list(y) == [2, 3]
+    p.write_text("1,2\n3\n")
+    with pytest.raises(bpcore.errors.ShapeError):
+        load_file(str(p))
+    np.savez(tmp_path / "bad.npz", X=np.ones((3, 2)))
+    with pytest.raises(bpcore.errors.ShapeError, match="missing"):
+        load_file(str(tmp_path / "bad.npz"))
+    a, b, c, d = train_test_split(np.arange(10)[:, None], np.arange(10), 0.3, seed=0)
+    assert len(a) == 7 and len(b) == 3 and sorted(np.concatenate([c, d])) == list(range(10))
