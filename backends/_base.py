@@ -44,6 +44,9 @@ class Backend:
         The array-API namespace (through ``array_api_compat`` where the library needs it).
     device : object
         The device new arrays are placed on, in the library's own terms.
+    synchronize : callable
+        ``synchronize(*arrays)`` waits until the given arrays (or, with none, all queued
+        device work) are computed. A no-op on synchronous backends.
     asynchronous : bool
         True when reading a value forces a wait for queued device work (JAX, CUDA);
         bpcore then avoids host-side checks of device data inside the step.
@@ -58,7 +61,7 @@ class Backend:
     to_numpy: Callable[[Any], np.ndarray] = field(repr=False)
     dlpack_device: tuple[int, int] = (1, 0)
     from_dlpack: Callable[[Any], Any] | None = field(default=None, repr=False)
-    synchronize: Callable[[], None] = field(default=lambda: None, repr=False)
+    synchronize: Callable[..., None] = field(default=lambda *arrays: None, repr=False)
     jit: Callable[..., Any] = field(default=lambda fn, **kw: fn, repr=False)
     asynchronous: bool = False
     float64_error: Callable[[], str | None] = field(default=lambda: None, repr=False)

@@ -41,7 +41,7 @@ def make() -> Backend:
         to_numpy=cupy.asnumpy,
         dlpack_device=(2, device.id),
         from_dlpack=cupy.from_dlpack,
-        synchronize=lambda: cupy.cuda.get_current_stream().synchronize(),
+        synchronize=lambda *arrays: cupy.cuda.get_current_stream().synchronize(),
         asynchronous=True,
         version=cupy.__version__,
     )

@@ -36,9 +36,12 @@ def make() -> Backend:
             f"on {device}; move it with jax.device_put(x, jax.devices()[0]) first."
         )
 
-    def synchronize():
-        # Wait for everything queued on the device, not just one array.
-        (jnp.zeros((), device=device) + 0).block_until_ready()
+    def synchronize(*arrays):
+        if arrays:
+            jax.block_until_ready(arrays)
+        else:  # a barrier: effects and every computation dispatched so far
+            jax.effects_barrier()
+            (jnp.zeros((), device=device) + 0).block_until_ready()
 
     def x64_error():
         if jax.config.jax_enable_x64:

@@ -46,7 +46,7 @@ def make() -> Backend:
         to_numpy=lambda x: x.detach().cpu().numpy(),
         dlpack_device=(2, device.index) if cuda else (1, 0),
         from_dlpack=lambda x: torch.from_dlpack(x).to(device),
-        synchronize=torch.cuda.synchronize if cuda else (lambda: None),
+        synchronize=(lambda *arrays: torch.cuda.synchronize()) if cuda else (lambda *arrays: None),
         asynchronous=cuda,
         version=torch.__version__,
     )

@@ -96,13 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="backends, devices, BLAS and versions on this machine")
 
-    b = sub.add_parser("bench", help="run the benchmark suite (quick profile by default)")
-    b.add_argument("args", nargs=argparse.REMAINDER, help="options for python -m benchmarks")
+    sub.add_parser("bench", help="run the benchmark suite (quick profile by default; "
+                   "`bpcore bench --help` for its options)", add_help=False)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its options belong to the benchmark runner
+        argv, bench_args = argv[:1], argv[1:]
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        args.args = bench_args
     try:
         return {"train": cmd_train, "predict": cmd_predict, "info": cmd_info,
                 "bench": cmd_bench}[args.command](args)
@@ -314,11 +319,8 @@ def cmd_info(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    try:
-        from benchmarks.__main__ import main as bench_main
-    except ImportError as e:
-        raise ImportError("bpcore bench runs the benchmarks/ folder of a bpcore source "
-                          f"checkout; run it from the repository root ({e})") from None
+    from .benchmarks.__main__ import main as bench_main
+
     return bench_main(args.args)
 
 

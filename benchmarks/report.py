@@ -1,0 +1,273 @@
+"""Run the suite and write the report: a printed table, JSON, Markdown and PNG charts."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Iterable
+
+from .cases import CASES, SWEEP_BATCHES_FULL, SWEEP_BATCHES_QUICK, Case
+from .impls import KINDS, PEERS, Unavailable, bpcore_runner, floor_runner, peer_runner
+from .timing import measure
+
+PROFILES = {
+    "quick": {"cases": ("small", "mnist", "large"), "dtypes": ("float32",),
+              "sweep": SWEEP_BATCHES_QUICK, "blocks": 3, "block_s": 0.08},
+    "full": {"cases": ("small", "mnist", "large"), "dtypes": ("float32", "float64"),
+             "sweep": SWEEP_BATCHES_FULL, "blocks": 5, "block_s": 0.25},
+}
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_suite(backends: Iterable[str], profile: str = "quick", gpu: bool = False,
+              cases: Iterable[str] | None = None, sweep: bool = True) -> dict:
+    prof = PROFILES[profile]
+    case_names = list(cases or prof["cases"])
+    if gpu and cases is None:
+        case_names.append("wide")
+    dtypes = ("float32",) if gpu else prof["dtypes"]
+    timing = {"blocks": prof["blocks"], "block_s": prof["block_s"]}
+    rows, skipped = [], {}
+    backends = list(backends)
+
+    def record(case: Case, dtype: str, impl: str, backend: str, kind: str, build) -> None:
+        key = f"{impl}/{backend}/{kind}/{dtype}"
+        try:
+            runner = build()
+            m = measure(runner, **timing)
+        except Unavailable as e:
+            skipped[key] = str(e)
+            return
+        rows.append({"case": case.name, "sizes": list(case.sizes), "batch": case.batch,
+                     "dtype": dtype, "impl": impl, "backend": backend, "kind": kind,
+                     "gemm_flops": case.gemm_flops(), **m})
+        _log(f"  {case.name:<12} {dtype:<8} {impl:<8} {backend:<10} {kind:<15} "
+             f"{m['time_s'] * 1e3:9.3f} ms")
+
+    t_start = time.perf_counter()
+    for name in case_names:
+        case = CASES[name]
+        if case.gpu_only and not gpu:
+            continue
+        for dtype in dtypes:
+            _log(f"case {name} {list(case.sizes)} batch {case.batch} {dtype}")
+            for be in backends:
+                record(case, dtype, "floor", be, "floor", lambda: floor_runner(be, case, dtype))
+                for kind in KINDS:
+                    record(case, dtype, "bpcore", be, kind,
+                           lambda: bpcore_runner(be, kind, case, dtype))
+            for peer in PEERS:
+                for kind in KINDS:
+                    record(case, dtype, "peer", peer, kind,
+                           lambda: peer_runner(peer, kind, case, dtype, gpu))
+    if sweep:
+        base = CASES["mnist"]
+        for batch in prof["sweep"]:
+            case = base.with_batch(batch)
+            _log(f"sweep mnist batch {batch}")
+            for be in backends:
+                record(case, "float32", "floor", be, "floor",
+                       lambda: floor_runner(be, case, "float32"))
+                record(case, "float32", "bpcore", be, "sgd",
+                       lambda: bpcore_runner(be, "sgd", case, "float32"))
+            for peer in ("torch", "jax"):
+                record(case, "float32", "peer", peer, "sgd",
+                       lambda: peer_runner(peer, "sgd", case, "float32", gpu))
+    return {"rows": add_ratios(rows), "skipped": skipped,
+            "wall_s": time.perf_counter() - t_start, "profile": profile, "gpu": gpu}
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """ratio_to_floor (same backend, case, dtype) and ratio_to_best_peer (same kind)."""
+    floor = {(r["case"], r["dtype"], r["backend"]): r["time_s"]
+             for r in rows if r["impl"] == "floor"}
+    best_peer: dict = {}
+    for r in rows:
+        if r["impl"] == "peer":
+            k = (r["case"], r["dtype"], r["kind"])
+            if k not in best_peer or r["time_s"] < best_peer[k][0]:
+                best_peer[k] = (r["time_s"], r["backend"])
+    for r in rows:
+        if r["impl"] == "floor":
+            r["gflops"] = r["gemm_flops"] / r["time_s"] / 1e9
+            continue
+        f = floor.get((r["case"], r["dtype"], r["backend"]))
+        if r["impl"] == "bpcore" and f:
+            r["ratio_to_floor"] = r["time_s"] / f
+        bp = best_peer.get((r["case"], r["dtype"], r["kind"]))
+        if bp:
+            r["ratio_to_best_peer"] = r["time_s"] / bp[0]
+            r["best_peer"] = bp[1]
+    return rows
+
+
+def markdown_table(rows: list[dict], cases: Iterable[str] | None = None) -> str:
+    """Time per step and ratios for bpcore on each backend; one line per case/dtype/kind."""
+    lines = ["| case | dtype | backend | kind | ms/step | × GEMM floor | × best peer (who) |",
+             "|---|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        if r["impl"] != "bpcore" or (cases is not None and r["case"] not in cases):
+            continue
+        lines.append(
+            f"| {r['case']} | {r['dtype']} | {r['backend']} | {r['kind']} | "
+            f"{r['time_s'] * 1e3:.3f} | {r.get('ratio_to_floor', float('nan')):.2f} | "
+            f"{r.get('ratio_to_best_peer', float('nan')):.2f} ({r.get('best_peer', '-')}) |")
+    return "\n".join(lines)
+
+
+def summary_table(rows: list[dict], dtype: str = "float32") -> str:
+    """The README table: per case and backend, the SGD and Adam steps with both ratios."""
+    by = {(r["case"], r["backend"], r["kind"]): r for r in rows
+          if r["impl"] == "bpcore" and r["dtype"] == dtype and "@" not in r["case"]}
+    peers = {}
+    for r in rows:
+        if r["impl"] == "peer" and r["dtype"] == dtype and "@" not in r["case"]:
+            peers.setdefault((r["case"], r["kind"]), []).append(
+                f"{r['backend']} {r['time_s'] * 1e3:.2f}")
+    lines = ["| case | backend | SGD step ms | × floor | × best peer | Adam step ms | × floor "
+             "| × best peer |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for case, backend in sorted({(c, b) for c, b, _ in by},
+                                key=lambda cb: (list(CASES).index(cb[0]), cb[1])):
+        cells = []
+        for kind in ("sgd", "adam"):
+            r = by.get((case, backend, kind))
+            cells += (["-"] * 3 if r is None else
+                      [f"{r['time_s'] * 1e3:.2f}", f"{r.get('ratio_to_floor', float('nan')):.2f}",
+                       f"{r.get('ratio_to_best_peer', float('nan')):.2f}"])
+        lines.append(f"| {case} | {backend} | " + " | ".join(cells) + " |")
+    lines += ["", "Peers (ms per step): " + "; ".join(
+        f"{case} {kind}: " + ", ".join(v) for (case, kind), v in sorted(peers.items())
+        if kind in ("sgd", "adam"))]
+    return "\n".join(lines)
+
+
+def peers_table(rows: list[dict], cases: Iterable[str] | None = None) -> str:
+    lines = ["| case | dtype | peer | kind | ms/step |", "|---|---|---|---|---:|"]
+    for r in rows:
+        if r["impl"] == "peer" and (cases is None or r["case"] in cases):
+            lines.append(f"| {r['case']} | {r['dtype']} | {r['backend']} | {r['kind']} | "
+                         f"{r['time_s'] * 1e3:.3f} |")
+    lines += ["", "| case | dtype | backend | GEMM floor ms | GFLOP/s |", "|---|---|---|---:|---:|"]
+    for r in rows:
+        if r["impl"] == "floor" and (cases is None or r["case"] in cases):
+            lines.append(f"| {r['case']} | {r['dtype']} | {r['backend']} | "
+                         f"{r['time_s'] * 1e3:.3f} | {r['gflops']:.1f} |")
+    return "\n".join(lines)
+
+
+def write_report(result: dict, machine: dict, out: str) -> list[str]:
+    os.makedirs(out, exist_ok=True)
+    rows = result["rows"]
+    main_cases = [c for c in ("small", "mnist", "large", "wide")
+                  if any(r["case"] == c for r in rows)]
+    paths = []
+    p = os.path.join(out, "results.json")
+    with open(p, "w") as f:
+        json.dump({"machine": machine, **result}, f, indent=1)
+    paths.append(p)
+    p = os.path.join(out, "results.md")
+    with open(p, "w") as f:
+        f.write(f"# bpcore benchmark ({result['profile']} profile"
+                f"{', GPU' if result['gpu'] else ''})\n\n")
+        f.write(machine_summary(machine) + "\n\n")
+        f.write("Ratios are measured in this one run: bpcore's time per step divided by the "
+                "same backend's GEMM floor (the step's matrix products alone), and by the "
+                "fastest peer doing the same work.\n\n")
+        f.write("## Summary\n\n" + summary_table(rows) + "\n\n## Every bpcore figure\n\n")
+        f.write(markdown_table(rows, main_cases) + "\n\n## Peers and floors\n\n")
+        f.write(peers_table(rows, main_cases) + "\n\n## Batch sweep (mnist, sgd step)\n\n")
+        f.write(markdown_table([r for r in rows if "@" in r["case"]]) + "\n")
+        if result["skipped"]:
+            f.write("\n## Not run here\n\n" + "\n".join(
+                f"- {k}: {v}" for k, v in sorted(result["skipped"].items())) + "\n")
+    paths.append(p)
+    paths += charts(rows, out, main_cases)
+    return paths
+
+
+def machine_summary(m: dict) -> str:
+    blas = m.get("blas")
+    blas_s = ", ".join(f"{d['internal_api']} {d['version']} ({d['num_threads']} threads, "
+                       f"{d.get('architecture')})" for d in blas) if isinstance(blas, list) else blas
+    env = ", ".join(f"{k}={v}" for k, v in m.get("env", {}).items()) or "none"
+    libs = ", ".join(f"{k} {v}" for k, v in m.get("libraries", {}).items())
+    return (f"Machine: {m.get('cpu')} ({m.get('cores')} cores); GPU: {m.get('gpu') or 'none'}. "
+            f"BLAS: {blas_s}. Thread/BLAS environment: {env}. torch threads: "
+            f"{m.get('torch_threads')}. Libraries: {libs}.")
+
+
+def charts(rows: list[dict], out: str, cases: list[str]) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    kinds = ("sgd",)
+    series = {}
+    for r in rows:
+        if r["case"] in cases and r["dtype"] == "float32" and r["kind"] in kinds + ("floor",):
+            label = (f"{r['impl']}/{r['backend']}" if r["impl"] != "peer" else r["backend"])
+            series.setdefault(label, {})[r["case"]] = r["time_s"] * 1e3
+    if series:
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        width = 0.8 / len(series)
+        for j, (label, vals) in enumerate(sorted(series.items())):
+            xs = [i + j * width for i, c in enumerate(cases) if c in vals]
+            ax.bar(xs, [vals[c] for c in cases if c in vals], width, label=label)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], cases)
+        ax.set(yscale="log", ylabel="ms per SGD training step (log)",
+               title="Training step, float32: bpcore per backend, GEMM floors, peers")
+        ax.legend(fontsize=7, ncol=3)
+        fig.tight_layout()
+        p = os.path.join(out, "time_per_step.png")
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        paths.append(p)
+
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        ratio = {}
+        for r in rows:
+            if r["impl"] == "bpcore" and r["case"] in cases and r["dtype"] == "float32":
+                ratio.setdefault(f"{r['backend']}/{r['kind']}", {})[r["case"]] = r.get(
+                    "ratio_to_floor", float("nan"))
+        width = 0.8 / max(1, len(ratio))
+        for j, (label, vals) in enumerate(sorted(ratio.items())):
+            xs = [i + j * width for i, c in enumerate(cases) if c in vals]
+            ax.bar(xs, [vals[c] for c in cases if c in vals], width, label=label)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], cases)
+        ax.set(ylabel="time / GEMM floor (same backend)", title="bpcore over its GEMM floor")
+        ax.legend(fontsize=7, ncol=4)
+        fig.tight_layout()
+        p = os.path.join(out, "ratio_to_floor.png")
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        paths.append(p)
+
+    sweep = {}
+    for r in rows:
+        if "@" in r["case"]:
+            label = f"{r['impl']}/{r['backend']}" if r["impl"] != "peer" else r["backend"]
+            sweep.setdefault(label, []).append((r["batch"], r["time_s"] / r["batch"] * 1e6))
+    if sweep:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, pts in sorted(sweep.items()):
+            pts.sort()
+            ax.plot([b for b, _ in pts], [t for _, t in pts], marker="o", label=label)
+        ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="µs per sample",
+               title="mnist 784-256-256-10, SGD step, float32")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = os.path.join(out, "batch_sweep.png")
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        paths.append(p)
+    return paths

@@ -1,0 +1,40 @@
+"""Timing with warm-up, calibrated blocks and device synchronisation.
+
+``measure`` first calls the runner ``warmup`` times (JAX compiles here) and waits for the
+device. It then times ``blocks`` blocks of ``n`` calls each, ``n`` calibrated so a block
+lasts about ``block_s``; the device is synchronised at the end of each block, before the
+clock stops, so asynchronous backends are charged for all their queued work. The figure
+used for ratios is the fastest block's mean time per call (the least disturbed by other
+load on a shared machine); the median block is recorded too.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+from .impls import Runner
+
+
+def measure(r: Runner, *, warmup: int = 2, blocks: int = 3, block_s: float = 0.1,
+            max_calls: int = 100_000) -> dict:
+    outs = [r.run(i) for i in range(warmup)]
+    r.sync(outs)
+    t0 = time.perf_counter()
+    r.sync([r.run(warmup)])
+    single = max(time.perf_counter() - t0, 1e-7)
+    n = max(1, min(max_calls, math.ceil(block_s / single)))
+    per_call = []
+    i = 0
+    for _ in range(blocks):
+        outs = []
+        t0 = time.perf_counter()
+        for _ in range(n):
+            outs.append(r.run(i))
+            i += 1
+        r.sync(outs[-1:] if len(outs) > 64 else outs)
+        per_call.append((time.perf_counter() - t0) / n)
+        del outs
+    return {"time_s": min(per_call), "median_s": statistics.median(per_call),
+            "calls_per_block": n, "blocks": blocks}
