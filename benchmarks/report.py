@@ -216,38 +216,31 @@ def charts(rows: list[dict], out: str, cases: list[str]) -> list[str]:
         if r["case"] in cases and r["dtype"] == "float32" and r["kind"] in kinds + ("floor",):
             label = (f"{r['impl']}/{r['backend']}" if r["impl"] != "peer" else r["backend"])
             series.setdefault(label, {})[r["case"]] = r["time_s"] * 1e3
-    if series:
+    ratio = {}
+    for r in rows:
+        if r["impl"] == "bpcore" and r["case"] in cases and r["dtype"] == "float32":
+            ratio.setdefault(f"{r['backend']}/{r['kind']}", {})[r["case"]] = r.get(
+                "ratio_to_floor", float("nan"))
+    for name, data, labels in (
+            ("time_per_step.png", series,
+             dict(yscale="log", ylabel="ms per SGD training step (log)",
+                  title="Training step, float32: bpcore per backend, GEMM floors, peers")),
+            ("ratio_to_floor.png", ratio,
+             dict(ylabel="time / GEMM floor (same backend)", title="bpcore over its GEMM floor"))):
+        if not data:
+            continue
         fig, ax = plt.subplots(figsize=(9, 4.5))
-        width = 0.8 / len(series)
-        for j, (label, vals) in enumerate(sorted(series.items())):
+        width = 0.8 / len(data)
+        for j, (label, vals) in enumerate(sorted(data.items())):
             xs = [i + j * width for i, c in enumerate(cases) if c in vals]
             ax.bar(xs, [vals[c] for c in cases if c in vals], width, label=label)
+        if name.startswith("ratio"):
+            ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], cases)
-        ax.set(yscale="log", ylabel="ms per SGD training step (log)",
-               title="Training step, float32: bpcore per backend, GEMM floors, peers")
-        ax.legend(fontsize=7, ncol=3)
-        fig.tight_layout()
-        p = os.path.join(out, "time_per_step.png")
-        fig.savefig(p, dpi=100)
-        plt.close(fig)
-        paths.append(p)
-
-        fig, ax = plt.subplots(figsize=(9, 4.5))
-        ratio = {}
-        for r in rows:
-            if r["impl"] == "bpcore" and r["case"] in cases and r["dtype"] == "float32":
-                ratio.setdefault(f"{r['backend']}/{r['kind']}", {})[r["case"]] = r.get(
-                    "ratio_to_floor", float("nan"))
-        width = 0.8 / max(1, len(ratio))
-        for j, (label, vals) in enumerate(sorted(ratio.items())):
-            xs = [i + j * width for i, c in enumerate(cases) if c in vals]
-            ax.bar(xs, [vals[c] for c in cases if c in vals], width, label=label)
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], cases)
-        ax.set(ylabel="time / GEMM floor (same backend)", title="bpcore over its GEMM floor")
+        ax.set(**labels)
         ax.legend(fontsize=7, ncol=4)
         fig.tight_layout()
-        p = os.path.join(out, "ratio_to_floor.png")
+        p = os.path.join(out, name)
         fig.savefig(p, dpi=100)
         plt.close(fig)
         paths.append(p)

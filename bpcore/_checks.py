@@ -33,7 +33,7 @@ def prepare_input(be: Any, x: Any, n_in: int, dtype: Any, *, argument: str = "x"
     shape = tuple(x.shape)
     if len(shape) != 2:
         fix = (f" For a single sample use x.reshape(1, {n_in})." if len(shape) == 1 else
-               f" Flatten each sample first: x.reshape(len(x), -1).")
+               " Flatten each sample first: x.reshape(len(x), -1).")
         raise ShapeError(f"{argument}: expected a 2-d array of shape (batch, {n_in}), got "
                          f"shape {shape} ({len(shape)}-d).{fix}")
     if shape[1] != n_in:

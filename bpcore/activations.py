@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ._array import Array, array_namespace
-from .errors import UnknownNameError
+from ._registry import lookup
 
 __all__ = ["Activation", "ACTIVATIONS", "get_activation"]
 
@@ -159,11 +159,5 @@ ACTIVATIONS: dict[str, Activation] = {
 
 def get_activation(name: str | Activation, *, argument: str = "activation") -> Activation:
     """Look ``name`` up in :data:`ACTIVATIONS` (an :class:`Activation` passes through)."""
-    if isinstance(name, Activation):
-        return name
-    try:
-        return ACTIVATIONS[name]
-    except (KeyError, TypeError):
-        raise UnknownNameError(
-            f"{argument}: unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}"
-        ) from None
+    return lookup(ACTIVATIONS, name, kind="activation", argument=argument,
+                  passthrough=Activation)

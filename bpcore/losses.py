@@ -19,7 +19,8 @@ from typing import Any, Callable
 import numpy as np
 
 from ._array import Array, array_namespace, array_device
-from .errors import DTypeError, ShapeError, UnknownNameError
+from ._registry import lookup
+from .errors import DTypeError, ShapeError
 
 __all__ = ["Loss", "LOSSES", "get_loss"]
 
@@ -193,11 +194,4 @@ LOSSES: dict[str, Loss] = {
 
 def get_loss(name: str | Loss, *, argument: str = "loss") -> Loss:
     """Look ``name`` up in :data:`LOSSES` (a :class:`Loss` passes through)."""
-    if isinstance(name, Loss):
-        return name
-    try:
-        return LOSSES[name]
-    except (KeyError, TypeError):
-        raise UnknownNameError(
-            f"{argument}: unknown loss {name!r}; expected one of {sorted(LOSSES)}"
-        ) from None
+    return lookup(LOSSES, name, kind="loss", argument=argument, passthrough=Loss)

@@ -19,7 +19,8 @@ from typing import Any, Callable, NamedTuple, Union
 import numpy as np
 
 from ._array import Array, Params, array_device, array_namespace, tree_map
-from .errors import ConfigError, UnknownNameError
+from ._registry import lookup
+from .errors import ConfigError
 
 __all__ = [
     "GradientTransformation", "chain", "apply_updates",
@@ -256,12 +257,8 @@ def get_optimizer(name: str | GradientTransformation, **kwargs: Any) -> Gradient
     """An optimizer by name (``OPTIMIZERS``), built with ``kwargs``; instances pass through."""
     if isinstance(name, GradientTransformation):
         return name
-    try:
-        factory = OPTIMIZERS[name]
-    except (KeyError, TypeError):
-        raise UnknownNameError(
-            f"optimizer: unknown name {name!r}; expected one of {sorted(OPTIMIZERS)}"
-        ) from None
+    factory = lookup(OPTIMIZERS, name, kind="optimizer", argument="optimizer",
+                     passthrough=type(None))
     return factory(**kwargs)
 
 

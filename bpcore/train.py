@@ -23,7 +23,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from ._array import Array, Params, array_device, array_namespace, nested_map, tree_map
+from ._array import Array, Params, array_device, array_namespace, nested_map
 from ._checks import prepare_input
 from .activations import Activation
 from .errors import ConfigError, DivergenceError, ShapeError
@@ -248,8 +248,7 @@ class Trainer:
         trainer = cls(ckpt.model, ckpt.meta["loss"], opt, clip_norm=ckpt.meta.get("clip_norm"))
         if ckpt.optimizer_state:
             trainer.opt_state = ckpt.restore_state(trainer.opt_state)
-        be, xp = ckpt.model.backend, ckpt.model.backend.xp
-        trainer.guard = GuardState(be.asarray(np.int32(ckpt.meta.get("step", 0))),
+        trainer.guard = GuardState(ckpt.model.backend.asarray(np.int32(ckpt.meta.get("step", 0))),
                                    trainer.guard.bad_step)
         trainer.epoch = int(ckpt.meta.get("epoch", 0))
         return trainer

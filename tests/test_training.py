@@ -159,7 +159,6 @@ def test_optimizers_reach_the_minimum_of_a_parabola(backend, make):
 
 
 def test_optimizer_one_step_formulas():
-    be = backends.get("numpy")
     p = [(np.array([[1.0, 2.0]]), np.array([0.5]))]
     g = [(np.array([[0.1, -0.2]]), np.array([0.3]))]
 
