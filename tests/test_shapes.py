@@ -9,7 +9,7 @@ import bpcore
 from bpcore import ACTIVATIONS
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)  # the same cases on every run
 @given(sizes=st.lists(st.integers(1, 7), min_size=2, max_size=5),
        batch=st.integers(1, 9),
        act=st.sampled_from(sorted(ACTIVATIONS)),
@@ -17,6 +17,10 @@ from bpcore import ACTIVATIONS
 def test_shapes_dtypes_and_finite_gradients(sizes, batch, act, seed):
     rng = np.random.default_rng(seed)
     model = bpcore.MLP(sizes, activation=act, dtype="float64", seed=seed)
+    # Random biases: with zero biases a dead relu unit feeds an exact 0 into the next
+    # layer, which then sits on its kink, where no finite difference is meaningful.
+    model.set_params([(W, rng.uniform(0.1, 0.5, size=b.shape) * rng.choice([-1, 1], b.shape))
+                      for W, b in model.params])
     x = rng.standard_normal((batch, sizes[0]))
     y = rng.integers(0, sizes[-1], size=batch)
     out = model(x)
