@@ -352,8 +352,10 @@ class Trainer:
                     break
         finally:
             bar.close()
-            for cb in callbacks:
-                cb.on_train_end(self)
+        # Not reached after a DivergenceError: the model keeps the last good step's
+        # parameters, as the error says, rather than (say) an early-stopping snapshot.
+        for cb in callbacks:
+            cb.on_train_end(self)
         return history
 
 

@@ -153,3 +153,34 @@ def test_fit_rejects_bad_settings():
         t.fit(X, y, batch_size=0, verbose=0)
     with pytest.raises(ConfigError, match="no batch"):
         t.fit(X, y, batch_size=1000, drop_last=True, verbose=0)
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+def test_divergence_is_not_overridden_by_early_stopping_restore(backend):
+    import re
+
+    from bpcore._array import array_namespace
+
+    X, y = _data(n=40)
+
+    def lr(step):  # sane for 6 steps, then absurd: the run blows up in epoch 2 or 3
+        xp = array_namespace(step)
+        return 0.1 + 1e30 * xp.astype(step >= 6, step.dtype)
+
+    def make():
+        return bpcore.Trainer(bpcore.MLP([5, 8, 3], backend=backend, seed=2),
+                              "softmax_cross_entropy", optim.sgd(lr))
+
+    t = make()
+    stop = EarlyStopping("val_loss", patience=5)
+    with pytest.raises(DivergenceError) as ei:
+        t.fit(X, y, epochs=5, batch_size=10, shuffle=False, verbose=0,
+              validation_data=(X, y), callbacks=[stop])
+    bad = int(re.search(r"step (\d+)", str(ei.value)).group(1))
+    assert bad > 5 and stop.best_params is not None  # a later snapshot existed, unused
+    ref = make()
+    for i in range(bad - 1):
+        j = i % 4
+        ref.step(X[j * 10:(j + 1) * 10], y[j * 10:(j + 1) * 10])
+    np.testing.assert_array_equal(params_np(t.model)[0][0], params_np(ref.model)[0][0])
