@@ -42,11 +42,13 @@ class GuardState(NamedTuple):
 
 def train_step(params: Params, opt_state: Any, guard: GuardState, x: Array, T: Array, *,
                activations: Sequence[Activation], loss: Loss,
-               optimizer: GradientTransformation):
+               optimizer: GradientTransformation, check_finite: bool = True):
     """One guarded step of gradient descent (any optimizer).
 
     Returns ``(params, opt_state, guard, loss value, n_correct)``; ``n_correct`` is the
-    number of correctly classified samples for classification losses, else 0.
+    number of correctly classified samples for classification losses, else 0. With
+    ``check_finite=False`` the divergence guard only counts steps (saves a pass over the
+    gradients and one over the parameters and optimizer state).
     """
     xp = array_namespace(x)
     Y, cache = forward_cache(params, x, activations)
@@ -56,6 +58,9 @@ def train_step(params: Params, opt_state: Any, guard: GuardState, x: Array, T: A
     new_params = apply_updates(params, updates)
 
     step = guard.count + 1
+    if not check_finite:
+        return new_params, new_state, GuardState(step, guard.bad_step), value, \
+            loss.correct(Y, T)
     finite = xp.isfinite(value) & xp.isfinite(global_norm(grads))
     ok = finite & (guard.bad_step == 0)
     keep = lambda new, old: xp.where(ok, new, old)  # noqa: E731
@@ -151,17 +156,22 @@ class Trainer:
         E.g. ``bpcore.optim.adam(1e-3)``, or a name from ``OPTIMIZERS`` with its defaults.
     clip_norm : float, optional
         Clip gradients to this global norm before the optimizer sees them.
+    check_finite : bool
+        The divergence guard (default on). Off, a non-finite step is applied like any
+        other; on, it costs one pass over the gradients and one over the parameters and
+        optimizer state per step (measured: ~10-25 % of an mnist-sized CPU step).
     """
 
     def __init__(self, model: MLP, loss: str | Loss = "softmax_cross_entropy",
                  optimizer: GradientTransformation | str = "sgd", *,
-                 clip_norm: float | None = None):
+                 clip_norm: float | None = None, check_finite: bool = True):
         if not isinstance(model, MLP):
             raise TypeError(f"model: expected a bpcore.MLP, got {type(model).__name__}")
         self.model = model
         self.loss = get_loss(loss)
         self.base_optimizer = get_optimizer(optimizer)
         self.clip_norm = clip_norm
+        self.check_finite = bool(check_finite)
         self.optimizer = (self.base_optimizer if clip_norm is None else
                           chain(clip_by_global_norm(clip_norm), self.base_optimizer,
                                 name=self.base_optimizer.name, hyper=self.base_optimizer.hyper))
@@ -181,7 +191,8 @@ class Trainer:
     def _pure_step(self, params, opt_state, guard, x, T):
         self.trace_count += 1  # Python side effect: runs once per compilation on JAX
         return train_step(params, opt_state, guard, x, T, activations=self.model.activations,
-                          loss=self.loss, optimizer=self.optimizer)
+                          loss=self.loss, optimizer=self.optimizer,
+                          check_finite=self.check_finite)
 
     # -- one step -------------------------------------------------------------------------------
     @property
@@ -229,7 +240,7 @@ class Trainer:
 
         save(path, self.model, self.opt_state, metadata, optimizer=self.base_optimizer,
              loss=self.loss.name, step=self.steps, epoch=self.epoch,
-             extra={"clip_norm": self.clip_norm})
+             extra={"clip_norm": self.clip_norm, "check_finite": self.check_finite})
 
     @classmethod
     def resume(cls, path: Any, backend: Any = "numpy",
@@ -245,7 +256,8 @@ class Trainer:
                                   "optimizer=...")
         if ckpt.meta.get("loss") is None:
             raise CheckpointError(f"resume: {path!r} does not name its loss")
-        trainer = cls(ckpt.model, ckpt.meta["loss"], opt, clip_norm=ckpt.meta.get("clip_norm"))
+        trainer = cls(ckpt.model, ckpt.meta["loss"], opt, clip_norm=ckpt.meta.get("clip_norm"),
+                      check_finite=bool(ckpt.meta.get("check_finite", True)))
         if ckpt.optimizer_state:
             trainer.opt_state = ckpt.restore_state(trainer.opt_state)
         trainer.guard = GuardState(ckpt.model.backend.asarray(np.int32(ckpt.meta.get("step", 0))),

@@ -78,6 +78,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, backend_name)
     first.save(tmp_path / "half.safetensors")
     resumed = bpcore.Trainer.resume(tmp_path / "half.safetensors", backend=be)
     assert resumed.epoch == 2 and resumed.steps == 8 and resumed.clip_norm == 5.0
+    assert resumed.check_finite
     resumed.fit(X, y, epochs=2, batch_size=16, seed=7, verbose=0)
     _assert_same(params_np(resumed.model), params_np(straight.model))
 

@@ -184,3 +184,12 @@ def test_divergence_is_not_overridden_by_early_stopping_restore(backend):
         j = i % 4
         ref.step(X[j * 10:(j + 1) * 10], y[j * 10:(j + 1) * 10])
     np.testing.assert_array_equal(params_np(t.model)[0][0], params_np(ref.model)[0][0])
+
+
+def test_guard_can_be_switched_off(backend):
+    X, y = _data(n=20)
+    X[3, 1] = np.nan
+    t = bpcore.Trainer(bpcore.MLP([5, 4, 3], backend=backend), "softmax_cross_entropy",
+                       optim.sgd(0.1), check_finite=False)
+    t.fit(X, y, epochs=1, batch_size=10, shuffle=False, verbose=0)  # no error raised
+    assert not np.isfinite(params_np(t.model)[0][0]).all() and t.steps == 2
