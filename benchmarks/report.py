@@ -14,7 +14,7 @@ from .timing import measure
 
 PROFILES = {
     "quick": {"cases": ("small", "mnist", "large"), "dtypes": ("float32",),
-              "sweep": SWEEP_BATCHES_QUICK, "blocks": 3, "block_s": 0.08},
+              "sweep": SWEEP_BATCHES_QUICK, "blocks": 5, "block_s": 0.06},
     "full": {"cases": ("small", "mnist", "large"), "dtypes": ("float32", "float64"),
              "sweep": SWEEP_BATCHES_FULL, "blocks": 5, "block_s": 0.25},
 }
