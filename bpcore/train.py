@@ -324,6 +324,8 @@ class Trainer:
         if n_batches == 0:
             raise ConfigError(f"fit: batch_size={batch_size} with drop_last=True leaves no "
                               f"batch from {n} samples")
+        if seed is None:  # unseeded: fresh entropy for this call (not reproducible)
+            seed = int(np.random.SeedSequence().entropy % 2 ** 63)
         history = History()
         self.stop_training = False
         for cb in callbacks:
@@ -333,8 +335,8 @@ class Trainer:
         try:
             for epoch in range(start_epoch, start_epoch + int(epochs)):
                 t0 = time.perf_counter()
-                order = (np.random.default_rng([seed if seed is not None else 0, epoch])
-                         .permutation(n) if shuffle else np.arange(n))
+                order = (np.random.default_rng([seed, epoch]).permutation(n) if shuffle
+                         else np.arange(n))
                 idx = be.asarray(order.astype(np.int64))
                 total = correct = 0.0
                 bar.start(epoch + 1, start_epoch + int(epochs))
