@@ -7,7 +7,6 @@ from typing import Any
 import numpy as np
 
 from .errors import DTypeError, ShapeError
-from .losses import _dtype_kind
 
 
 def prepare_input(be: Any, x: Any, n_in: int, dtype: Any, *, argument: str = "x") -> Any:
@@ -24,7 +23,7 @@ def prepare_input(be: Any, x: Any, n_in: int, dtype: Any, *, argument: str = "x"
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise DTypeError(f"{argument}: expected an array of shape (batch, {n_in}), "
                          f"got a {type(x).__name__}.")
-    kind = _dtype_kind(x.dtype)
+    kind = dtype_kind(x.dtype)
     if kind != "float":
         hint = (" Scale and convert it first, e.g. x.astype('float32') / 255 for 8-bit images."
                 if kind in ("int", "uint", "bool") else "")
@@ -42,3 +41,31 @@ def prepare_input(be: Any, x: Any, n_in: int, dtype: Any, *, argument: str = "x"
     if shape[0] < 1:
         raise ShapeError(f"{argument}: expected at least one row, got shape {shape}.")
     return be.asarray(x, dtype=dtype)
+
+
+def host_view(be: Any, y: Any) -> np.ndarray | None:
+    """A NumPy view of ``y`` when reading it costs no device sync, else None."""
+    if isinstance(y, (list, tuple)) or np.isscalar(y):
+        return np.asarray(y)
+    if isinstance(y, np.ndarray):
+        return y
+    if be.is_native(y) and not be.asynchronous:
+        return be.to_numpy(y)
+    if not hasattr(y, "shape"):
+        return np.asarray(y)
+    return None
+
+
+def dtype_kind(dt: Any) -> str:
+    """'float', 'int', 'uint', 'bool', 'complex' or 'other', for any library's dtype."""
+    try:
+        k = np.dtype(dt).kind
+        return {"f": "float", "i": "int", "u": "uint", "b": "bool", "c": "complex"}.get(k, "other")
+    except TypeError:  # torch and array_api_strict dtypes: go by the name
+        pass
+    s = str(dt)
+    for key, kind in (("complex", "complex"), ("float", "float"), ("uint", "uint"),
+                      ("int", "int"), ("bool", "bool")):
+        if key in s:
+            return kind
+    return "other"

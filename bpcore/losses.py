@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ._array import Array, array_namespace, array_device
+from ._checks import dtype_kind, host_view
 from ._registry import lookup
 from .errors import DTypeError, ShapeError
 
@@ -104,12 +105,12 @@ class Loss:
         ``(batch,)`` when ``n_out == 1``).
         """
         be = backend
-        host = _host_view(be, y)
-        shape = tuple(host.shape) if host is not None else tuple(y.shape)
-        kind = _dtype_kind(host.dtype if host is not None else y.dtype)
+        host = host_view(be, y)  # None: on an asynchronous device, not read back
+        src = host if host is not None else y
+        shape, kind = tuple(src.shape), dtype_kind(src.dtype)
         if kind == "complex" or kind == "other":
             raise DTypeError(f"{argument}: expected real numbers for the {self.name} loss, "
-                             f"got dtype {_dtype_str(y, host)}; convert the targets first.")
+                             f"got dtype {src.dtype}; convert the targets first.")
         if not shape or shape[0] != batch:
             raise ShapeError(
                 f"{argument}: expected {batch} targets (one per row of x), got shape {shape}; "
@@ -119,7 +120,7 @@ class Loss:
             if kind not in ("int", "uint"):
                 raise DTypeError(
                     f"{argument}: class labels for {self.name} must be integers in "
-                    f"[0, {n_out}), got dtype {_dtype_str(y, host)}; pass integer labels "
+                    f"[0, {n_out}), got dtype {src.dtype}; pass integer labels "
                     f"(y.astype('int64')) or one-hot rows of shape ({batch}, {n_out})."
                 )
             if host is not None and host.size:
@@ -130,14 +131,13 @@ class Loss:
                         f"{argument}: class label {bad} is out of range; the network has "
                         f"{n_out} outputs, so labels must lie in [0, {n_out - 1}]."
                     )
-            labels = be.asarray(host if host is not None else y)
+            labels = be.asarray(src)
             xp = be.xp
             classes = xp.arange(n_out, dtype=labels.dtype, device=array_device(labels))
             return xp.astype(labels[:, None] == classes[None, :], be.dtype(dtype))
         if len(shape) == 1 and n_out == 1:
             shape = (batch, 1)
-            y = host.reshape(shape) if host is not None else be.xp.reshape(y, shape)
-            host = host.reshape(shape) if host is not None else None
+            src = host.reshape(shape) if host is not None else be.xp.reshape(y, shape)
         if len(shape) != 2 or shape[1] != n_out:
             want = f"({batch},) integer labels or ({batch}, {n_out})" if self.targets == \
                 "classes" else f"({batch}, {n_out})" + (f" or ({batch},)" if n_out == 1 else "")
@@ -148,38 +148,7 @@ class Loss:
             if not (lo >= 0.0 and hi <= 1.0):
                 raise ShapeError(f"{argument}: binary cross-entropy targets must lie in "
                                  f"[0, 1], got values in [{lo}, {hi}].")
-        return be.asarray(host if host is not None else y, dtype=dtype)
-
-
-def _host_view(be: Any, y: Any) -> np.ndarray | None:
-    """A NumPy view of ``y`` when reading it costs no device sync, else None."""
-    if isinstance(y, (list, tuple)) or np.isscalar(y):
-        return np.asarray(y)
-    if isinstance(y, np.ndarray):
-        return y
-    if be.is_native(y) and not be.asynchronous:
-        return be.to_numpy(y)
-    if not hasattr(y, "shape"):
-        return np.asarray(y)
-    return None
-
-
-def _dtype_kind(dt: Any) -> str:
-    s = str(dt)
-    try:
-        k = np.dtype(dt).kind
-        return {"f": "float", "i": "int", "u": "uint", "b": "bool", "c": "complex"}.get(k, "other")
-    except TypeError:
-        pass
-    for key, kind in (("complex", "complex"), ("float", "float"), ("uint", "uint"),
-                      ("int", "int"), ("bool", "bool")):
-        if key in s:
-            return kind
-    return "other"
-
-
-def _dtype_str(y: Any, host: np.ndarray | None) -> str:
-    return str(host.dtype if host is not None else y.dtype)
+        return be.asarray(src, dtype=dtype)
 
 
 LOSSES: dict[str, Loss] = {
