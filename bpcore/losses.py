@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
 
 from ._array import Array, array_namespace, array_device
 from ._checks import dtype_kind, host_view
