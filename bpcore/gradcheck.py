@@ -44,11 +44,9 @@ def gradcheck(model: MLP, x: Any, y: Any, loss: str | Loss = "mse", *, eps: floa
     unit directions ``v`` (``<∇g, v>`` against ``(g(θ+εv) - g(θ-εv)) / 2ε``).
     """
     lossf = get_loss(loss)
-    host = [(model.backend.to_numpy(W).astype(np.float64),
-             model.backend.to_numpy(b).astype(np.float64)) for W, b in model.params]
-    m64 = MLP(model.sizes, list(model.activations[:-1]), model.activations[-1],
-              backend=model.backend, dtype="float64", params=host)
+    m64 = model.to(dtype="float64")
     to_np = m64.backend.to_numpy
+    host = [(to_np(W), to_np(b)) for W, b in m64.params]
     _, grads = value_and_grad(m64, x, y, lossf)
     flat_grad = np.concatenate([to_np(g).ravel() for layer in grads for g in layer])
     theta = np.concatenate([a.ravel() for layer in host for a in layer])

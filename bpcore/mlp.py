@@ -29,7 +29,8 @@ from .errors import ConfigError, ShapeError
 from .init import init_params
 from .losses import Loss, get_loss
 
-__all__ = ["MLP", "forward", "forward_cache", "backward", "loss_and_grad", "value_and_grad"]
+__all__ = ["MLP", "forward", "forward_cache", "backward", "loss_and_grad", "loss_grad_output",
+           "value_and_grad"]
 
 
 def forward(params: Params, x: Array, activations: Sequence[Activation]) -> Array:
@@ -78,10 +79,17 @@ def loss_and_grad(params: Params, activations: Sequence[Activation], loss: Loss,
                   x: Array, T: Array, *, input_grad: bool = False
                   ) -> tuple[Array, Params, Array | None]:
     """Pure ``(loss value, grads, dX or None)`` for canonical targets ``T`` (batch, n_K)."""
+    return loss_grad_output(params, activations, loss, x, T, input_grad=input_grad)[:3]
+
+
+def loss_grad_output(params: Params, activations: Sequence[Activation], loss: Loss,
+                     x: Array, T: Array, *, input_grad: bool = False
+                     ) -> tuple[Array, Params, Array | None, Array]:
+    """:func:`loss_and_grad` plus the network output ``Y^K`` (for metrics at no extra cost)."""
     Y, cache = forward_cache(params, x, activations)
     value, D = loss.forward(Y, T)
     grads, dX = backward(params, activations, cache, D, input_grad=input_grad)
-    return value, grads, dX
+    return value, grads, dX, Y
 
 
 class MLP:
@@ -212,11 +220,12 @@ class MLP:
                              f"unexpected {extra}.")
         self.set_params([(state[f"W{k}"], state[f"b{k}"]) for k in range(1, K + 1)])
 
-    def to(self, backend: Any) -> "MLP":
-        """A copy of this model on another backend (same dtype, same parameter values)."""
+    def to(self, backend: Any = None, dtype: str | None = None) -> "MLP":
+        """A copy on another backend and/or dtype (default: this one), same parameter values."""
         host = [(self.backend.to_numpy(W), self.backend.to_numpy(b)) for W, b in self.params]
-        return MLP(self.sizes, [a for a in self.activations[:-1]], self.activations[-1],
-                   backend=backend, dtype=self.dtype_name, seed=self.seed, init=self.init,
+        return MLP(self.sizes, list(self.activations[:-1]), self.activations[-1],
+                   backend=self.backend if backend is None else backend,
+                   dtype=dtype or self.dtype_name, seed=self.seed, init=self.init,
                    params=host)
 
 

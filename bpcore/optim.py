@@ -18,7 +18,7 @@ from typing import Any, Callable, NamedTuple, Union
 
 import numpy as np
 
-from ._array import Array, Params, array_device, array_namespace, tree_map
+from ._array import Array, Params, array_device, array_namespace, tree_leaves, tree_map
 from ._registry import lookup
 from .errors import ConfigError
 
@@ -178,7 +178,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
 
 def global_norm(tree: Params) -> Array:
     """sqrt of the sum of squares of every leaf (a 0-d array on the device)."""
-    leaves = [leaf for layer in tree for leaf in layer]
+    leaves = tree_leaves(tree)
     xp = array_namespace(*leaves)
     return xp.sqrt(sum(xp.sum(leaf * leaf) for leaf in leaves))
 

@@ -28,7 +28,7 @@ from ._checks import prepare_input
 from .activations import Activation
 from .errors import ConfigError, DivergenceError, ShapeError
 from .losses import Loss, get_loss
-from .mlp import MLP, backward, forward, forward_cache
+from .mlp import MLP, forward, loss_grad_output
 from .optim import (GradientTransformation, apply_updates, chain, clip_by_global_norm,
                     get_optimizer, global_norm)
 
@@ -51,9 +51,7 @@ def train_step(params: Params, opt_state: Any, guard: GuardState, x: Array, T: A
     gradients and one over the parameters and optimizer state).
     """
     xp = array_namespace(x)
-    Y, cache = forward_cache(params, x, activations)
-    value, D = loss.forward(Y, T)
-    grads, _ = backward(params, activations, cache, D)
+    value, grads, _, Y = loss_grad_output(params, activations, loss, x, T)
     updates, new_state = optimizer.update(grads, opt_state, params)
     new_params = apply_updates(params, updates)
 

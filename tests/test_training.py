@@ -211,3 +211,15 @@ def test_clip_by_global_norm():
 def test_bad_optimizer_settings_are_config_errors(bad):
     with pytest.raises(ConfigError):
         bad()
+
+
+def test_model_copies_to_other_backends_and_dtypes():
+    m = bpcore.MLP([3, 4, 2], ["tanh"], "softmax", seed=8, dtype="float32")
+    for name in backends.available():
+        copy = m.to(name, dtype="float64") if not backends.get(name).float64_error() \
+            else m.to(name)
+        assert copy.backend.name == name and copy.activation_names == ["tanh", "softmax"]
+        for (W, b), (W0, b0) in zip(params_np(copy), params_np(m)):
+            np.testing.assert_array_equal(W, W0)
+            np.testing.assert_array_equal(b, b0)
+    assert m.to().backend is m.backend and m.to(dtype="float64").dtype_name == "float64"
