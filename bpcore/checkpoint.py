@@ -172,16 +172,16 @@ def save(path: str | os.PathLike, model: MLP, optimizer_state: Any = None,
     except TypeError as e:
         raise CheckpointError(f"metadata: must be JSON-serialisable ({e})") from None
     tensors = model.state_dict()
-    if optimizer_state is not None:
-        for i, leaf in enumerate(nested_leaves(optimizer_state)):
-            tensors[f"opt.{i}"] = model.backend.to_numpy(leaf)
+    opt_leaves = [] if optimizer_state is None else nested_leaves(optimizer_state)
+    for i, leaf in enumerate(opt_leaves):
+        tensors[f"opt.{i}"] = model.backend.to_numpy(leaf)
     from . import __version__
 
     meta = {
         "format_version": FORMAT_VERSION, "bpcore_version": __version__,
         "sizes": model.sizes, "activations": model.activation_names,
         "dtype": model.dtype_name, "loss": loss, "step": int(step), "epoch": int(epoch),
-        "n_optimizer_tensors": 0 if optimizer_state is None else len(tensors) - 2 * (len(model.sizes) - 1),
+        "n_optimizer_tensors": len(opt_leaves),
         "optimizer": (None if optimizer is None else
                       {"name": optimizer.name, "hyper": optimizer.hyper}),
         "user": metadata or {}, **(extra or {}),

@@ -158,15 +158,20 @@ def cmd_train(args) -> int:
     n_out = len(classes) if task == "classification" else y_train.shape[1]
 
     if args.resume:
-        trainer = Trainer.resume(args.resume, backend=args.backend)
-        meta = load_checkpoint(args.resume, backend="numpy").metadata
-        mean, std = np.asarray(meta["input_mean"]), np.asarray(meta["input_std"])
+        ckpt = load_checkpoint(args.resume, backend=args.backend)
+        trainer = Trainer.from_checkpoint(ckpt)
+        if "input_mean" not in ckpt.metadata:
+            raise ValueError(f"--resume: {args.resume!r} was not written by `bpcore train` "
+                             "(no input scaling recorded); resume it from Python with "
+                             "bpcore.Trainer.resume")
+        mean = np.asarray(ckpt.metadata["input_mean"])
+        std = np.asarray(ckpt.metadata["input_std"])
         if trainer.model.sizes[0] != X.shape[1] or trainer.model.sizes[-1] != n_out:
             raise ValueError(f"--resume: the checkpoint's network {trainer.model.sizes} does "
                              f"not fit this data ({X.shape[1]} features, {n_out} outputs)")
     else:
-        mean = X_train.mean(axis=0)
-        std = np.where(X_train.std(axis=0) > 1e-8, X_train.std(axis=0), 1.0)
+        mean, std = X_train.mean(axis=0), X_train.std(axis=0)
+        std = np.where(std > 1e-8, std, 1.0)
         model = MLP([X.shape[1], *args.hidden, n_out], args.activation, "identity",
                     backend=args.backend, dtype=args.dtype, seed=args.seed)
         lr = args.lr or (1e-3 if args.optimizer in ("adam", "adamw") else 0.05)

@@ -245,15 +245,21 @@ class Trainer:
                optimizer: GradientTransformation | None = None) -> "Trainer":
         """A Trainer that continues exactly where the one saved at ``path`` stopped."""
         from .checkpoint import load_checkpoint
+
+        return cls.from_checkpoint(load_checkpoint(path, backend=backend), optimizer)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Any, optimizer: GradientTransformation | None = None
+                        ) -> "Trainer":
+        """:meth:`resume` from an already loaded :class:`~bpcore.checkpoint.Checkpoint`."""
         from .errors import CheckpointError
 
-        ckpt = load_checkpoint(path, backend=backend)
         opt = optimizer or ckpt.build_optimizer()
         if opt is None:
-            raise CheckpointError(f"resume: {path!r} holds no optimizer description; pass "
-                                  "optimizer=...")
+            raise CheckpointError("resume: the checkpoint holds no optimizer description; "
+                                  "pass optimizer=...")
         if ckpt.meta.get("loss") is None:
-            raise CheckpointError(f"resume: {path!r} does not name its loss")
+            raise CheckpointError("resume: the checkpoint does not name its loss")
         trainer = cls(ckpt.model, ckpt.meta["loss"], opt, clip_norm=ckpt.meta.get("clip_norm"),
                       check_finite=bool(ckpt.meta.get("check_finite", True)))
         if ckpt.optimizer_state:

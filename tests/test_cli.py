@@ -115,3 +115,12 @@ def test_file_loaders(tmp_path):
         load_file(str(tmp_path / "bad.npz"))
     a, b, c, d = train_test_split(np.arange(10)[:, None], np.arange(10), 0.3, seed=0)
     assert len(a) == 7 and len(b) == 3 and sorted(np.concatenate([c, d])) == list(range(10))
+
+
+def test_resume_of_a_checkpoint_not_written_by_the_cli(tmp_path, capsys):
+    path = tmp_path / "m.safetensors"
+    t = bpcore.Trainer(bpcore.MLP([64, 8, 10]), "softmax_cross_entropy", "adam")
+    t.save(path)
+    assert main(["train", "--resume", str(path), "--epochs", "1", "--quiet",
+                 "--out", str(tmp_path)]) == 1
+    assert "not written by `bpcore train`" in capsys.readouterr().err
