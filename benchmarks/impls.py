@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .cases import ACTIVATION, LR_ADAM, LR_SGD, Case, host_params, make_batches
+from .cases import ACTIVATION, LR_ADAM, LR_SGD, N_ROTATE, Case, host_params, make_batches
 
 KINDS = ("sgd", "adam", "forward", "value_and_grad")
 PEERS = ("torch", "jax", "sklearn")
@@ -35,31 +35,35 @@ class Runner:
 
 
 # ---- bpcore ------------------------------------------------------------------------------
-def bpcore_runner(backend: str, kind: str, case: Case, dtype: str) -> Runner:
+def _backend(name: str, dtype: str):
+    """The bpcore backend ``name``, able to hold ``dtype``, or :class:`Unavailable`."""
     import bpcore
     from bpcore.errors import BackendUnavailableError
 
     try:
-        be = bpcore.backends.get(backend)
+        be = bpcore.backends.get(name)
         be.dtype(dtype)
     except (BackendUnavailableError, TypeError) as e:
         raise Unavailable(str(e)) from None
+    return be
+
+
+def bpcore_runner(backend: str, kind: str, case: Case, dtype: str) -> Runner:
+    import bpcore
+
+    be = _backend(backend, dtype)
     model = bpcore.MLP(list(case.sizes), ACTIVATION, "identity", backend=be, dtype=dtype,
                        params=host_params(case, dtype))
     loss = bpcore.LOSSES["softmax_cross_entropy"]
     sync = lambda outs: be.synchronize(*outs)  # noqa: E731
+    opt = bpcore.optim.adam(LR_ADAM) if kind == "adam" else bpcore.optim.sgd(LR_SGD)
+    trainer = bpcore.Trainer(model, loss, opt)
+    data = [trainer.prepare_batch(X, y) for X, y in make_batches(case, dtype)]  # on device
     if kind in ("sgd", "adam"):
-        opt = bpcore.optim.sgd(LR_SGD) if kind == "sgd" else bpcore.optim.adam(LR_ADAM)
-        trainer = bpcore.Trainer(model, loss, opt)
-        data = [trainer.prepare_batch(X, y) for X, y in make_batches(case, dtype)]
-
         def run(i):
             trainer.step_prepared(*data[i % len(data)])
             return trainer.model.params
         return Runner(run, sync, f"bpcore/{backend}")
-    data = [(be.asarray(X, dtype=dtype),
-             loss.prepare_target(be, y, case.sizes[-1], case.batch, dtype))
-            for X, y in make_batches(case, dtype)]
     acts = model.activations
     if kind == "forward":
         fn = be.jit(lambda p, x: bpcore.forward(p, x, acts))
@@ -74,18 +78,11 @@ def bpcore_runner(backend: str, kind: str, case: Case, dtype: str) -> Runner:
 
 def floor_runner(backend: str, case: Case, dtype: str) -> Runner:
     """The GEMMs of one training step, alone, on the same backend and dtype."""
-    import bpcore
-    from bpcore.errors import BackendUnavailableError
-
-    try:
-        be = bpcore.backends.get(backend)
-        be.dtype(dtype)
-    except (BackendUnavailableError, TypeError) as e:
-        raise Unavailable(str(e)) from None
+    be = _backend(backend, dtype)
     rng = np.random.default_rng(1)
     B = case.batch
     sets = []
-    for _ in range(len(make_batches(case, dtype))):
+    for _ in range(N_ROTATE):
         layers = []
         for n_in, n_out in zip(case.sizes[:-1], case.sizes[1:]):
             layers.append(tuple(be.asarray(rng.standard_normal(s).astype(dtype))
