@@ -9,7 +9,22 @@ from array_api_compat import array_namespace, device as array_device
 Array = Any  # any array-API array: numpy.ndarray, jax.Array, torch.Tensor, cupy.ndarray, ...
 Params = list  # list[tuple[Array, Array]]: [(W^1, b^1), ..., (W^K, b^K)]
 
-__all__ = ["Array", "Params", "array_namespace", "array_device", "tree_map", "tree_leaves"]
+__all__ = ["Array", "Params", "array_namespace", "array_device", "tree_map", "tree_leaves",
+           "clip_below", "clip_above"]
+
+
+# ``xp.maximum(x, 0.0)`` would do, but array_api_compat's torch ``maximum``/``minimum`` turn
+# the Python scalar into a new tensor on every call: on CUDA a host-to-device copy that waits,
+# inside the step. ``where`` takes the scalar as it is on every backend. Written so that NaN
+# passes through (a NaN compares False), as it does through ``maximum``.
+def clip_below(x: Array, lo: float) -> Array:
+    """``max(x, lo)`` elementwise for a Python number ``lo``; NaN stays NaN."""
+    return array_namespace(x).where(x < lo, lo, x)
+
+
+def clip_above(x: Array, hi: float) -> Array:
+    """``min(x, hi)`` elementwise for a Python number ``hi``; NaN stays NaN."""
+    return array_namespace(x).where(x > hi, hi, x)
 
 
 def tree_map(fn, *trees: Params) -> Params:

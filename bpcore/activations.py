@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from ._array import Array, array_namespace
+from ._array import Array, array_namespace, clip_above, clip_below
 from ._registry import lookup
 
 __all__ = ["Activation", "ACTIVATIONS", "get_activation"]
@@ -46,7 +46,7 @@ def _sigmoid(Z: Array) -> Array:
 def _softplus(Z: Array) -> Array:
     xp = array_namespace(Z)
     # log(1 + e^z) = max(z, 0) + log1p(e^{-|z|}): no overflow at |z| = 1e4.
-    return xp.maximum(Z, 0.0) + xp.log1p(xp.exp(-xp.abs(Z)))
+    return clip_below(Z, 0.0) + xp.log1p(xp.exp(-xp.abs(Z)))
 
 
 def _softmax(Z: Array) -> Array:
@@ -80,7 +80,7 @@ def _tanh_vjp(Z, Y, D):
 
 # ---- relu ---------------------------------------------------------------------------
 def _relu(Z):
-    return array_namespace(Z).maximum(Z, 0.0)
+    return clip_below(Z, 0.0)
 
 
 def _relu_vjp(Z, Y, D):
@@ -106,7 +106,7 @@ ELU_ALPHA = 1.0
 def _elu(Z):
     xp = array_namespace(Z)
     # expm1 of min(z, 0): the unused branch never overflows.
-    return xp.where(Z > 0, Z, ELU_ALPHA * xp.expm1(xp.minimum(Z, 0.0)))
+    return xp.where(Z > 0, Z, ELU_ALPHA * xp.expm1(clip_above(Z, 0.0)))
 
 
 def _elu_vjp(Z, Y, D):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 
-from ._array import Array, array_namespace, array_device
+from ._array import Array, array_device, array_namespace, clip_below
 from ._checks import dtype_kind, host_view
 from ._registry import lookup
 from .errors import DTypeError, ShapeError
@@ -58,7 +58,7 @@ def _binary_cross_entropy(Z: Array, T: Array) -> tuple[Array, Array]:
     xp = array_namespace(Z, T)
     B = Z.shape[0]
     e = xp.exp(-xp.abs(Z))
-    softplus = xp.maximum(Z, 0.0) + xp.log1p(e)  # log(1 + e^z), no overflow at |z| = 1e4
+    softplus = clip_below(Z, 0.0) + xp.log1p(e)  # log(1 + e^z), no overflow at |z| = 1e4
     value = xp.sum(softplus - T * Z) / B
     # Sigmoid and BCE fused: ∂g/∂z = (sigmoid(z) - t)/B.
     P = xp.where(Z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))

@@ -18,7 +18,8 @@ from typing import Any, Callable, NamedTuple, Union
 
 import numpy as np
 
-from ._array import Array, Params, array_device, array_namespace, tree_leaves, tree_map
+from ._array import (Array, Params, array_device, array_namespace, clip_above, clip_below,
+                     tree_leaves, tree_map)
 from ._registry import lookup
 from .errors import ConfigError
 
@@ -189,9 +190,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     max_norm = float(max_norm)
 
     def update(u, state, params):
-        xp = array_namespace(params[0][0])
-        norm = global_norm(u)
-        scale = xp.minimum(max_norm / xp.maximum(norm, 1e-30), 1.0)
+        scale = clip_above(max_norm / clip_below(global_norm(u), 1e-30), 1.0)
         return tree_map(lambda g: g * scale, u), state
 
     return GradientTransformation(lambda p: EmptyState(), update)
@@ -304,7 +303,7 @@ def cosine_decay(value: float, decay_steps: int, alpha: float = 0.0) -> Schedule
 
     def schedule(step):
         xp = _ns(step)
-        frac = xp.minimum(step, float(decay_steps)) / decay_steps
+        frac = xp.where(step > decay_steps, float(decay_steps), step) / decay_steps
         return value * ((1.0 - alpha) * 0.5 * (1.0 + xp.cos(math.pi * frac)) + alpha)
 
     return _spec(schedule, {"schedule": "cosine", "value": value, "decay_steps": decay_steps,
