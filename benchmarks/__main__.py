@@ -1,9 +1,51 @@
-"""``python -m benchmarks`` / ``bpcore bench``: run the suite and write the report."""
+"""``python -m benchmarks`` / ``bpcore bench``: run the suite and write the report.
+
+Exit status: 0 every planned measurement was taken; 1 some measurements failed (listed in the
+report); 2 the ``--max-seconds`` budget ran out first; 130 interrupted (Ctrl-C, SIGINT or
+SIGTERM). In every case the report is written with what was measured, and says what is
+missing; ``results.json`` is also rewritten after every measurement, so even a hard kill
+leaves the figures taken so far.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+
+PRECISIONS = ("highest", "tf32")
+
+
+def set_matmul_precision(mode: str) -> dict:
+    """float32 matrix products at the same precision in every library; returns what is set.
+
+    ``highest``: full FP32 everywhere (JAX's default on recent NVIDIA GPUs is TF32, while
+    CuPy and PyTorch default to FP32, so without this the floors and peer ratios would
+    compare unlike arithmetic). ``tf32``: TensorFloat-32 everywhere, as a labelled option.
+    Must run before CuPy is imported (CuPy reads ``CUPY_TF32`` once, at import).
+    """
+    tf32 = mode == "tf32"
+    os.environ["CUPY_TF32"] = "1" if tf32 else "0"
+    out = {"mode": mode, "cupy": "TF32" if tf32 else "FP32 (CUPY_TF32=0)"}
+    if "cupy" in sys.modules:
+        out["cupy"] += " [cupy was imported first: CuPy's own setting applies]"
+    try:
+        import jax
+
+        jax.config.update("jax_default_matmul_precision", "tensorfloat32" if tf32 else "highest")
+        out["jax"] = jax.config.jax_default_matmul_precision
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        out["torch"] = "TF32" if torch.backends.cuda.matmul.allow_tf32 else "FP32"
+    except ImportError:
+        pass
+    return out
 
 
 def machine(gpu: bool) -> dict:
@@ -36,19 +78,40 @@ def machine(gpu: bool) -> dict:
     return info
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (``timeout``'s default signal) stops the run like Ctrl-C: report written."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in a background job
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bpcore bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="bpcore bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true",
                    help="all cases in float32 and float64, the full batch sweep, longer timing")
     p.add_argument("--gpu", action="store_true",
-                   help="GPU profile: the wide case too, float32, GPU peers")
+                   help="GPU profile: training steps on small, mnist, wide and large, "
+                        "float32, GPU peers (torch on CUDA, jax.grad), a short batch sweep")
     p.add_argument("--backends", default=None,
                    help="comma-separated (default: every available except array_api_strict)")
     p.add_argument("--cases", default=None, help="comma-separated subset of small,mnist,large,wide")
     p.add_argument("--no-sweep", action="store_true", help="skip the batch-size sweep")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="take no new measurement after this many seconds; the report then "
+                        "lists what is missing (exit status 2)")
+    p.add_argument("--matmul-precision", choices=PRECISIONS, default="highest",
+                   help="float32 matrix products in every library: full FP32 (default) or "
+                        "TF32 (NVIDIA GPUs only; labelled in the report)")
     p.add_argument("--out", default="results", help="folder for JSON, Markdown and PNGs")
     args = p.parse_args(argv)
+    if args.max_seconds is not None and args.max_seconds <= 0:
+        p.error(f"--max-seconds: expected a positive number, got {args.max_seconds}")
 
+    precision = set_matmul_precision(args.matmul_precision)  # before anything imports CuPy
     try:
         import jax
 
@@ -57,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     import bpcore
 
-    from .report import markdown_table, run_suite, write_report
+    from .report import markdown_table, run_suite, write_json, write_report
 
     if args.backends:
         backends = args.backends.split(",")
@@ -73,14 +136,30 @@ def main(argv: list[str] | None = None) -> int:
 
     if cases and any(c not in CASES for c in cases):
         p.error(f"unknown cases {[c for c in cases if c not in CASES]}; known: {list(CASES)}")
-    result = run_suite(backends, "full" if args.full else "quick", gpu=args.gpu, cases=cases,
-                       sweep=not args.no_sweep)
     info = machine(args.gpu)
-    paths = write_report(result, info, args.out)
+    info["matmul_precision"] = precision
+    profile = "full" if args.full else ("gpu" if args.gpu else "quick")
+    _interrupt_on_sigterm()
+    result = run_suite(backends, profile, gpu=args.gpu, cases=cases, sweep=not args.no_sweep,
+                       max_seconds=args.max_seconds,
+                       on_progress=lambda partial: write_json(partial, info, args.out))
+    # A second Ctrl-C while the report is written would lose it: hold signals until done.
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM,
+                                                                      signal.SIG_IGN)
+    try:
+        paths = write_report(result, info, args.out)
+    finally:
+        signal.signal(signal.SIGINT, old[0])
+        signal.signal(signal.SIGTERM, old[1])
     print(markdown_table(result["rows"]))
-    print(f"\n{len(result['rows'])} measurements in {result['wall_s']:.0f}s; wrote "
-          + ", ".join(paths))
-    return 0
+    print(f"\n{len(result['rows'])} measurements in {result['wall_s']:.0f}s "
+          f"({result['status']}; {len(result['missing'])} not taken, "
+          f"{len(result['failed'])} failed); wrote " + ", ".join(paths))
+    if result["status"] == "interrupted":
+        return 130
+    if result["status"] != "complete":
+        return 2
+    return 1 if result["failed"] else 0
 
 
 if __name__ == "__main__":

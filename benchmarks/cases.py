@@ -37,6 +37,7 @@ CASES = {
 }
 SWEEP_BATCHES_QUICK = (32, 256, 2048)
 SWEEP_BATCHES_FULL = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+SWEEP_BATCHES_GPU = (64, 1024, 16384)
 
 
 def make_batches(case: Case, dtype: str, n: int = N_ROTATE, seed: int = 0):

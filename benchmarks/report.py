@@ -6,17 +6,24 @@ import json
 import os
 import sys
 import time
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
-from .cases import CASES, SWEEP_BATCHES_FULL, SWEEP_BATCHES_QUICK, Case
+from .cases import CASES, SWEEP_BATCHES_FULL, SWEEP_BATCHES_GPU, SWEEP_BATCHES_QUICK, Case
 from .impls import KINDS, PEERS, Unavailable, bpcore_runner, floor_runner, peer_runner
 from .timing import measure
 
 PROFILES = {
-    "quick": {"cases": ("small", "mnist", "large"), "dtypes": ("float32",),
-              "sweep": SWEEP_BATCHES_QUICK, "blocks": 5, "block_s": 0.06},
+    "quick": {"cases": ("small", "mnist", "large"), "dtypes": ("float32",), "kinds": KINDS,
+              "peers": PEERS, "sweep": SWEEP_BATCHES_QUICK, "blocks": 5, "block_s": 0.06},
     "full": {"cases": ("small", "mnist", "large"), "dtypes": ("float32", "float64"),
-             "sweep": SWEEP_BATCHES_FULL, "blocks": 5, "block_s": 0.25},
+             "kinds": KINDS, "peers": PEERS, "sweep": SWEEP_BATCHES_FULL, "blocks": 5,
+             "block_s": 0.25},
+    # One GPU run is rare and short: training steps only, the cases in the order of what they
+    # decide (launch-bound small and mnist, GEMM-bound wide), the batch sweep last.
+    "gpu": {"cases": ("small", "mnist", "wide", "large"), "dtypes": ("float32",),
+            "kinds": ("sgd", "adam"), "peers": ("torch", "jax"), "sweep": SWEEP_BATCHES_GPU,
+            "blocks": 5, "block_s": 0.05},
 }
 
 
@@ -24,62 +31,122 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_suite(backends: Iterable[str], profile: str = "quick", gpu: bool = False,
-              cases: Iterable[str] | None = None, sweep: bool = True) -> dict:
+@dataclass(frozen=True)
+class Task:
+    """One measurement: ``impl`` (bpcore, floor or peer) on ``backend`` doing ``kind``."""
+
+    case: Case
+    dtype: str
+    impl: str
+    backend: str
+    kind: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.case.name}/{self.dtype}/{self.impl}/{self.backend}/{self.kind}"
+
+    def build(self, gpu: bool):
+        if self.impl == "floor":
+            return floor_runner(self.backend, self.case, self.dtype)
+        if self.impl == "bpcore":
+            return bpcore_runner(self.backend, self.kind, self.case, self.dtype)
+        return peer_runner(self.backend, self.kind, self.case, self.dtype, gpu)
+
+
+def plan(backends: Iterable[str], profile: str = "quick", gpu: bool = False,
+         cases: Iterable[str] | None = None, sweep: bool = True) -> list[Task]:
+    """Every measurement of a run, in the order they are taken (most telling first)."""
     prof = PROFILES[profile]
     case_names = list(cases or prof["cases"])
-    if gpu and cases is None:
+    if gpu and cases is None and "wide" not in case_names:
         case_names.append("wide")
     dtypes = ("float32",) if gpu else prof["dtypes"]
-    timing = {"blocks": prof["blocks"], "block_s": prof["block_s"]}
-    rows, skipped = [], {}
     backends = list(backends)
-
-    def record(case: Case, dtype: str, impl: str, backend: str, kind: str, build) -> None:
-        key = f"{impl}/{backend}/{kind}/{dtype}"
-        try:
-            runner = build()
-            m = measure(runner, **timing)
-        except Unavailable as e:
-            skipped[key] = str(e)
-            return
-        rows.append({"case": case.name, "sizes": list(case.sizes), "batch": case.batch,
-                     "dtype": dtype, "impl": impl, "backend": backend, "kind": kind,
-                     "gemm_flops": case.gemm_flops(), **m})
-        _log(f"  {case.name:<12} {dtype:<8} {impl:<8} {backend:<10} {kind:<15} "
-             f"{m['time_s'] * 1e3:9.3f} ms")
-
-    t_start = time.perf_counter()
+    tasks = []
     for name in case_names:
         case = CASES[name]
         if case.gpu_only and not gpu:
             continue
         for dtype in dtypes:
-            _log(f"case {name} {list(case.sizes)} batch {case.batch} {dtype}")
             for be in backends:
-                record(case, dtype, "floor", be, "floor", lambda: floor_runner(be, case, dtype))
-                for kind in KINDS:
-                    record(case, dtype, "bpcore", be, kind,
-                           lambda: bpcore_runner(be, kind, case, dtype))
-            for peer in PEERS:
-                for kind in KINDS:
-                    record(case, dtype, "peer", peer, kind,
-                           lambda: peer_runner(peer, kind, case, dtype, gpu))
+                tasks.append(Task(case, dtype, "floor", be, "floor"))
+                tasks += [Task(case, dtype, "bpcore", be, kind) for kind in prof["kinds"]]
+            tasks += [Task(case, dtype, "peer", peer, kind)
+                      for peer in prof["peers"] for kind in prof["kinds"]]
     if sweep:
-        base = CASES["mnist"]
         for batch in prof["sweep"]:
-            case = base.with_batch(batch)
-            _log(f"sweep mnist batch {batch}")
+            case = CASES["mnist"].with_batch(batch)
             for be in backends:
-                record(case, "float32", "floor", be, "floor",
-                       lambda: floor_runner(be, case, "float32"))
-                record(case, "float32", "bpcore", be, "sgd",
-                       lambda: bpcore_runner(be, "sgd", case, "float32"))
-            for peer in ("torch", "jax"):
-                record(case, "float32", "peer", peer, "sgd",
-                       lambda: peer_runner(peer, "sgd", case, "float32", gpu))
-    return {"rows": add_ratios(rows), "skipped": skipped,
-            "wall_s": time.perf_counter() - t_start, "profile": profile, "gpu": gpu}
+                tasks += [Task(case, "float32", "floor", be, "floor"),
+                          Task(case, "float32", "bpcore", be, "sgd")]
+            tasks += [Task(case, "float32", "peer", peer, "sgd")
+                      for peer in ("torch", "jax") if peer in prof["peers"]]
+    return tasks
+
+
+def run_suite(backends: Iterable[str], profile: str = "quick", gpu: bool = False,
+              cases: Iterable[str] | None = None, sweep: bool = True, *,
+              max_seconds: float | None = None,
+              on_progress: Callable[[dict], None] | None = None) -> dict:
+    """Take every measurement of :func:`plan`, as many as time and the user allow.
+
+    Stops early, keeping what it measured, on ``KeyboardInterrupt`` (Ctrl-C, or SIGINT /
+    SIGTERM from a time limit: ``status`` "interrupted") or once ``max_seconds`` have passed
+    (``status`` "out of time"); ``missing`` then lists what was not measured. A measurement
+    that raises is recorded under ``failed`` and the run goes on. ``on_progress`` receives the
+    partial result after every measurement (the CLI saves it, so even a hard kill leaves data).
+    """
+    prof = PROFILES[profile]
+    timing = {"blocks": prof["blocks"], "block_s": prof["block_s"]}
+    tasks = plan(backends, profile, gpu, cases, sweep)
+    rows: list[dict] = []
+    skipped: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    t_start = time.perf_counter()
+    status, done = "complete", 0
+
+    def result() -> dict:
+        return {"rows": add_ratios([dict(r) for r in rows]), "skipped": skipped,
+                "failed": failed, "missing": [t.key for t in tasks[done:]], "status": status,
+                "planned": len(tasks), "wall_s": time.perf_counter() - t_start,
+                "profile": profile, "gpu": gpu}
+
+    try:
+        for task in tasks:
+            if max_seconds is not None and time.perf_counter() - t_start > max_seconds:
+                status = "out of time"
+                _log(f"time budget of {max_seconds:.0f}s spent: {len(tasks) - done} of "
+                     f"{len(tasks)} measurements not taken")
+                break
+            _measure_one(task, gpu, timing, rows, skipped, failed)
+            done += 1
+            if on_progress is not None:
+                on_progress(result())
+    except KeyboardInterrupt:
+        status = "interrupted"
+        _log(f"interrupted: {len(tasks) - done} of {len(tasks)} measurements not taken")
+    return result()
+
+
+def _measure_one(task: Task, gpu: bool, timing: dict, rows: list, skipped: dict,
+                 failed: dict) -> None:
+    try:
+        m = measure(task.build(gpu), **timing)
+    except Unavailable as e:
+        skipped[task.key] = str(e)
+        return
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as e:  # a broken case must not cost the rest of a rare GPU run
+        failed[task.key] = f"{type(e).__name__}: {e}"
+        _log(f"  FAILED {task.key}: {failed[task.key]}")
+        return
+    case = task.case
+    rows.append({"case": case.name, "sizes": list(case.sizes), "batch": case.batch,
+                 "dtype": task.dtype, "impl": task.impl, "backend": task.backend,
+                 "kind": task.kind, "gemm_flops": case.gemm_flops(), **m})
+    _log(f"  {case.name:<12} {task.dtype:<8} {task.impl:<8} {task.backend:<10} "
+         f"{task.kind:<15} {m['time_s'] * 1e3:9.3f} ms")
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:
@@ -106,6 +173,11 @@ def add_ratios(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def _ratio(row: dict, key: str) -> str:
+    """A ratio to two decimals, or "-" where its reference was not measured."""
+    return f"{row[key]:.2f}" if key in row else "-"
+
+
 def markdown_table(rows: list[dict], cases: Iterable[str] | None = None) -> str:
     """Time per step and ratios for bpcore on each backend; one line per case/dtype/kind."""
     lines = ["| case | dtype | backend | kind | ms/step | × GEMM floor | × best peer (who) |",
@@ -115,8 +187,8 @@ def markdown_table(rows: list[dict], cases: Iterable[str] | None = None) -> str:
             continue
         lines.append(
             f"| {r['case']} | {r['dtype']} | {r['backend']} | {r['kind']} | "
-            f"{r['time_s'] * 1e3:.3f} | {r.get('ratio_to_floor', float('nan')):.2f} | "
-            f"{r.get('ratio_to_best_peer', float('nan')):.2f} ({r.get('best_peer', '-')}) |")
+            f"{r['time_s'] * 1e3:.3f} | {_ratio(r, 'ratio_to_floor')} | "
+            f"{_ratio(r, 'ratio_to_best_peer')} ({r.get('best_peer', '-')}) |")
     return "\n".join(lines)
 
 
@@ -137,8 +209,8 @@ def summary_table(rows: list[dict], dtype: str = "float32") -> str:
         for kind in ("sgd", "adam"):
             r = by.get((case, backend, kind))
             cells += (["-"] * 3 if r is None else
-                      [f"{r['time_s'] * 1e3:.2f}", f"{r.get('ratio_to_floor', float('nan')):.2f}",
-                       f"{r.get('ratio_to_best_peer', float('nan')):.2f}"])
+                      [f"{r['time_s'] * 1e3:.2f}", _ratio(r, "ratio_to_floor"),
+                       _ratio(r, "ratio_to_best_peer")])
         lines.append(f"| {case} | {backend} | " + " | ".join(cells) + " |")
     lines += ["", "Peers (ms per step): " + "; ".join(
         f"{case} {kind}: " + ", ".join(v) for (case, kind), v in sorted(peers.items())
@@ -160,20 +232,47 @@ def peers_table(rows: list[dict], cases: Iterable[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_report(result: dict, machine: dict, out: str) -> list[str]:
+def write_json(result: dict, machine: dict, out: str) -> str:
+    """``results.json``, replaced atomically (a reader never sees half a file)."""
     os.makedirs(out, exist_ok=True)
+    p = os.path.join(out, "results.json")
+    with open(p + ".tmp", "w") as f:
+        json.dump({"machine": machine, **result}, f, indent=1)
+    os.replace(p + ".tmp", p)
+    return p
+
+
+def status_section(result: dict) -> str:
+    """What a partial or troubled run lacks, in words; empty for a clean, complete run."""
+    lines = []
+    missing, failed = result.get("missing", []), result.get("failed", {})
+    if result.get("status", "complete") != "complete":
+        by_case: dict[str, int] = {}
+        for key in missing:
+            by_case[key.split("/")[0]] = by_case.get(key.split("/")[0], 0) + 1
+        lines.append(f"**Partial report ({result['status']})**: {len(missing)} of "
+                     f"{result.get('planned', '?')} planned measurements were not taken, by "
+                     "case: " + ", ".join(f"{c} {n}" for c, n in by_case.items()) +
+                     ". Ratios are given only where both figures were measured.")
+        lines += ["", "Not measured: " + ", ".join(f"`{k}`" for k in missing) + "."]
+    if failed:
+        lines += ["", f"**{len(failed)} measurements failed:**", ""]
+        lines += [f"- `{k}`: {v}" for k, v in sorted(failed.items())]
+    return "\n".join(lines)
+
+
+def write_report(result: dict, machine: dict, out: str) -> list[str]:
     rows = result["rows"]
     main_cases = [c for c in ("small", "mnist", "large", "wide")
                   if any(r["case"] == c for r in rows)]
-    paths = []
-    p = os.path.join(out, "results.json")
-    with open(p, "w") as f:
-        json.dump({"machine": machine, **result}, f, indent=1)
-    paths.append(p)
+    paths = [write_json(result, machine, out)]
     p = os.path.join(out, "results.md")
     with open(p, "w") as f:
         f.write(f"# bpcore benchmark ({result['profile']} profile"
                 f"{', GPU' if result['gpu'] else ''})\n\n")
+        status = status_section(result)
+        if status:
+            f.write(status + "\n\n")
         f.write(machine_summary(machine) + "\n\n")
         f.write("Ratios are measured in this one run: bpcore's time per step divided by the "
                 "same backend's GEMM floor (the step's matrix products alone), and by the "
@@ -196,9 +295,11 @@ def machine_summary(m: dict) -> str:
                        f"{d.get('architecture')})" for d in blas) if isinstance(blas, list) else blas
     env = ", ".join(f"{k}={v}" for k, v in m.get("env", {}).items()) or "none"
     libs = ", ".join(f"{k} {v}" for k, v in m.get("libraries", {}).items())
+    prec = m.get("matmul_precision") or {}
+    prec_s = ", ".join(f"{k} {v}" for k, v in prec.items()) or "library defaults"
     return (f"Machine: {m.get('cpu')} ({m.get('cores')} cores); GPU: {m.get('gpu') or 'none'}. "
             f"BLAS: {blas_s}. Thread/BLAS environment: {env}. torch threads: "
-            f"{m.get('torch_threads')}. Libraries: {libs}.")
+            f"{m.get('torch_threads')}. float32 matrix products: {prec_s}. Libraries: {libs}.")
 
 
 def charts(rows: list[dict], out: str, cases: list[str]) -> list[str]:

@@ -4,9 +4,16 @@ A backend that cannot run here (CuPy without a GPU, say) shows up as *skipped* w
 reason bpcore gives, never silently absent. JAX runs with 64-bit mode on (for float64
 gradient checks) and with strict dtype and rank promotion, so a silent upcast or an
 implicit broadcast in the core fails loudly.
+
+``BPCORE_TESTS=gpu`` (what ``benchmarks/gpu_check.sh`` sets) keeps only the tests that
+exercise a GPU-capable backend (cupy, jax, torch): the ``cross_backend`` ones first, then the
+``gpu`` ones, then every test parametrised on or named after one of those backends. The rest
+is reported as deselected.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -24,14 +31,51 @@ import bpcore
 from bpcore.errors import BackendUnavailableError
 
 ALL_BACKENDS = bpcore.backends.names()
+GPU_CAPABLE = ("cupy", "jax", "torch")
 DTYPES = ["float32", "float64"]
+
+
+def skip_or_fail(reason: str, gpu_related: bool = True):
+    """Skip, except on a real GPU check (``BPCORE_REQUIRE_GPU=1``): there a GPU test that
+    cannot run is a failure, or a broken GPU stack would pass as a row of skips."""
+    if gpu_related and os.environ.get("BPCORE_REQUIRE_GPU") == "1":
+        pytest.fail(f"BPCORE_REQUIRE_GPU=1, but: {reason}")
+    pytest.skip(reason)
 
 
 def _backend_or_skip(name: str):
     try:
         return bpcore.backends.get(name)
     except BackendUnavailableError as e:
-        pytest.skip(str(e))
+        skip_or_fail(str(e), gpu_related=name in GPU_CAPABLE)
+
+
+def _gpu_rank(item) -> int | None:
+    """Run order in the GPU selection (lower first), or None to deselect the test."""
+    if item.get_closest_marker("cross_backend"):
+        return 0
+    if item.get_closest_marker("gpu"):
+        return 1
+    spec = getattr(item, "callspec", None)
+    named = {v for k, v in (spec.params.items() if spec else ()) if k in ("backend",
+                                                                          "backend_name")}
+    if named & set(GPU_CAPABLE) or any(b in item.originalname for b in GPU_CAPABLE):
+        return 2
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    selection = os.environ.get("BPCORE_TESTS", "")
+    if not selection:
+        return
+    if selection != "gpu":
+        raise pytest.UsageError(f"BPCORE_TESTS={selection!r}: the only selection is 'gpu'")
+    ranked = [(_gpu_rank(it), i, it) for i, it in enumerate(items)]
+    keep = sorted((r, i, it) for r, i, it in ranked if r is not None)
+    dropped = [it for r, _, it in ranked if r is None]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+    items[:] = [it for _, _, it in keep]
 
 
 @pytest.fixture(params=ALL_BACKENDS)

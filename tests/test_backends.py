@@ -79,11 +79,19 @@ def test_asarray_accepts_host_data_sequences_and_dlpack(backend, source):
     np.testing.assert_array_equal(backend.to_numpy(out), host)
 
 
-def test_asarray_moves_other_libraries_cpu_arrays(backend):
+@pytest.mark.cross_backend
+def test_asarray_moves_arrays_between_libraries(backend):
+    """Host arrays of any library move in; an array on the same accelerator moves in by
+    DLPack; one on another device (a CUDA array into a CPU backend) is refused."""
     host = np.linspace(-1, 1, 6).reshape(3, 2).astype(np.float32)
     for other in backends.available():
-        src = backends.get(other).asarray(host)
-        np.testing.assert_array_equal(backend.to_numpy(backend.asarray(src)), host)
+        ob = backends.get(other)
+        src = ob.asarray(host)
+        if ob.dlpack_device[0] == 1 or tuple(ob.dlpack_device) == tuple(backend.dlpack_device):
+            np.testing.assert_array_equal(backend.to_numpy(backend.asarray(src)), host)
+        else:
+            with pytest.raises(DeviceMismatchError):
+                backend.asarray(src)
 
 
 def test_asarray_rejects_an_array_on_another_device(backend):

@@ -36,6 +36,7 @@ def _assert_same(a, b):
         np.testing.assert_array_equal(bb, b2)
 
 
+@pytest.mark.cross_backend
 def test_round_trip_and_cross_backend_load(tmp_path, backend):
     m = bpcore.MLP([4, 6, 5, 2], ["gelu", "tanh"], backend=backend, dtype="float32", seed=3)
     path = tmp_path / "m.safetensors"

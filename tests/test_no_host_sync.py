@@ -20,6 +20,8 @@ import bpcore
 from bpcore import optim
 from bpcore.errors import BackendUnavailableError
 
+from .conftest import skip_or_fail
+
 # Each constructor that can turn host data (a Python scalar, a list, a NumPy array) into a
 # tensor. Anything the step legitimately creates on the device (zeros, arange) is not here.
 HOST_TO_TENSOR = ("asarray", "tensor", "as_tensor", "scalar_tensor", "from_numpy")
@@ -29,7 +31,7 @@ def _torch_backend():
     try:
         return bpcore.backends.get("torch")
     except BackendUnavailableError as e:
-        pytest.skip(str(e))
+        skip_or_fail(str(e))
 
 
 OPTIMIZERS = {
@@ -103,13 +105,14 @@ def test_the_check_sees_a_host_scalar(monkeypatch):
 def _cuda_torch_backend():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
-        pytest.skip("no CUDA device: the sync-debug check needs a GPU")
+        skip_or_fail("no CUDA device: the sync-debug check needs a GPU")
     be = _torch_backend()
     if be.device.type != "cuda":
-        pytest.skip(f"the torch backend is on {be.device}, not CUDA")
+        skip_or_fail(f"the torch backend is on {be.device}, not CUDA")
     return torch, be
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("act,loss,opt,clip", CONFIGS)
 def test_cuda_torch_step_never_synchronises(act, loss, opt, clip):
     torch, be = _cuda_torch_backend()
@@ -129,6 +132,7 @@ def test_cuda_torch_step_never_synchronises(act, loss, opt, clip):
     assert bool(torch.isfinite(trainer.step_prepared(xb, T)[0]))
 
 
+@pytest.mark.gpu
 def test_cuda_sync_debug_mode_catches_a_sync():
     """The GPU check is not blind: reading a value back does raise under it."""
     torch, be = _cuda_torch_backend()

@@ -28,6 +28,7 @@ def _spirals(n_per_class=100, seed=0):
     return np.concatenate(X), np.concatenate(y)
 
 
+@pytest.mark.cross_backend
 @pytest.mark.parametrize("opt_name", ["sgd", "adam"])
 def test_cross_backend_agreement_20_steps_float64(opt_name):
     rng = np.random.default_rng(0)
@@ -52,6 +53,7 @@ def test_cross_backend_agreement_20_steps_float64(opt_name):
         assert worst < 1e-10, (name, worst)
 
 
+@pytest.mark.cross_backend
 def test_same_seed_same_initial_bits_on_every_backend(dtype):
     ref = None
     for name in backends.available():
@@ -213,6 +215,7 @@ def test_bad_optimizer_settings_are_config_errors(bad):
         bad()
 
 
+@pytest.mark.cross_backend
 def test_model_copies_to_other_backends_and_dtypes():
     m = bpcore.MLP([3, 4, 2], ["tanh"], "softmax", seed=8, dtype="float32")
     for name in backends.available():
