@@ -12,6 +12,8 @@ alone: ``Y W^T``, ``G^T Y``, ``G W``, the last skipped for the first layer).
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -79,15 +81,8 @@ def bpcore_runner(backend: str, kind: str, case: Case, dtype: str) -> Runner:
 def floor_runner(backend: str, case: Case, dtype: str) -> Runner:
     """The GEMMs of one training step, alone, on the same backend and dtype."""
     be = _backend(backend, dtype)
-    rng = np.random.default_rng(1)
-    B = case.batch
-    sets = []
-    for _ in range(N_ROTATE):
-        layers = []
-        for n_in, n_out in zip(case.sizes[:-1], case.sizes[1:]):
-            layers.append(tuple(be.asarray(rng.standard_normal(s).astype(dtype))
-                                for s in ((B, n_in), (n_out, n_in), (B, n_out))))
-        sets.append(layers)
+    sets = [[tuple(be.asarray(a) for a in layer) for layer in layers]
+            for layers in _floor_host_sets(case, dtype)]
 
     def gemms(layers):
         out = []
@@ -101,6 +96,29 @@ def floor_runner(backend: str, case: Case, dtype: str) -> Runner:
     fn = be.jit(gemms)
     return Runner(lambda i: fn(sets[i % len(sets)]), lambda outs: be.synchronize(*outs),
                   f"floor/{backend}")
+
+
+@functools.lru_cache(maxsize=2)
+def _floor_host_sets(case: Case, dtype: str) -> tuple:
+    """Random ``(Y, W, G)`` per layer, drawn once per case for every backend (read-only).
+
+    ``N_ROTATE`` sets, or 2 where one set alone is far larger than any cache (the wide case:
+    300 M numbers a set would take seconds to draw on every backend of a short GPU run).
+    """
+    rng = np.random.default_rng(1)
+    shapes = [((case.batch, n_in), (n_out, n_in), (case.batch, n_out))
+              for n_in, n_out in zip(case.sizes[:-1], case.sizes[1:])]
+    per_set = sum(math.prod(s) for layer in shapes for s in layer) * np.dtype(dtype).itemsize
+    sets = []
+    for _ in range(N_ROTATE if per_set < 256 * 2**20 else 2):
+        layers = []
+        for layer in shapes:
+            arrays = tuple(rng.standard_normal(s, dtype=np.dtype(dtype)) for s in layer)
+            for a in arrays:
+                a.flags.writeable = False
+            layers.append(arrays)
+        sets.append(tuple(layers))
+    return tuple(sets)
 
 
 # ---- peers -------------------------------------------------------------------------------

@@ -130,8 +130,11 @@ def run_suite(backends: Iterable[str], profile: str = "quick", gpu: bool = False
 
 def _measure_one(task: Task, gpu: bool, timing: dict, rows: list, skipped: dict,
                  failed: dict) -> None:
+    t0 = time.perf_counter()
     try:
-        m = measure(task.build(gpu), **timing)
+        runner = task.build(gpu)
+        build_s = time.perf_counter() - t0
+        m = measure(runner, **timing)
     except Unavailable as e:
         skipped[task.key] = str(e)
         return
@@ -144,9 +147,11 @@ def _measure_one(task: Task, gpu: bool, timing: dict, rows: list, skipped: dict,
     case = task.case
     rows.append({"case": case.name, "sizes": list(case.sizes), "batch": case.batch,
                  "dtype": task.dtype, "impl": task.impl, "backend": task.backend,
-                 "kind": task.kind, "gemm_flops": case.gemm_flops(), **m})
+                 "kind": task.kind, "gemm_flops": case.gemm_flops(), **m,
+                 "build_s": build_s, "total_s": time.perf_counter() - t0})
     _log(f"  {case.name:<12} {task.dtype:<8} {task.impl:<8} {task.backend:<10} "
-         f"{task.kind:<15} {m['time_s'] * 1e3:9.3f} ms")
+         f"{task.kind:<15} {m['time_s'] * 1e3:9.3f} ms   (built in {build_s:.1f}s, "
+         f"{time.perf_counter() - t0:.1f}s in all)")
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:

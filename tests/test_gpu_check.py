@@ -1,0 +1,235 @@
+"""The GPU check's own logic, on the CPU: `benchmarks/gpu_check.sh --dry-run` and the benchmark
+runner it drives. A GPU machine is rare and its time short; what can go wrong in the script
+(refusals, time limits, interrupts, partial reports, exit codes) is tested here instead.
+
+Each run is narrowed (one or two tests, one case, one backend) to keep CI short; what is
+checked is the script's behaviour, not the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from benchmarks import report
+from benchmarks.cases import CASES
+from benchmarks.report import plan, run_suite
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+NARROW = {"GPU_CHECK_TEST_K": "cross_backend_agreement and sgd",
+          "GPU_CHECK_BENCH_ARGS": "--cases small --no-sweep --backends numpy"}
+
+
+def _env(tmp_path, smi_answers=False, **extra):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("GPU_CHECK_", "BPCORE_", "PYTEST_"))}
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir(exist_ok=True)
+    # A stand-in nvidia-smi, so that a real one on this machine changes nothing: by default it
+    # fails as it does without a GPU; smi_answers makes it list a (fake) GPU.
+    smi = fake_bin / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: Stand-in (UUID: GPU-0)'\n" if smi_answers else
+                   "#!/bin/sh\necho 'NVIDIA-SMI has failed: no devices' >&2\nexit 9\n")
+    smi.chmod(0o755)
+    env.update(PATH=f"{fake_bin}{os.pathsep}{os.path.dirname(sys.executable)}"
+                    f"{os.pathsep}{env.get('PATH', '')}",
+               PYTHON=sys.executable, OUT=str(tmp_path / "out"), **extra)
+    return env
+
+
+def _run(tmp_path, *args, smi_answers=False, **extra):
+    proc = subprocess.run(["bash", str(SCRIPT), *args],
+                          env=_env(tmp_path, smi_answers, **extra),
+                          capture_output=True, text=True, timeout=600)
+    return proc.returncode, proc.stdout + proc.stderr, tmp_path / "out"
+
+
+def _xml_counts(path):
+    s = ET.parse(path).getroot().find("testsuite").attrib
+    return {k: int(s[k]) for k in ("tests", "failures", "errors", "skipped")}
+
+
+def test_refuses_at_once_without_a_gpu(tmp_path):
+    rc, out, outdir = _run(tmp_path)
+    assert rc == 4, out
+    assert "PREFLIGHT REFUSED: no NVIDIA GPU here" in out and "--dry-run" in out
+    assert "versions:" not in out and "== tests" not in out  # refused before starting Python
+    assert "PREFLIGHT REFUSED" in (outdir / "gpu_check.log").read_text()
+
+
+def test_preflight_refuses_a_gpu_that_the_libraries_do_not_use(tmp_path):
+    """nvidia-smi answers, but JAX and torch are on the CPU and CuPy is missing: refused."""
+    rc, out, _ = _run(tmp_path, smi_answers=True, GPU_CHECK_SKIP_INSTALL="1")
+    assert rc == 4, out
+    assert "GPU 0: Stand-in" in out
+    assert "PREFLIGHT REFUSED: this machine cannot run the GPU check" in out
+    assert "backend 'cupy' is not available" in out
+    assert "== tests" not in out
+    from benchmarks.preflight import check
+
+    assert any("cupy" in p for p in check())
+    assert not any("cupy" in p for p in check("cpu"))  # the dry run does without CuPy
+
+
+def test_dry_run_passes_and_writes_every_report(tmp_path):
+    rc, out, outdir = _run(tmp_path, "--dry-run", **NARROW)
+    assert rc == 0, out
+    assert "DRY RUN" in out and "preflight: ok (CPU stand-in, dry run)" in out
+    assert "== tests: PASSED" in out and "== benchmark: COMPLETE" in out
+    counts = _xml_counts(outdir / "gpu_tests.xml")
+    assert counts["tests"] >= 1 and counts["failures"] == counts["errors"] == 0
+    data = json.loads((outdir / "bench" / "results.json").read_text())
+    assert data["status"] == "complete" and data["missing"] == [] and data["rows"]
+    assert data["machine"]["matmul_precision"]["mode"] == "highest"
+    md = (outdir / "bench" / "results.md").read_text()
+    assert "Partial report" not in md and "| small | numpy |" in md
+    assert (outdir / "gpu_check.log").read_text().rstrip().endswith(
+        out.rstrip().splitlines()[-1])
+
+
+def test_sigint_mid_benchmark_leaves_a_partial_report(tmp_path):
+    env = _env(tmp_path, GPU_CHECK_TEST_K=NARROW["GPU_CHECK_TEST_K"],
+               GPU_CHECK_BENCH_ARGS="--cases small,mnist --backends numpy")
+    proc = subprocess.Popen(["bash", str(SCRIPT), "--dry-run"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "out" / "gpu_check.log"
+    deadline = time.monotonic() + 300  # a guard against a hang, not a timing assertion
+    while "floor    numpy" not in (log.read_text() if log.exists() else ""):
+        assert proc.poll() is None and time.monotonic() < deadline, \
+            log.read_text() if log.exists() else "no log"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out  # tests passed; benchmark incomplete
+    assert "SIGINT received" in out and "== benchmark: PARTIAL" in out
+    data = json.loads((tmp_path / "out" / "bench" / "results.json").read_text())
+    assert data["status"] == "interrupted" and data["missing"]
+    assert len(data["rows"]) + len(data["missing"]) + len(data["skipped"]) == data["planned"]
+    md = (tmp_path / "out" / "bench" / "results.md").read_text()
+    assert "**Partial report (interrupted)**" in md and data["missing"][-1] in md
+
+
+def test_test_phase_stopped_at_its_limit_keeps_its_reports(tmp_path):
+    rc, out, outdir = _run(tmp_path, "--dry-run", GPU_CHECK_TEST_LIMIT="2",
+                           GPU_CHECK_TEST_K="two_spirals or parabola or cross_backend",
+                           GPU_CHECK_BENCH_ARGS=NARROW["GPU_CHECK_BENCH_ARGS"])
+    assert rc == 1, out  # tests incomplete; benchmark complete
+    assert "== tests: STOPPED at the 2s limit" in out and "KeyboardInterrupt" in out
+    assert "== benchmark: COMPLETE" in out
+    counts = _xml_counts(outdir / "gpu_tests.xml")  # pytest wrote its XML on the way out
+    assert counts["tests"] >= 1
+    assert "== tests ran:" in out and "selected)" in out
+
+
+def test_bad_argument_is_refused(tmp_path):
+    rc, out, _ = _run(tmp_path, "--gpu-please")
+    assert rc == 64 and "usage:" in out
+
+
+# ---- the benchmark runner under the script ---------------------------------------------------
+def _bench(tmp_path, *args):
+    return subprocess.Popen([sys.executable, "-m", "benchmarks", "--no-sweep", "--backends",
+                             "numpy", "--out", str(tmp_path), *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_bpcore_bench_interrupted_writes_a_partial_report(tmp_path, sig):
+    proc = _bench(tmp_path, "--cases", "small,mnist")
+    seen = ""
+    for line in proc.stdout:  # wait for the first measurement, then interrupt
+        seen += line
+        if "floor    numpy" in line:
+            break
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, seen + out
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["status"] == "interrupted" and data["missing"] and data["rows"]
+    assert "Partial report (interrupted)" in (tmp_path / "results.md").read_text()
+
+
+def test_bpcore_bench_time_budget(tmp_path):
+    proc = _bench(tmp_path, "--cases", "small,mnist", "--max-seconds", "0.001")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["status"] == "out of time" and len(data["rows"]) == 1 and data["missing"]
+    assert "Partial report (out of time)" in (tmp_path / "results.md").read_text()
+
+
+def test_a_failing_measurement_is_recorded_and_the_run_goes_on(monkeypatch):
+    real = report.bpcore_runner
+
+    def flaky(backend, kind, case, dtype):
+        if kind == "adam":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(backend, kind, case, dtype)
+
+    monkeypatch.setattr(report, "bpcore_runner", flaky)
+    result = run_suite(["numpy"], cases=["small"], sweep=False)
+    assert result["status"] == "complete" and result["missing"] == []
+    assert list(result["failed"]) == ["small/float32/bpcore/numpy/adam"]
+    assert "illegal memory access" in result["failed"]["small/float32/bpcore/numpy/adam"]
+    kinds = {r["kind"] for r in result["rows"] if r["impl"] == "bpcore"}
+    assert kinds == {"sgd", "forward", "value_and_grad"}
+    assert "measurements failed" in report.status_section(result)
+
+
+def test_gpu_profile_plan():
+    tasks = plan(["cupy", "jax", "torch"], "gpu", gpu=True)
+    keys = [t.key for t in tasks]
+    assert keys[0] == "small/float32/floor/cupy/floor"
+    assert {t.case.name for t in tasks if "@" not in t.case.name} == {"small", "mnist", "wide",
+                                                                      "large"}
+    assert {t.kind for t in tasks} == {"floor", "sgd", "adam"}
+    assert not any(t.backend == "sklearn" for t in tasks)
+    first_sweep = next(i for i, t in enumerate(tasks) if "@" in t.case.name)
+    assert all("@" in t.case.name for t in tasks[first_sweep:])  # the sweep comes last
+    assert len(keys) == len(set(keys))
+    assert "wide" not in {t.case.name for t in plan(["numpy"], "quick")}
+    assert CASES["wide"].gpu_only
+
+
+# ---- the GPU test selection --------------------------------------------------------------------
+def _collect(env_value):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BPCORE_")}
+    env["BPCORE_TESTS"] = env_value
+    return subprocess.run([sys.executable, "-m", "pytest", "tests", "--collect-only", "-q",
+                           "-p", "no:cacheprovider"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_gpu_selection_keeps_every_gpu_test_cross_backend_first():
+    proc = _collect("gpu")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ids = [line for line in proc.stdout.splitlines() if "::" in line]
+    assert "deselected" in proc.stdout
+    assert ids[0].startswith("tests/test_backends.py::test_asarray_moves_arrays_between")
+    first_plain = next(i for i, t in enumerate(ids) if "cross_backend" not in t and
+                       "arrays_between" not in t and "same_seed" not in t and
+                       "copies_to_other" not in t and "round_trip_and_cross" not in t)
+    assert any("test_cross_backend_agreement" in t for t in ids[:first_plain])
+    for gpu_backend in ("cupy", "jax", "torch"):
+        assert any(f"[{gpu_backend}" in t for t in ids)
+    # Nothing that runs on numpy or array_api_strict alone: each test either crosses backends
+    # or names a GPU-capable one.
+    marks = ("cupy", "jax", "torch", "cuda", "cross_backend", "arrays_between", "same_seed",
+             "copies_to_other")
+    assert all(any(m in t for m in marks) for t in ids), [
+        t for t in ids if not any(m in t for m in marks)]
+    assert not any("test_docs" in t or "test_gpu_check" in t for t in ids)
+
+
+def test_unknown_selection_is_a_usage_error():
+    proc = _collect("gpus")
+    assert proc.returncode != 0 and "BPCORE_TESTS='gpus'" in proc.stdout + proc.stderr
