@@ -136,15 +136,17 @@ def test_bad_argument_is_refused(tmp_path):
 
 
 # ---- the benchmark runner under the script ---------------------------------------------------
-def _bench(tmp_path, *args):
-    return subprocess.Popen([sys.executable, "-m", "benchmarks", "--no-sweep", "--backends",
+def _bench(tmp_path, *args, entry=("benchmarks",)):
+    return subprocess.Popen([sys.executable, "-m", *entry, "--no-sweep", "--backends",
                              "numpy", "--out", str(tmp_path), *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_bpcore_bench_interrupted_writes_a_partial_report(tmp_path, sig):
-    proc = _bench(tmp_path, "--cases", "small,mnist")
+# `bpcore bench` (the installed command) and `python -m benchmarks` are the same code path.
+@pytest.mark.parametrize("sig,entry", [(signal.SIGINT, ("bpcore", "bench")),
+                                       (signal.SIGTERM, ("benchmarks",))])
+def test_bpcore_bench_interrupted_writes_a_partial_report(tmp_path, sig, entry):
+    proc = _bench(tmp_path, "--cases", "small,mnist", entry=entry)
     seen = ""
     for line in proc.stdout:  # wait for the first measurement, then interrupt
         seen += line
