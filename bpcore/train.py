@@ -101,7 +101,9 @@ class Callback:
 
 
 class EarlyStopping(Callback):
-    """Stop when ``monitor`` has not improved for ``patience`` epochs; restore the best."""
+    """Stop once ``monitor`` has not improved for ``patience`` epochs in a row (as Keras):
+    with ``patience=2`` and the best value at epoch 5, training stops after epoch 7.
+    ``restore_best`` puts back the parameters of the best epoch at the end."""
 
     def __init__(self, monitor: str = "val_loss", patience: int = 5, min_delta: float = 0.0,
                  mode: str = "auto", restore_best: bool = True):
@@ -115,6 +117,12 @@ class EarlyStopping(Callback):
         self.mode, self.restore_best = mode, restore_best
 
     def on_train_begin(self, trainer):
+        names = getattr(trainer, "metric_names", None)  # set by fit before training starts
+        if names is not None and self.monitor not in names:
+            raise ConfigError(f"EarlyStopping: monitor {self.monitor!r} will not be logged; "
+                              f"this fit logs {sorted(names)}"
+                              + ("; pass validation_data (or validation_split) for val_* "
+                                 "metrics." if self.monitor.startswith("val_") else "."))
         self.best, self.best_epoch, self.wait, self.best_params = None, -1, 0, None
         self.stopped_epoch = None
 
@@ -133,7 +141,7 @@ class EarlyStopping(Callback):
                 self.best_params = trainer.model.copy_params()
         else:
             self.wait += 1
-            if self.wait > self.patience:
+            if self.wait >= self.patience:  # `patience` epochs in a row without improvement
                 self.stopped_epoch = epoch
                 trainer.stop_training = True
 
@@ -332,7 +340,11 @@ class Trainer:
             seed = int(np.random.SeedSequence().entropy % 2 ** 63)
         history = History()
         self.stop_training = False
-        for cb in callbacks:
+        classify = self.loss.targets != "values"
+        self.metric_names = {"loss", "time"} | ({"accuracy"} if classify else set())
+        if Vd is not None:
+            self.metric_names |= {"val_loss"} | ({"val_accuracy"} if classify else set())
+        for cb in callbacks:  # before any step: a callback that cannot work changes nothing
             cb.on_train_begin(self)
         bar = _progress(verbose, n_batches)
         start_epoch = self.epoch

@@ -11,6 +11,8 @@ import sys
 import textwrap
 import time
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -222,7 +224,7 @@ def test_checkpoint_module_never_uses_pickle():
     import bpcore.checkpoint as ck
     import bpcore.datasets as ds
     for mod in (ck, ds):
-        src = open(mod.__file__).read()
+        src = Path(mod.__file__).read_text()
         assert "import pickle" not in src and "allow_pickle=True" not in src
 
 

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import re
+from pathlib import Path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_line_reference_in_the_derivation_map_is_current():
-    text = open(os.path.join(ROOT, "docs", "derivation.md"), encoding="utf-8").read()
+    text = (ROOT / "docs" / "derivation.md").read_text(encoding="utf-8")
     refs = re.findall(r"`((?:bpcore|backends)/[\w/]+\.py):(\d+)` `([^`]+)`", text)
     assert len(refs) >= 15
     for path, line, code in refs:
-        lines = open(os.path.join(ROOT, path), encoding="utf-8").read().splitlines()
+        lines = (ROOT / path).read_text(encoding="utf-8").splitlines()
         assert code.strip() in lines[int(line) - 1], (
             f"{path}:{line} no longer holds {code!r}; run python docs/refresh_line_refs.py")
