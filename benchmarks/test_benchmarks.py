@@ -8,6 +8,7 @@ pytest settings) every function runs once: a smoke test, never a timing assertio
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import bpcore
@@ -17,7 +18,6 @@ from .impls import KINDS, PEERS, Unavailable, bpcore_runner, floor_runner, peer_
 
 BACKENDS = [b for b in bpcore.backends.names() if b != "array_api_strict"]
 CPU_CASES = ["small", "mnist", "large"]
-ALL_CASES = CPU_CASES + ["wide"]
 
 
 def _gpu_present() -> bool:
@@ -29,19 +29,32 @@ def _gpu_present() -> bool:
         return "cupy" in bpcore.backends.available()
 
 
-def _case(name):
-    case = CASES[name]
-    if case.gpu_only and not _gpu_present():
-        pytest.skip(f"case {name!r} runs only with a GPU present")
-    return case
+def pytest_generate_tests(metafunc):
+    """Only the combinations that run: the wide case with a GPU present, and (as smoke tests,
+    under --benchmark-disable) float64 on the small case alone: the code path is the same."""
+    timing = not metafunc.config.getoption("benchmark_disable", False)
+    cases = CPU_CASES + (["wide"] if _gpu_present() else [])
+    if "dtype" in metafunc.fixturenames:
+        combos = [(c, d) for c in cases for d in ("float32", "float64")
+                  if timing or d == "float32" or c == "small"]
+        metafunc.parametrize("case,dtype", combos)
+    elif "peer" in metafunc.fixturenames:  # the peers run on the CPU cases
+        metafunc.parametrize("case", CPU_CASES)
+        # scikit-learn's MLP has no separate forward or value-and-grad step
+        metafunc.parametrize("peer,kind", [(p, k) for p in PEERS for k in KINDS
+                                           if p != "sklearn" or k in ("sgd", "adam")])
+    elif "case" in metafunc.fixturenames:
+        metafunc.parametrize("case", cases)
 
 
-def _time(benchmark, build):
+def _time(benchmark, build, check):
     try:
         runner = build()
     except Unavailable as e:
         pytest.skip(str(e))
-    runner.sync([runner.run(0)])  # compile / warm up outside the timing
+    first = runner.run(0)
+    runner.sync([first])  # compile / warm up outside the timing
+    check(first)
 
     state = {"i": 1}
 
@@ -49,37 +62,68 @@ def _time(benchmark, build):
         out = runner.run(state["i"])
         state["i"] += 1
         runner.sync([out])
+        return out
 
-    benchmark.pedantic(one, rounds=5, iterations=1, warmup_rounds=1) \
-        if benchmark.enabled else benchmark(one)
+    last = (benchmark.pedantic(one, rounds=5, iterations=1, warmup_rounds=1)
+            if benchmark.enabled else benchmark(one))
+    check(last)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def _host(x):
+    """Any runner output (an array, a 0-d loss, a list of arrays) as one flat NumPy array."""
+    if isinstance(x, (list, tuple)):
+        parts = [_host(v) for v in x]
+        return np.concatenate(parts) if parts else np.zeros(0)
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+    elif hasattr(x, "get"):  # CuPy
+        x = x.get()
+    return np.asarray(x, dtype=np.float64).ravel()
+
+
+def _finite(out):
+    v = _host(out)
+    assert v.size and np.all(np.isfinite(v)), "non-finite or empty benchmark output"
+
+
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("case", ALL_CASES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bpcore(benchmark, backend, case, kind, dtype):
-    c = _case(case)
-    if dtype == "float64" and case != "small" and not benchmark.enabled:
-        pytest.skip("float64 smoke runs on the small case only (the code path is the same)")
+    c = CASES[case]
     benchmark.group = f"{case}-{dtype}-{kind}"
-    _time(benchmark, lambda: bpcore_runner(backend, kind, c, dtype))
+    be_params = {}
+
+    def check(out):
+        _finite(out)
+        if kind in ("sgd", "adam"):  # the step returns the parameters: they must move
+            now = _host(out)
+            if "last" in be_params:
+                assert not np.array_equal(now, be_params["last"]), "a step changed nothing"
+            be_params["last"] = now
+        elif kind == "forward":
+            assert _host(out).size == c.batch * c.sizes[-1]
+
+    _time(benchmark, lambda: bpcore_runner(backend, kind, c, dtype), check)
 
 
-@pytest.mark.parametrize("case", ALL_CASES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gemm_floor(benchmark, backend, case):
-    c = _case(case)
+    c = CASES[case]
     benchmark.group = f"{case}-float32-floor"
-    _time(benchmark, lambda: floor_runner(backend, c, "float32"))
+    n_products = 3 * (len(c.sizes) - 1) - 1
+
+    def check(out):
+        assert len(out) == n_products
+        _finite(out)
+
+    _time(benchmark, lambda: floor_runner(backend, c, "float32"), check)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("case", CPU_CASES)
-@pytest.mark.parametrize("peer", PEERS)
 def test_peer(benchmark, peer, case, kind):
     benchmark.group = f"{case}-float32-{kind}"
-    _time(benchmark, lambda: peer_runner(peer, kind, CASES[case], "float32"))
+    # sklearn's partial_fit returns nothing; the others return a loss, parameters or logits.
+    _time(benchmark, lambda: peer_runner(peer, kind, CASES[case], "float32"),
+          (lambda out: None) if peer == "sklearn" else _finite)
 
 
 def test_report_end_to_end(tmp_path):
