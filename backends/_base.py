@@ -7,6 +7,7 @@ Adapters fill it in; the math in :mod:`bpcore` never looks at which one it got.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -116,11 +117,7 @@ class Backend:
     def _from_foreign_dlpack(self, x: Any) -> Any:
         src = tuple(int(v) for v in x.__dlpack_device__())
         if src[0] == _DLPACK_CPU:
-            try:
-                host = np.from_dlpack(x)
-            except (BufferError, RuntimeError, TypeError):  # e.g. torch tensors needing grad
-                host = np.asarray(x.detach() if hasattr(x, "detach") else x)
-            return self.from_host(host)
+            return self.from_host(cpu_array_to_numpy(x))
         if src == tuple(self.dlpack_device) and self.from_dlpack is not None:
             return self.from_dlpack(x)
         raise DeviceMismatchError(
@@ -132,6 +129,44 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"Backend(name={self.name!r}, device={self.device!r})"
+
+
+def numpy_errstate_jit(fn: Callable, **_: Any) -> Callable:
+    """``jit`` for NumPy-based backends: the function as it is, without NumPy's overflow and
+    invalid-value warnings.
+
+    A diverging step overflows; the step's guard sees the non-finite values and reports them
+    with a DivergenceError, so NumPy's RuntimeWarnings would only repeat it, once per
+    operation (JAX and CUDA never warn on these).
+    """
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def on_cpu(x: Any) -> bool:
+    """True for any DLPack producer whose data lives in host memory."""
+    try:
+        return int(x.__dlpack_device__()[0]) == _DLPACK_CPU
+    except (AttributeError, TypeError, ValueError, BufferError):
+        return False
+
+
+def cpu_array_to_numpy(x: Any) -> np.ndarray:
+    """A host array of any library (a CPU torch tensor, a JAX CPU array, ...) as NumPy."""
+    try:
+        return np.from_dlpack(x)
+    except (BufferError, RuntimeError, TypeError):  # e.g. torch tensors that need grad
+        pass
+    try:
+        return np.asarray(x.detach() if hasattr(x, "detach") else x)
+    except TypeError as e:  # e.g. bfloat16, which NumPy has no dtype for
+        raise DTypeError(f"cannot bring a {_library_of(x)} array of dtype "
+                         f"{getattr(x, 'dtype', '?')} to the host as NumPy ({e}); convert it "
+                         "to float32 first.") from None
 
 
 def _dtype_name(dt: Any) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._base import Backend
+from ._base import Backend, numpy_errstate_jit
 
 
 def make() -> Backend:
@@ -20,5 +20,6 @@ def make() -> Backend:
         to_numpy=np.asarray,
         dlpack_device=(1, 0),
         from_dlpack=np.from_dlpack,
+        jit=numpy_errstate_jit,
         version=np.__version__,
     )

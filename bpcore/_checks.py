@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from .backends._base import cpu_array_to_numpy, on_cpu
 from .errors import DTypeError, ShapeError
 
 
@@ -44,15 +45,21 @@ def prepare_input(be: Any, x: Any, n_in: int, dtype: Any, *, argument: str = "x"
 
 
 def host_view(be: Any, y: Any) -> np.ndarray | None:
-    """A NumPy view of ``y`` when reading it costs no device sync, else None."""
+    """A NumPy view of ``y`` when reading it costs no device sync, else None.
+
+    None only for data on an asynchronous device (JAX, CUDA): host data of any library (a CPU
+    torch tensor into a NumPy model, say) is always viewed, so its values can be checked.
+    """
     if isinstance(y, (list, tuple)) or np.isscalar(y):
         return np.asarray(y)
     if isinstance(y, np.ndarray):
         return y
-    if be.is_native(y) and not be.asynchronous:
-        return be.to_numpy(y)
-    if not hasattr(y, "shape"):
-        return np.asarray(y)
+    if be.is_native(y):
+        return None if be.asynchronous else be.to_numpy(y)
+    if on_cpu(y):
+        return cpu_array_to_numpy(y)
+    if not hasattr(y, "shape") or not hasattr(y, "__dlpack_device__"):
+        return np.asarray(y)  # pandas and other array-likes
     return None
 
 

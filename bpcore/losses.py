@@ -13,9 +13,12 @@ API boundary (validated there, on the host when the data is on the host):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+
+import numpy as np
 
 from ._array import Array, array_device, array_namespace, clip_below
 from ._checks import dtype_kind, host_view
@@ -91,6 +94,32 @@ class Loss:
             return xp.zeros((), dtype=Y.dtype, device=array_device(Y))
         return xp.sum(xp.astype(hit, Y.dtype))
 
+    def _check_host_values(self, T: np.ndarray, argument: str) -> None:
+        """The host-side twin of :meth:`targets_valid`, with a message saying what is wrong."""
+        if not np.all(np.isfinite(T)):
+            raise ShapeError(f"{argument}: the targets hold NaN or inf "
+                             f"({int(np.sum(~np.isfinite(T)))} values); clean the data first.")
+        lo, hi = float(T.min()), float(T.max())
+        if self.targets == "binary" and not (lo >= 0.0 and hi <= 1.0):
+            raise ShapeError(f"{argument}: binary cross-entropy targets must lie in "
+                             f"[0, 1], got values in [{lo}, {hi}].")
+        if self.targets == "classes" and lo < 0:
+            raise ShapeError(f"{argument}: one-hot or probability targets for {self.name} "
+                             f"must be >= 0, got a minimum of {lo}.")
+
+    def targets_valid(self, T: Array) -> Array:
+        """0-d boolean, on the device: every target is one this loss accepts.
+
+        Classes: finite and >= 0 (a label that was out of range on the device arrives as a
+        row of NaN, see :meth:`prepare_target`). Binary: in [0, 1]. Values: finite.
+        """
+        xp = array_namespace(T)
+        if self.targets == "classes":
+            return xp.all(xp.isfinite(T) & (T >= 0))
+        if self.targets == "binary":
+            return xp.all((T >= 0) & (T <= 1))
+        return xp.all(xp.isfinite(T))
+
     def correct_per_row(self, T: Array) -> int:
         """How many predictions :meth:`correct` counts per sample."""
         return int(T.shape[1]) if self.targets == "binary" else 1
@@ -133,7 +162,13 @@ class Loss:
             labels = be.asarray(src)
             xp = be.xp
             classes = xp.arange(n_out, dtype=labels.dtype, device=array_device(labels))
-            return xp.astype(labels[:, None] == classes[None, :], be.dtype(dtype))
+            T = xp.astype(labels[:, None] == classes[None, :], be.dtype(dtype))
+            if host is not None:
+                return T
+            # Labels on an asynchronous device are not read back here: one out of range
+            # becomes a row of NaN, which the step's guard refuses and reports.
+            valid = (labels >= 0) & (labels < n_out)
+            return xp.where(valid[:, None], T, math.nan)
         if len(shape) == 1 and n_out == 1:
             shape = (batch, 1)
             src = host.reshape(shape) if host is not None else be.xp.reshape(y, shape)
@@ -142,11 +177,8 @@ class Loss:
                 "classes" else f"({batch}, {n_out})" + (f" or ({batch},)" if n_out == 1 else "")
             raise ShapeError(f"{argument}: expected shape {want} for the {self.name} loss "
                              f"with {n_out} outputs, got {shape}.")
-        if self.targets == "binary" and host is not None and host.size:
-            lo, hi = float(host.min()), float(host.max())
-            if not (lo >= 0.0 and hi <= 1.0):
-                raise ShapeError(f"{argument}: binary cross-entropy targets must lie in "
-                                 f"[0, 1], got values in [{lo}, {hi}].")
+        if host is not None and host.size:
+            self._check_host_values(np.asarray(src), argument)
         return be.asarray(src, dtype=dtype)
 
 

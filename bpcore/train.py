@@ -23,32 +23,56 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from ._array import Array, Params, array_device, array_namespace, nested_map
+from ._array import Array, Params, array_device, array_namespace, nested_leaves, nested_map
 from ._checks import prepare_input
 from .activations import Activation
 from .errors import ConfigError, DivergenceError, ShapeError
 from .losses import Loss, get_loss
 from .mlp import MLP, forward, loss_grad_output
 from .optim import (GradientTransformation, apply_updates, chain, clip_by_global_norm,
-                    get_optimizer, global_norm)
+                    get_optimizer)
 
 __all__ = ["Trainer", "train_step", "GuardState", "History", "Callback", "EarlyStopping"]
 
 
 class GuardState(NamedTuple):
     count: Array      # 0-d int32: steps run so far
-    bad_step: Array   # 0-d int32: first step (1-based) whose loss/grad was not finite, or 0
+    bad_step: Array   # 0-d int32: first step (1-based) that failed a check, or 0
+    reason: Array     # 0-d int32: why (one of the GUARD_* codes), or 0
+    ref_loss: Array   # 0-d float: the first step's loss ("grew" is measured against it); NaN
+    #                   until a step has run
+
+
+GUARD_NONFINITE, GUARD_GREW, GUARD_TARGETS = 1, 2, 3
+DEFAULT_DIVERGENCE_FACTOR = 1e4
+
+
+def all_finite(tree: Any) -> Array:
+    """One 0-d boolean: every element of every leaf is finite (NaN and inf are not)."""
+    leaves = nested_leaves(tree)
+    xp = array_namespace(*leaves)
+    ok = xp.all(xp.isfinite(leaves[0]))
+    for leaf in leaves[1:]:
+        ok = ok & xp.all(xp.isfinite(leaf))
+    return ok
 
 
 def train_step(params: Params, opt_state: Any, guard: GuardState, x: Array, T: Array, *,
                activations: Sequence[Activation], loss: Loss,
-               optimizer: GradientTransformation, check_finite: bool = True):
+               optimizer: GradientTransformation, check_finite: bool = True,
+               divergence_factor: float | None = DEFAULT_DIVERGENCE_FACTOR):
     """One guarded step of gradient descent (any optimizer).
 
     Returns ``(params, opt_state, guard, loss value, n_correct)``; ``n_correct`` is the
-    number of correctly classified samples for classification losses, else 0. With
-    ``check_finite=False`` the divergence guard only counts steps (saves a pass over the
-    gradients and one over the parameters and optimizer state).
+    number of correctly classified samples for classification losses, else 0.
+
+    The guard (``check_finite``) refuses a step, keeping the parameters and optimizer state
+    it was given, when the targets are invalid (a class label out of range on the device, a
+    negative or non-finite target), when the loss, a gradient or an updated parameter is not
+    finite, or when the loss exceeds ``divergence_factor`` times the loss of the first step
+    (``None``: no such limit). From the first refused step on it refuses every step, and
+    records which step and why; nothing is read back to the host here. With
+    ``check_finite=False`` it only counts steps.
     """
     xp = array_namespace(x)
     value, grads, _, Y = loss_grad_output(params, activations, loss, x, T)
@@ -57,15 +81,24 @@ def train_step(params: Params, opt_state: Any, guard: GuardState, x: Array, T: A
 
     step = guard.count + 1
     if not check_finite:
-        return new_params, new_state, GuardState(step, guard.bad_step), value, \
-            loss.correct(Y, T)
-    finite = xp.isfinite(value) & xp.isfinite(global_norm(grads))
-    ok = finite & (guard.bad_step == 0)
+        return new_params, new_state, guard._replace(count=step), value, loss.correct(Y, T)
+    ref = xp.where(xp.isnan(guard.ref_loss), value, guard.ref_loss)  # NaN: not yet set
+    targets_ok = loss.targets_valid(T)
+    finite = xp.isfinite(value) & all_finite(grads) & all_finite(new_params)
+    grew = (value > divergence_factor * ref) & (ref > 0) if divergence_factor else \
+        xp.zeros((), dtype=xp.bool, device=array_device(value))
+    was_bad = guard.bad_step != 0
+    ok = targets_ok & finite & ~grew & ~was_bad
     keep = lambda new, old: xp.where(ok, new, old)  # noqa: E731
     new_params = nested_map(keep, new_params, params)
     new_state = nested_map(keep, new_state, opt_state)
-    bad = xp.where(finite | (guard.bad_step != 0), guard.bad_step, step)
-    return new_params, new_state, GuardState(step, bad), value, loss.correct(Y, T)
+    none = guard.reason * 0  # the codes as int32 arrays (where() takes one scalar at most)
+    why = xp.where(~targets_ok, GUARD_TARGETS,
+                   xp.where(~finite, GUARD_NONFINITE, xp.where(grew, GUARD_GREW, none)))
+    bad = xp.where(ok | was_bad, guard.bad_step, step)
+    reason = xp.where(was_bad, guard.reason, xp.where(ok, none, why))
+    return (new_params, new_state, GuardState(step, bad, reason, ref), value,
+            loss.correct(Y, T))
 
 
 @dataclass
@@ -163,16 +196,29 @@ class Trainer:
     clip_norm : float, optional
         Clip gradients to this global norm before the optimizer sees them.
     check_finite : bool
-        The divergence guard (default on). Off, a non-finite step is applied like any
-        other; on, it costs one pass over the gradients and one over the parameters and
-        optimizer state per step (measured: ~10-25 % of an mnist-sized CPU step).
+        The divergence guard (default on): a step whose loss, gradients or updated
+        parameters are not finite, whose targets are invalid, or whose loss exceeds
+        ``divergence_factor`` times the first step's, is not applied, and the next
+        :meth:`check` (once per epoch in :meth:`fit`) raises :class:`DivergenceError`. Off,
+        every step is applied as computed.
+    divergence_factor : float or None
+        How far the loss may grow over the first step's loss before training counts as
+        diverged (default 1e4; ``None``: only non-finite values count).
     """
 
     def __init__(self, model: MLP, loss: str | Loss = "softmax_cross_entropy",
                  optimizer: GradientTransformation | str = "sgd", *,
-                 clip_norm: float | None = None, check_finite: bool = True):
+                 clip_norm: float | None = None, check_finite: bool = True,
+                 divergence_factor: float | None = DEFAULT_DIVERGENCE_FACTOR):
         if not isinstance(model, MLP):
             raise TypeError(f"model: expected a bpcore.MLP, got {type(model).__name__}")
+        if divergence_factor is not None and (
+                isinstance(divergence_factor, bool) or
+                not isinstance(divergence_factor, (int, float, np.floating, np.integer)) or
+                not 1.0 < float(divergence_factor) < math.inf):
+            raise ConfigError(f"divergence_factor: expected a number > 1 (or None), got "
+                              f"{divergence_factor!r}")
+        self.divergence_factor = None if divergence_factor is None else float(divergence_factor)
         self.model = model
         self.loss = get_loss(loss)
         self.base_optimizer = get_optimizer(optimizer)
@@ -188,17 +234,18 @@ class Trainer:
         self.trace_count = 0  # how many times the step was traced (once per shape on JAX)
         self._step_fn = model.backend.jit(self._pure_step)
 
-    def _new_guard(self) -> GuardState:
-        W = self.model.params[0][0]
-        xp = array_namespace(W)
-        z = xp.zeros((), dtype=xp.int32, device=array_device(W))
-        return GuardState(z, z)
+    def _new_guard(self, count: int = 0, ref_loss: float = math.nan) -> GuardState:
+        be = self.model.backend
+        z = be.asarray(np.int32(0))
+        return GuardState(be.asarray(np.int32(count)), z, z,
+                          be.asarray(np.asarray(ref_loss, dtype=self.model.dtype_name)))
 
     def _pure_step(self, params, opt_state, guard, x, T):
         self.trace_count += 1  # Python side effect: runs once per compilation on JAX
         return train_step(params, opt_state, guard, x, T, activations=self.model.activations,
                           loss=self.loss, optimizer=self.optimizer,
-                          check_finite=self.check_finite)
+                          check_finite=self.check_finite,
+                          divergence_factor=self.divergence_factor)
 
     # -- one step -------------------------------------------------------------------------------
     @property
@@ -229,15 +276,29 @@ class Trainer:
         return value, correct
 
     def check(self) -> None:
-        """Raise :class:`DivergenceError` if a step produced a non-finite loss or gradient."""
+        """Raise :class:`DivergenceError` if the guard refused a step (reads the device)."""
         bad = int(self.guard.bad_step)
-        if bad:
+        if not bad:
+            return
+        reason = int(self.guard.reason)
+        kept = (f"The parameters and optimizer state are those after step {bad - 1}, the last "
+                "good one (every later step was refused).")
+        if reason == GUARD_TARGETS:
+            raise ShapeError(
+                f"training stopped at step {bad}: its targets were invalid (a class label "
+                f"outside [0, {self.model.sizes[-1] - 1}], a negative or non-finite target, or "
+                f"a binary target outside [0, 1]). {kept} Check the labels; labels on the "
+                "device are only checked inside the step.")
+        if reason == GUARD_GREW:
             raise DivergenceError(
-                f"training diverged at step {bad}: the loss or a gradient was not finite. "
-                f"The parameters and optimizer state are those after step {bad - 1}, the "
-                "last good one. Lower the learning rate, clip gradients (clip_norm=...), or "
-                "check the data for NaN/inf."
-            )
+                f"training diverged at step {bad}: its loss grew past {self.divergence_factor:g}"
+                f" times the first step's loss ({float(self.guard.ref_loss):.4g}). {kept} "
+                "Lower the learning rate or clip gradients (clip_norm=...); "
+                "divergence_factor=None turns this limit off.")
+        raise DivergenceError(
+            f"training diverged at step {bad}: the loss, a gradient or an updated parameter "
+            f"was not finite. {kept} Lower the learning rate, clip gradients "
+            "(clip_norm=...), or check the data for NaN/inf.")
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self, path: Any, metadata: dict | None = None) -> None:
@@ -246,7 +307,9 @@ class Trainer:
 
         save(path, self.model, self.opt_state, metadata, optimizer=self.base_optimizer,
              loss=self.loss.name, step=self.steps, epoch=self.epoch,
-             extra={"clip_norm": self.clip_norm, "check_finite": self.check_finite})
+             extra={"clip_norm": self.clip_norm, "check_finite": self.check_finite,
+                    "divergence_factor": self.divergence_factor,
+                    "ref_loss": _number_or_none(self.guard.ref_loss)})
 
     @classmethod
     def resume(cls, path: Any, backend: Any = "numpy",
@@ -269,17 +332,21 @@ class Trainer:
         if ckpt.meta.get("loss") is None:
             raise CheckpointError("resume: the checkpoint does not name its loss")
         trainer = cls(ckpt.model, ckpt.meta["loss"], opt, clip_norm=ckpt.meta.get("clip_norm"),
-                      check_finite=bool(ckpt.meta.get("check_finite", True)))
+                      check_finite=bool(ckpt.meta.get("check_finite", True)),
+                      divergence_factor=ckpt.meta.get("divergence_factor",
+                                                      DEFAULT_DIVERGENCE_FACTOR))
         if ckpt.optimizer_state:
             trainer.opt_state = ckpt.restore_state(trainer.opt_state)
-        trainer.guard = GuardState(ckpt.model.backend.asarray(np.int32(ckpt.meta.get("step", 0))),
-                                   trainer.guard.bad_step)
+        ref = ckpt.meta.get("ref_loss")
+        trainer.guard = trainer._new_guard(int(ckpt.meta.get("step", 0)),
+                                           math.nan if ref is None else float(ref))
         trainer.epoch = int(ckpt.meta.get("epoch", 0))
         return trainer
 
     def reset_guard(self) -> None:
         """Clear a recorded divergence so training can go on (e.g. after lowering lr)."""
-        self.guard = GuardState(self.guard.count, self.guard.bad_step * 0)
+        self.guard = self.guard._replace(bad_step=self.guard.bad_step * 0,
+                                         reason=self.guard.reason * 0)
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self, X: Any, y: Any, batch_size: int = 4096) -> dict[str, float]:
@@ -387,6 +454,11 @@ class Trainer:
         for cb in callbacks:
             cb.on_train_end(self)
         return history
+
+
+def _number_or_none(a: Array) -> float | None:
+    v = float(a)
+    return v if math.isfinite(v) else None
 
 
 def _eval_batch(params, x, T, activations, loss):

@@ -1,0 +1,143 @@
+"""Never a silent wrong answer: each case here once trained on, or reported success, quietly.
+
+Every one must now give either the right result or a clear bpcore error, with the
+parameters and optimizer state as they were.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import bpcore
+from bpcore import backends, optim
+from bpcore.errors import DivergenceError, ShapeError
+
+from .conftest import params_np
+
+
+def _data(n=64, d=5, c=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, d)), rng.integers(0, c, n)
+
+
+def _snapshot(trainer):
+    from bpcore._array import nested_leaves
+
+    be = trainer.model.backend
+    return ([be.to_numpy(a).copy() for a in nested_leaves(trainer.model.params)],
+            [be.to_numpy(a).copy() for a in nested_leaves(trainer.opt_state)])
+
+
+def _assert_same(a, b):
+    for x, y in zip(a[0] + a[1], b[0] + b[1]):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.cross_backend
+def test_out_of_range_labels_from_any_library_never_train(backend):
+    """Labels as another library's array: host ones are checked at once; device ones inside
+    the step, refused there and reported by check()."""
+    X, y = _data()
+    for other in backends.available():
+        ob = backends.get(other)
+        bad = ob.asarray(np.array([0, 1, 7, 2] * 2))
+        model = bpcore.MLP([5, 8, 3], backend=backend, seed=0)
+        trainer = bpcore.Trainer(model, "softmax_cross_entropy", optim.adam(0.01))
+        trainer.step(X[:8], y[:8])
+        before = _snapshot(trainer)
+        try:
+            trainer.step(X[:8], bad)
+        except ShapeError as e:  # checked at once
+            assert "class label 7 is out of range" in str(e)
+        except bpcore.errors.DeviceMismatchError:
+            continue  # labels on another accelerator: refused, as designed
+        else:  # labels on an asynchronous device: refused inside the step
+            with pytest.raises(ShapeError, match="targets were invalid"):
+                trainer.check()
+        _assert_same(_snapshot(trainer), before)
+
+
+def test_negative_or_nan_targets_are_refused(backend):
+    X, y = _data(8)
+    soft = np.full((8, 3), 1 / 3)
+    soft[0] = [1.2, -0.2, 0.0]
+    cases = [("softmax_cross_entropy", soft, "must be >= 0"),
+             ("mse", np.where(np.arange(24).reshape(8, 3) == 5, np.nan, 0.0), "NaN or inf"),
+             ("binary_cross_entropy", np.full((8, 3), 1.5), "[0, 1]")]
+    for loss, target, msg in cases:
+        model = bpcore.MLP([5, 4, 3], backend=backend, seed=0)
+        trainer = bpcore.Trainer(model, loss, optim.sgd(0.1))
+        before = _snapshot(trainer)
+        device_target = backend.asarray(target)
+        try:
+            trainer.step(X, device_target)
+        except ShapeError as e:
+            assert msg in str(e)
+        else:
+            assert backend.asynchronous, "a synchronous backend must check host data at once"
+            with pytest.raises(ShapeError, match="targets were invalid"):
+                trainer.check()
+        _assert_same(_snapshot(trainer), before)
+
+
+@pytest.mark.parametrize("make_opt,why", [
+    (lambda: optim.adam(1e6), "grew past"),
+    (lambda: optim.sgd(3e38), "not finite"),
+])
+def test_divergence_keeps_finite_last_good_parameters(backend, make_opt, why):
+    X, y = _data(200)
+    model = bpcore.MLP([5, 16, 3], backend=backend, seed=0)
+    trainer = bpcore.Trainer(model, "softmax_cross_entropy", make_opt())
+    snapshots = []
+    for epoch in range(20):
+        for i in range(0, 200, 50):
+            snapshots.append(_snapshot(trainer))
+            trainer.step(X[i:i + 50], y[i:i + 50])
+        if int(trainer.guard.bad_step):
+            break
+    with pytest.raises(DivergenceError, match=why) as err:
+        trainer.check()
+    bad = int(trainer.guard.bad_step)
+    assert f"after step {bad - 1}" in str(err.value)
+    _assert_same(_snapshot(trainer), snapshots[bad - 1])  # the state before the bad step
+    assert all(np.all(np.isfinite(a)) for a in _snapshot(trainer)[0])
+
+
+def test_fit_reports_divergence_instead_of_success(backend):
+    X, y = _data(200)
+    model = bpcore.MLP([5, 16, 3], backend=backend, seed=0)
+    trainer = bpcore.Trainer(model, "softmax_cross_entropy", optim.adam(1e6))
+    with pytest.raises(DivergenceError):
+        trainer.fit(X, y, epochs=20, batch_size=50, verbose=0)
+    assert all(np.all(np.isfinite(W)) for W, _ in params_np(model))
+
+
+def test_the_growth_limit_is_configurable():
+    X, y = _data(200)
+    trainer = bpcore.Trainer(bpcore.MLP([5, 16, 2], seed=0), "mse", optim.sgd(3.0),
+                             divergence_factor=10)
+    with pytest.raises(DivergenceError, match="grew past 10 times"):
+        for _ in range(50):  # far too large a step for this regression: the loss oscillates up
+            trainer.step(X, X[:, :2])
+            trainer.check()
+    for bad in (1.0, 0, -3, float("inf"), "big", True):
+        with pytest.raises(bpcore.errors.ConfigError, match="divergence_factor"):
+            bpcore.Trainer(bpcore.MLP([5, 3]), divergence_factor=bad)
+    trainer = bpcore.Trainer(bpcore.MLP([5, 16, 3], seed=0), "softmax_cross_entropy",
+                             optim.adam(1e6), divergence_factor=None)
+    for _ in range(3):
+        trainer.step(X[:50], y[:50])
+    trainer.check()  # huge but finite losses pass when the limit is off
+
+
+def test_the_reference_loss_survives_a_checkpoint(tmp_path):
+    X, y = _data(64)
+    trainer = bpcore.Trainer(bpcore.MLP([5, 8, 3], seed=0), "softmax_cross_entropy",
+                             optim.sgd(0.1))
+    trainer.fit(X, y, epochs=1, batch_size=16, verbose=0)
+    ref = float(trainer.guard.ref_loss)
+    trainer.save(tmp_path / "c.safetensors")
+    resumed = bpcore.Trainer.resume(tmp_path / "c.safetensors")
+    assert float(resumed.guard.ref_loss) == pytest.approx(ref)
+    assert resumed.divergence_factor == trainer.divergence_factor
