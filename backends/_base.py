@@ -66,6 +66,9 @@ class Backend:
     jit: Callable[..., Any] = field(default=lambda fn, **kw: fn, repr=False)
     asynchronous: bool = False
     float64_error: Callable[[], str | None] = field(default=lambda: None, repr=False)
+    # Switches float64 on for the whole process where the library needs that (JAX); None
+    # where float64 simply works. Only applications call it (``bpcore train --dtype``).
+    enable_float64: Callable[[], None] | None = field(default=None, repr=False)
     version: str = ""
 
     # -- dtypes -------------------------------------------------------------------------

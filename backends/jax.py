@@ -67,5 +67,6 @@ def make() -> Backend:
         jit=jax.jit,
         asynchronous=True,
         float64_error=x64_error,
+        enable_float64=lambda: jax.config.update("jax_enable_x64", True),
         version=jax.__version__,
     )

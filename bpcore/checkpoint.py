@@ -34,6 +34,7 @@ from .errors import CheckpointError, ShapeError
 from .losses import LOSSES
 from .mlp import MLP
 from .optim import OPTIMIZERS, SCHEDULES, GradientTransformation
+from .preprocess import Standardize, from_spec
 
 __all__ = ["save", "load", "load_checkpoint", "Checkpoint", "FORMAT_VERSION"]
 
@@ -53,7 +54,18 @@ class Checkpoint:
 
     @property
     def metadata(self) -> dict:
+        """Your own ``metadata`` dict, as given to :func:`save` (JSON values)."""
         return self.meta.get("user", {})
+
+    @property
+    def preprocessing(self) -> Standardize | None:
+        """The input preprocessing saved with the model (None if there was none)."""
+        return from_spec(self.meta.get("preprocessing"), self.model.sizes[0])
+
+    def preprocess(self, X: Any) -> np.ndarray:
+        """``X`` as the model was trained on it: the saved preprocessing applied, if any."""
+        pre = self.preprocessing
+        return np.asarray(X) if pre is None else pre(X)
 
     def build_optimizer(self) -> GradientTransformation | None:
         """The optimizer described in the file, rebuilt from bpcore's registry (or None)."""
@@ -210,11 +222,14 @@ def _atomic_write(path: str, payload: bytes) -> None:
 def save(path: str | os.PathLike, model: MLP, optimizer_state: Any = None,
          metadata: dict | None = None, *, optimizer: GradientTransformation | None = None,
          loss: str | None = None, step: int = 0, epoch: int = 0,
-         extra: dict | None = None) -> None:
+         extra: dict | None = None, preprocessing: Standardize | None = None) -> None:
     """Write ``model`` (and optionally optimizer state) to ``path`` atomically.
 
-    ``metadata`` is any JSON-serialisable dict of your own, returned by :func:`load_checkpoint`.
-    A failed save leaves any existing file at ``path`` untouched.
+    ``metadata`` is any JSON-serialisable dict of your own, returned as
+    ``load_checkpoint(path).metadata``. ``preprocessing`` (a
+    :class:`~bpcore.preprocess.Standardize`) is what was done to the inputs before training;
+    ``load_checkpoint(path).preprocess(X)`` does it again. A failed save leaves any existing
+    file at ``path`` untouched.
     """
     path = os.fspath(path)
     for k, act in enumerate(model.activations, start=1):
@@ -241,7 +256,9 @@ def save(path: str | os.PathLike, model: MLP, optimizer_state: Any = None,
         "n_optimizer_tensors": len(opt_leaves),
         "optimizer": (None if optimizer is None else
                       {"name": optimizer.name, "hyper": optimizer.hyper}),
-        "user": metadata or {}, **(extra or {}),
+        "user": metadata or {},
+        "preprocessing": None if preprocessing is None else preprocessing.to_spec(),
+        **(extra or {}),
     }
     _atomic_write(path, _encode(tensors, meta))
 
@@ -369,6 +386,7 @@ _FIELDS = {
     "divergence_factor": ("null or a number > 1",
                           lambda v: v is None or (_is_number(v) and v > 1)),
     "ref_loss": ("null or a number", lambda v: v is None or _is_number(v)),
+    "preprocessing": ("null or an object", lambda v: v is None or isinstance(v, dict)),
 }
 _REQUIRED = ("format_version", "sizes", "activations", "dtype", "sha256")
 _DEFAULTS = {"loss": None, "step": 0, "epoch": 0, "n_optimizer_tensors": 0, "optimizer": None,

@@ -79,9 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int, default=64)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--data", default=None, help=".npz with X and y, or .csv with a label column")
-    t.add_argument("--label-column", default=None, help="CSV label column (name or index)")
+    t.add_argument("--label-column", default=None,
+                   help="CSV label column: a name, or an index from 0 (negative: from the end); "
+                        "default: label/y/target/class, else the last column")
     t.add_argument("--patience", type=_positive_int, default=None,
-                   help="stop early after this many epochs without validation improvement")
+                   help="stop once the validation loss (val_loss) has not improved for this "
+                        "many epochs, and keep the best epoch's weights")
     t.add_argument("--clip-norm", type=_positive_float, default=None)
     t.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     t.add_argument("--resume", default=None, metavar="CKPT", help="continue from a checkpoint")
@@ -89,8 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="predict with a saved checkpoint")
     pr.add_argument("checkpoint")
-    pr.add_argument("--data", required=True, help=".npz (X, optional y) or .csv")
-    pr.add_argument("--label-column", default=None)
+    pr.add_argument("--data", required=True,
+                    help=".npz with X (and optionally y), or .csv of the model's features "
+                         "(optionally plus a label column); raw values, as given to train")
+    pr.add_argument("--label-column", default=None,
+                    help="CSV label column (name or index), when there is one")
     pr.add_argument("--backend", default="numpy")
     pr.add_argument("--out", default=None, help="write predictions here (.npy or .csv)")
 
@@ -119,11 +125,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _enable_x64_if_needed(backend: str, dtype: str) -> None:
-    if backend == "jax" and dtype == "float64":
-        import jax
+def _enable_float64_if_needed(backend: str, dtype: str) -> None:
+    """An application may switch a backend's float64 mode on for the whole process (JAX's
+    64-bit flag, say); the backend says whether it needs to, and how."""
+    from . import backends
 
-        jax.config.update("jax_enable_x64", True)  # an application may choose this globally
+    be = backends.get(backend)
+    if dtype == "float64" and be.float64_error() and be.enable_float64 is not None:
+        be.enable_float64()
 
 
 def _prepare_data(args) -> tuple:
@@ -147,8 +156,9 @@ def cmd_train(args) -> int:
     from . import EarlyStopping, MLP, Trainer, optim
     from .checkpoint import load_checkpoint
     from .datasets import train_test_split
+    from .preprocess import Standardize
 
-    _enable_x64_if_needed(args.backend, args.dtype)
+    _enable_float64_if_needed(args.backend, args.dtype)
     X, y, classes, task, data_name = _prepare_data(args)
     X_trval, X_test, y_trval, y_test = train_test_split(X, y, 0.2, seed=args.seed)
     X_train, X_val, y_train, y_val = train_test_split(X_trval, y_trval, 0.125, seed=args.seed)
@@ -160,28 +170,26 @@ def cmd_train(args) -> int:
     if args.resume:
         ckpt = load_checkpoint(args.resume, backend=args.backend)
         trainer = Trainer.from_checkpoint(ckpt)
-        if "input_mean" not in ckpt.metadata:
+        pre = ckpt.preprocessing or _legacy_scaling(ckpt)
+        if pre is None:
             raise ValueError(f"--resume: {args.resume!r} was not written by `bpcore train` "
                              "(no input scaling recorded); resume it from Python with "
                              "bpcore.Trainer.resume")
-        mean = np.asarray(ckpt.metadata["input_mean"])
-        std = np.asarray(ckpt.metadata["input_std"])
         if trainer.model.sizes[0] != X.shape[1] or trainer.model.sizes[-1] != n_out:
             raise ValueError(f"--resume: the checkpoint's network {trainer.model.sizes} does "
                              f"not fit this data ({X.shape[1]} features, {n_out} outputs)")
     else:
-        mean, std = X_train.mean(axis=0), X_train.std(axis=0)
-        std = np.where(std > 1e-8, std, 1.0)
+        pre = Standardize.fit(X_train)
         model = MLP([X.shape[1], *args.hidden, n_out], args.activation, "identity",
                     backend=args.backend, dtype=args.dtype, seed=args.seed)
         lr = args.lr or (1e-3 if args.optimizer in ("adam", "adamw") else 0.05)
         trainer = Trainer(model, loss, optim.get_optimizer(args.optimizer, lr=lr),
                           clip_norm=args.clip_norm)
-    scale = lambda A: (A - mean) / std  # noqa: E731
+    scale = pre
 
     model = trainer.model
-    monitor = "val_accuracy" if task == "classification" else "val_loss"
-    callbacks = [EarlyStopping(monitor, patience=args.patience)] if args.patience else []
+    stopper = EarlyStopping("val_loss", patience=args.patience) if args.patience else None
+    callbacks = [stopper] if stopper else []
     os.makedirs(args.out, exist_ok=True)
     if not args.quiet:
         print(f"bpcore train: {data_name}, {len(X_train)} train / {len(X_val)} validation / "
@@ -191,12 +199,16 @@ def cmd_train(args) -> int:
                           batch_size=args.batch_size, validation_data=(scale(X_val), y_val),
                           seed=args.seed, callbacks=callbacks, verbose=0 if args.quiet else 1)
     elapsed = time.perf_counter() - t0
+    if stopper is not None and stopper.stopped_epoch is not None:
+        print(f"early stopping: val_loss did not improve for {args.patience} epochs; stopped "
+              f"after epoch {stopper.stopped_epoch} and kept epoch {stopper.best_epoch} "
+              f"(val_loss {stopper.best:.4f})", file=sys.stderr)
     result = trainer.evaluate(scale(X_test), y_test)
 
     ckpt = os.path.join(args.out, "model.safetensors")
     trainer.save(ckpt, metadata={
-        "dataset": data_name, "input_mean": mean.tolist(), "input_std": std.tolist(),
-        "classes": None if classes is None else classes.tolist(), "task": task})
+        "dataset": data_name, "classes": None if classes is None else classes.tolist(),
+        "task": task}, preprocessing=pre)
     with open(os.path.join(args.out, "history.json"), "w") as f:
         json.dump({"epochs": history.epochs, **history.metrics, "test": result}, f, indent=1)
     png = _plot(history, os.path.join(args.out, "curves.png"), data_name, model)
@@ -239,22 +251,43 @@ def _plot(history, path: str, title: str, model) -> str | None:
     return path
 
 
+def _legacy_scaling(ckpt):
+    """The input scaling of a checkpoint written by an earlier `bpcore train` (kept in its
+    user metadata), or None."""
+    from .preprocess import from_spec
+
+    meta = ckpt.metadata
+    if "input_mean" not in meta:
+        return None
+    return from_spec({"kind": "standardize", "mean": meta.get("input_mean"),
+                      "std": meta.get("input_std")}, ckpt.model.sizes[0])
+
+
+def _class_names(meta: dict, n_out: int):
+    classes = meta.get("classes")
+    if classes is None:
+        return None
+    if (not isinstance(classes, list) or len(classes) != n_out or
+            not all(isinstance(c, (int, float, str)) for c in classes)):
+        raise ValueError(f"the checkpoint's class list is malformed (expected {n_out} labels)")
+    return np.asarray(classes)
+
+
 def cmd_predict(args) -> int:
     from .checkpoint import load_checkpoint
     from .datasets import load_file
 
     ckpt = load_checkpoint(args.checkpoint, backend=args.backend)
     meta, model = ckpt.metadata, ckpt.model
-    X, y = load_file(args.data, args.label_column)
-    X = np.asarray(X, dtype=np.float64)
-    if "input_mean" in meta:
-        X = (X - np.asarray(meta["input_mean"])) / np.asarray(meta["input_std"])
+    X, y = load_file(args.data, args.label_column, n_features=model.sizes[0])
+    pre = ckpt.preprocessing or _legacy_scaling(ckpt)
+    X = np.asarray(X, dtype=np.float64) if pre is None else pre(X)
     out = model.backend.to_numpy(model(X))
     if meta.get("task", "classification") == "classification" and ckpt.meta.get("loss") != "mse":
         pred = np.argmax(out, axis=1)
-        classes = meta.get("classes")
-        labels = np.asarray(classes)[pred] if classes else pred
-        if y is not None and len(y) == len(X):
+        classes = _class_names(meta, model.sizes[-1])
+        labels = classes[pred] if classes is not None else pred
+        if y is not None:
             print(f"accuracy {np.mean(labels == np.asarray(y)):.4f} on {len(X)} samples",
                   file=sys.stderr)
     else:

@@ -27,7 +27,9 @@ def make_spirals(n_per_class: int = 300, n_classes: int = 3, noise: float = 0.15
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray, str]:
-    """The 8×8 digits (1797 × 64, 10 classes, scaled to [0, 1]) bundled with scikit-learn.
+    """The 8×8 digits (1797 × 64 raw pixel values 0-16, 10 classes) bundled with
+    scikit-learn, as they come: any scaling is the caller's (and ``bpcore train`` records
+    its own in the checkpoint, so ``bpcore predict`` takes the same raw values).
 
     Without scikit-learn, falls back to a synthetic 3-class spiral set. Returns
     ``(X, y, name)``.
@@ -38,35 +40,74 @@ def load_digits() -> tuple[np.ndarray, np.ndarray, str]:
         X, y = make_spirals()
         return X, y, "spirals (synthetic; install scikit-learn for the 8x8 digits)"
     d = _sk_digits()
-    return (d.data / 16.0).astype(np.float32), d.target.astype(np.int64), "digits (8x8)"
+    return d.data.astype(np.float32), d.target.astype(np.int64), "digits (8x8)"
 
 
-def load_file(path: str, label_column: str | int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(X, y)`` from a ``.npz`` (arrays ``X`` and ``y``) or a CSV with a label column.
+def load_file(path: str, label_column: str | int | None = None, *,
+              n_features: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(X, y)`` from a ``.npz`` (arrays ``X`` and ``y``) or a ``.csv``.
 
-    CSV: a header row is detected when its cells are not numbers; the label column is
-    ``label_column`` (a name or index) or else one named label/y/target/class, or the last.
+    CSV: a header row is detected when its cells are not numbers. The label column is
+    ``label_column`` (a name, or an index counted from 0; negative counts from the end), or
+    else one named label/y/target/class, or the last.
+
+    With ``n_features`` (prediction: the model's input width) labels are optional: a ``.npz``
+    may lack ``y``, and a CSV of exactly ``n_features`` columns is features only (``y`` is
+    None); any other width than ``n_features`` or ``n_features + 1`` is an error.
     """
     if not os.path.exists(path):
         raise ConfigError(f"data: no file at {path!r}")
     if path.endswith(".npz"):
         with np.load(path, allow_pickle=False) as f:  # never unpickle user files
-            missing = [k for k in ("X", "y") if k not in f.files]
+            need = ("X",) if n_features is not None else ("X", "y")
+            missing = [k for k in need if k not in f.files]
             if missing:
-                raise ShapeError(f"data: {path!r} must hold arrays 'X' and 'y'; it has "
-                                 f"{f.files} (missing {missing})")
-            X, y = np.asarray(f["X"]), np.asarray(f["y"])
+                raise ShapeError(f"data: {path!r} must hold arrays {list(need)}"
+                                 f"{' (and optionally y)' if n_features is not None else ''};"
+                                 f" it has {f.files} (missing {missing})")
+            X = np.asarray(f["X"])
+            y = np.asarray(f["y"]) if "y" in f.files else None
         if X.ndim != 2:
             X = X.reshape(len(X), -1)
-        if len(X) != len(y):
+        if y is not None and len(X) != len(y):
             raise ShapeError(f"data: X has {len(X)} rows but y has {len(y)} in {path!r}")
+        _check_width(path, X.shape[1], n_features, with_label=False)
         return X, y
     if path.endswith(".csv") or path.endswith(".txt"):
-        return _load_csv(path, label_column)
+        return _load_csv(path, label_column, n_features)
     raise ConfigError(f"data: {path!r}: expected a .npz (with X and y) or a .csv file")
 
 
-def _load_csv(path: str, label_column: str | int | None) -> tuple[np.ndarray, np.ndarray]:
+def _check_width(path: str, width: int, n_features: int | None, with_label: bool) -> None:
+    if n_features is not None and width != n_features:
+        raise ShapeError(f"data: {path!r} has {width} feature columns"
+                         f"{' besides the label' if with_label else ''}; the model takes "
+                         f"{n_features}.")
+
+
+def _label_index(label_column: str | int | None, header: list[str] | None, width: int,
+                 path: str) -> int:
+    if isinstance(label_column, str) and not label_column.lstrip("-").isdigit():
+        if header is None or label_column not in header:
+            raise ShapeError(f"data: label column {label_column!r} not found in {path!r} "
+                             f"(header: {header})")
+        return header.index(label_column)
+    if label_column is not None:
+        col = int(label_column)
+        if not -width <= col < width:
+            raise ShapeError(f"data: label column {col} does not exist: {path!r} has {width} "
+                             f"columns (indices 0 to {width - 1}, or -1 to -{width} from the "
+                             "end)")
+        return col % width
+    if header:
+        names = [h.lower() for h in header]
+        return next((names.index(n) for n in ("label", "y", "target", "class") if n in names),
+                    width - 1)
+    return width - 1
+
+
+def _load_csv(path: str, label_column: str | int | None, n_features: int | None
+              ) -> tuple[np.ndarray, np.ndarray | None]:
     with open(path, newline="") as f:
         rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
     if not rows:
@@ -82,27 +123,21 @@ def _load_csv(path: str, label_column: str | int | None) -> tuple[np.ndarray, np
     header = None if numeric(rows[0]) else [c.strip() for c in rows[0]]
     body = rows[1:] if header else rows
     width = len(rows[0])
-    if isinstance(label_column, str) and not label_column.lstrip("-").isdigit():
-        if header is None or label_column not in header:
-            raise ShapeError(f"data: label column {label_column!r} not found in {path!r} "
-                             f"(header: {header})")
-        col = header.index(label_column)
-    elif label_column is not None:
-        col = int(label_column) % width
-    elif header:
-        names = [h.lower() for h in header]
-        col = next((names.index(n) for n in ("label", "y", "target", "class") if n in names),
-                   width - 1)
-    else:
-        col = width - 1
     try:
         table = np.array([[float(c) for c in r] for r in body], dtype=np.float64)
     except ValueError as e:
+        if "inhomogeneous" in str(e) or "sequence" in str(e):
+            raise ShapeError(f"data: {path!r}: rows have different numbers of cells") from None
         raise ShapeError(f"data: {path!r} has a non-numeric cell ({e})") from None
-    except Exception:
-        raise ShapeError(f"data: {path!r}: rows have different numbers of cells") from None
     if table.ndim != 2 or table.shape[1] != width:
         raise ShapeError(f"data: {path!r}: rows have different numbers of cells")
+    if n_features is not None and width == n_features and label_column is None:
+        return table.astype(np.float32), None  # features only
+    if n_features is not None and width != n_features + 1:
+        raise ShapeError(f"data: {path!r} has {width} columns; the model takes {n_features} "
+                         f"features, so expected {n_features} (features only) or "
+                         f"{n_features + 1} (features and a label).")
+    col = _label_index(label_column, header, width, path)
     y = table[:, col]
     X = np.delete(table, col, axis=1).astype(np.float32)
     if np.all(y == np.round(y)):

@@ -301,11 +301,13 @@ class Trainer:
             "(clip_norm=...), or check the data for NaN/inf.")
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def save(self, path: Any, metadata: dict | None = None) -> None:
+    def save(self, path: Any, metadata: dict | None = None, *, preprocessing: Any = None
+             ) -> None:
         """Atomically save the model, optimizer state, step and epoch (see bpcore.save)."""
         from .checkpoint import save
 
-        save(path, self.model, self.opt_state, metadata, optimizer=self.base_optimizer,
+        save(path, self.model, self.opt_state, metadata, preprocessing=preprocessing,
+             optimizer=self.base_optimizer,
              loss=self.loss.name, step=self.steps, epoch=self.epoch,
              extra={"clip_norm": self.clip_norm, "check_finite": self.check_finite,
                     "divergence_factor": self.divergence_factor,

@@ -124,3 +124,105 @@ def test_resume_of_a_checkpoint_not_written_by_the_cli(tmp_path, capsys):
     assert main(["train", "--resume", str(path), "--epochs", "1", "--quiet",
                  "--out", str(tmp_path)]) == 1
     assert "not written by `bpcore train`" in capsys.readouterr().err
+
+
+# ---- what the command accepts is what its help says, and nothing trains on a wrong column --
+def _csv(path, rows, header=None):
+    lines = ([",".join(header)] if header else []) + [",".join(f"{v:g}" for v in r) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_label_column_out_of_range_is_an_error(tmp_path, capsys):
+    X, y = make_spirals(20, 3, seed=1)
+    table = np.column_stack([X, X, X[:, :1], y])  # 6 columns
+    data = _csv(tmp_path / "d.csv", table)
+    assert main(["train", "--data", str(data), "--label-column", "99", "--epochs", "1",
+                 "--quiet", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "label column 99 does not exist" in err and "6 columns" in err
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    X2, y2 = load_file(str(data), "-1")
+    np.testing.assert_array_equal(y2, y)
+
+
+@pytest.fixture(scope="module")
+def spirals_model(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("spirals")
+    X, y = make_spirals(60, 3, seed=1)
+    data = _csv(tmp / "train.csv", np.column_stack([X, y]))
+    assert main(["train", "--data", str(data), "--epochs", "30", "--quiet", "--out",
+                 str(tmp / "run")]) == 0
+    return tmp / "run" / "model.safetensors", X, y
+
+
+def test_predict_takes_features_only_or_features_and_labels(spirals_model, tmp_path, capsys):
+    ckpt, X, y = spirals_model
+    capsys.readouterr()
+    feats = _csv(tmp_path / "f.csv", X)  # no header, no label: both columns are features
+    assert main(["predict", str(ckpt), "--data", str(feats)]) == 0
+    only = capsys.readouterr()
+    pred = np.array([int(v) for v in only.out.split()])
+    assert len(pred) == len(X) and "accuracy" not in only.err
+    both = _csv(tmp_path / "fy.csv", np.column_stack([X, y]), header=["a", "b", "label"])
+    assert main(["predict", str(ckpt), "--data", str(both)]) == 0
+    out = capsys.readouterr()
+    np.testing.assert_array_equal(np.array([int(v) for v in out.out.split()]), pred)
+    assert "accuracy" in out.err
+    np.savez(tmp_path / "x.npz", X=X)  # an .npz without y, as the help says
+    assert main(["predict", str(ckpt), "--data", str(tmp_path / "x.npz")]) == 0
+    np.testing.assert_array_equal(np.array([int(v) for v in capsys.readouterr().out.split()]),
+                                  pred)
+
+
+@pytest.mark.parametrize("width", [1, 4])
+def test_predict_on_the_wrong_width_says_so(spirals_model, tmp_path, capsys, width):
+    ckpt, X, _ = spirals_model
+    data = _csv(tmp_path / "w.csv", np.ones((5, width)))
+    capsys.readouterr()
+    assert main(["predict", str(ckpt), "--data", str(data)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the model takes 2 features" in err
+
+
+def test_predict_applies_the_training_preprocessing_to_raw_digits(tmp_path, capsys):
+    sk = pytest.importorskip("sklearn.datasets")
+    assert main(["train", "--epochs", "15", "--quiet", "--out", str(tmp_path)]) == 0
+    test_acc = float(capsys.readouterr().out.split("test accuracy ")[1].split(",")[0])
+    ckpt = bpcore.load_checkpoint(tmp_path / "model.safetensors")
+    assert ckpt.preprocessing is not None  # saved with the model, usable from Python
+    d = sk.load_digits()  # raw pixel values 0..16, exactly as anyone would load them
+    np.savez(tmp_path / "raw.npz", X=d.data, y=d.target)
+    assert main(["predict", str(tmp_path / "model.safetensors"), "--data",
+                 str(tmp_path / "raw.npz"), "--out", str(tmp_path / "p.npy")]) == 0
+    acc = float(capsys.readouterr().err.split("accuracy ")[1].split()[0])
+    assert acc >= min(0.95, test_acc - 0.02), (acc, test_acc)
+    logits = np.asarray(ckpt.model(ckpt.preprocess(d.data)))
+    np.testing.assert_array_equal(logits.argmax(1), np.load(tmp_path / "p.npy"))
+
+
+def test_patience_watches_the_validation_loss_and_says_when_it_stops(tmp_path, capsys):
+    r = subprocess.run([sys.executable, "-m", "bpcore", "train", "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert "validation loss (val_loss)" in " ".join(r.stdout.split())
+    X, y = make_spirals(40, 3, seed=2)
+    data = _csv(tmp_path / "d.csv", np.column_stack([X, y]))
+    assert main(["train", "--data", str(data), "--epochs", "300", "--patience", "2",
+                 "--lr", "0.05", "--quiet", "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("early stopping: val_loss did not improve for 2 epochs") == 1
+    hist = json.loads((tmp_path / "run" / "history.json").read_text())
+    stopped = int(err.split("stopped after epoch ")[1].split()[0])
+    best = int(err.split("kept epoch ")[1].split()[0])
+    assert len(hist["epochs"]) == stopped == best + 2
+    assert hist["val_loss"][best - 1] == min(hist["val_loss"])
+
+
+def test_train_that_diverges_fails_and_writes_no_checkpoint(tmp_path, capsys):
+    X, y = make_spirals(40, 3, seed=2)
+    data = _csv(tmp_path / "d.csv", np.column_stack([X, y]))
+    assert main(["train", "--data", str(data), "--lr", "1e6", "--epochs", "20", "--quiet",
+                 "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "diverged" in err and err.count("\n") == 1
+    assert not (tmp_path / "run" / "model.safetensors").exists()
