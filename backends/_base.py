@@ -75,7 +75,7 @@ class Backend:
     def dtype(self, name: Any) -> Any:
         """The backend's dtype object for ``"float32"``/``"float64"`` (or a dtype object)."""
         if not isinstance(name, str):
-            name = _dtype_name(name)
+            name = dtype_name(name)
         if name not in FLOAT_DTYPES:
             raise DTypeError(
                 f"dtype: expected one of {list(FLOAT_DTYPES)}, got {name!r}. "
@@ -164,16 +164,27 @@ def cpu_array_to_numpy(x: Any) -> np.ndarray:
         return np.from_dlpack(x)
     except (BufferError, RuntimeError, TypeError):  # e.g. torch tensors that need grad
         pass
+    x = x.detach() if hasattr(x, "detach") else x
     try:
-        return np.asarray(x.detach() if hasattr(x, "detach") else x)
-    except TypeError as e:  # e.g. bfloat16, which NumPy has no dtype for
-        raise DTypeError(f"cannot bring a {_library_of(x)} array of dtype "
-                         f"{getattr(x, 'dtype', '?')} to the host as NumPy ({e}); convert it "
-                         "to float32 first.") from None
+        return np.asarray(x)
+    except TypeError as e:  # a float type NumPy has no dtype for (bfloat16): widen, exactly
+        problem = e
+    if dtype_name(getattr(x, "dtype", "")) in ("bfloat16", "float16"):
+        try:
+            from array_api_compat import array_namespace
+
+            xp = array_namespace(x)
+            return np.asarray(xp.astype(x, xp.float32))
+        except Exception as e:
+            problem = e
+    raise DTypeError(f"cannot bring a {_library_of(x)} array of dtype "
+                     f"{getattr(x, 'dtype', '?')} to the host as NumPy ({problem}); convert "
+                     "it to float32 first.")
 
 
-def _dtype_name(dt: Any) -> str:
-    """'float32' for numpy/jax/torch/strict float32 dtype objects (or classes)."""
+def dtype_name(dt: Any) -> str:
+    """'float32' for "float32" and for numpy/jax/torch/strict float32 dtype objects (or
+    classes such as ``numpy.float32``); other dtypes by their own name."""
     m = re.search(r"(bfloat16|float16|float32|float64|complex64|complex128)", str(dt))
     if m:
         return m.group(1)

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import backends as _backends
+from .backends._base import dtype_name
 from ._array import Array, Params, array_namespace
 from ._checks import prepare_input
 from .activations import Activation, get_activation
@@ -121,7 +122,8 @@ class MLP:
         self.sizes = _check_sizes(sizes)
         n_hidden = len(self.sizes) - 2
         if isinstance(activation, (str, Activation)):
-            hidden = [activation] * n_hidden
+            get_activation(activation, argument="activation")  # a typo is an error even
+            hidden = [activation] * n_hidden                   # without hidden layers
         else:
             hidden = list(activation)
             if len(hidden) != n_hidden:
@@ -133,7 +135,7 @@ class MLP:
         acts.append(get_activation(output_activation, argument="output_activation"))
         self.activations: tuple[Activation, ...] = tuple(acts)
         self.backend = _backends.get(backend)
-        self.dtype_name = dtype if isinstance(dtype, str) else str(dtype)
+        self.dtype_name = dtype_name(dtype)  # "float64" for np.float64, torch.float64, ...
         self.dtype = self.backend.dtype(self.dtype_name)
         if init not in ("auto", "he", "glorot"):
             raise ConfigError(f"init: expected 'auto', 'he' or 'glorot', got {init!r}")

@@ -388,9 +388,10 @@ class Trainer:
         Raises :class:`DivergenceError` (parameters restored to the last good step) when a
         loss or gradient becomes non-finite.
         """
-        if int(epochs) < 0 or int(batch_size) < 1:
-            raise ConfigError(f"fit: expected epochs >= 0 and batch_size >= 1, got "
-                              f"epochs={epochs!r}, batch_size={batch_size!r}")
+        for name, v, lo in (("epochs", epochs, 0), ("batch_size", batch_size, 1)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise ConfigError(f"fit: {name} must be a whole number >= {lo}, got {v!r}")
+        epochs, batch_size = int(epochs), int(batch_size)
         be, xp = self.model.backend, self.model.backend.xp
         Xd, Td = self.prepare_batch(X, y)
         Vd = None

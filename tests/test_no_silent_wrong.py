@@ -141,3 +141,47 @@ def test_the_reference_loss_survives_a_checkpoint(tmp_path):
     resumed = bpcore.Trainer.resume(tmp_path / "c.safetensors")
     assert float(resumed.guard.ref_loss) == pytest.approx(ref)
     assert resumed.divergence_factor == trainer.divergence_factor
+
+
+@pytest.mark.parametrize("kw", [dict(epochs=2.5), dict(batch_size=2.5), dict(epochs="3"),
+                                dict(batch_size=True), dict(epochs=-1), dict(batch_size=0)])
+def test_fit_settings_must_be_whole_numbers(kw):
+    trainer = bpcore.Trainer(bpcore.MLP([3, 2]), "mse")
+    before = _snapshot(trainer)
+    with pytest.raises(bpcore.errors.ConfigError, match=next(iter(kw))):
+        trainer.fit(np.ones((4, 3)), np.ones((4, 2)), verbose=0, **kw)
+    _assert_same(_snapshot(trainer), before)
+    trainer.fit(np.ones((4, 3)), np.ones((4, 2)), epochs=np.int64(1), verbose=0)
+
+
+def test_early_stopping_without_its_metric_fails_before_any_step():
+    X, y = _data(32)
+    trainer = bpcore.Trainer(bpcore.MLP([5, 4, 3]), "softmax_cross_entropy", optim.sgd(0.1))
+    before = _snapshot(trainer)
+    with pytest.raises(bpcore.errors.ConfigError, match="val_loss.*validation_data"):
+        trainer.fit(X, y, epochs=3, callbacks=[bpcore.EarlyStopping("val_loss")], verbose=0)
+    _assert_same(_snapshot(trainer), before)
+    assert trainer.steps == 0
+
+
+def test_bfloat16_inputs_are_widened_exactly(backend):
+    torch = pytest.importorskip("torch")
+    model = bpcore.MLP([3, 2], backend=backend, seed=0)
+    x = torch.tensor([[1.5, -0.25, 3.0], [0.0, 2.0, -1.0]], dtype=torch.bfloat16)
+    want = backend.to_numpy(model(np.asarray(x.float())))
+    np.testing.assert_array_equal(backend.to_numpy(model(x)), want)
+
+
+def test_dtype_objects_are_accepted_like_their_names():
+    torch = pytest.importorskip("torch")
+    for dt in (np.float64, np.dtype("float64"), torch.float64, "float64"):
+        assert bpcore.MLP([3, 2], dtype=dt).dtype_name == "float64"
+    for dt in (np.float32, torch.float32):
+        assert bpcore.MLP([3, 2], dtype=dt).dtype_name == "float32"
+    with pytest.raises(bpcore.errors.DTypeError):
+        bpcore.MLP([3, 2], dtype=np.int32)
+
+
+def test_an_activation_typo_is_an_error_even_without_hidden_layers():
+    with pytest.raises(bpcore.errors.UnknownNameError, match="relux"):
+        bpcore.MLP([2, 3], activation="relux")
