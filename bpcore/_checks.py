@@ -22,8 +22,16 @@ def prepare_input(be: Any, x: Any, n_in: int, dtype: Any, *, argument: str = "x"
     if not (hasattr(x, "shape") and hasattr(x, "dtype")) and hasattr(x, "__dlpack__"):
         x = be.asarray(x)  # a bare DLPack producer: import it first to see shape and dtype
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise DTypeError(f"{argument}: expected an array of shape (batch, {n_in}), "
-                         f"got a {type(x).__name__}.")
+        # Anything NumPy turns into a numeric array (a pandas DataFrame, say), as
+        # scikit-learn accepts it.
+        try:
+            x = np.asarray(x)
+        except Exception:
+            x = None
+        if x is None or x.dtype == object:
+            raise DTypeError(f"{argument}: expected an array of shape (batch, {n_in}) (NumPy, "
+                             f"any array library, or anything numpy.asarray makes numeric), "
+                             f"got a {given}.")
     kind = dtype_kind(x.dtype)
     if kind != "float":
         hint = (" Scale and convert it first, e.g. x.astype('float32') / 255 for 8-bit images."

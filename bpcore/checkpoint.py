@@ -460,7 +460,8 @@ def load_checkpoint(path: str | os.PathLike, backend: Any = "numpy",
     params = [(tensors[f"W{k}"], tensors[f"b{k}"]) for k in range(1, len(sizes))]
     try:
         model = MLP(sizes, acts[:-1], acts[-1], backend=backend, dtype=dtype or saved_dtype,
-                    params=params)
+                    params=params,
+                    task=None if meta["loss"] is None else LOSSES[meta["loss"]].targets)
     except ShapeError as e:
         raise CheckpointError(f"{where}: {e}") from None
     n_opt = int(meta.get("n_optimizer_tensors", 0))

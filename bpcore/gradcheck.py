@@ -23,33 +23,56 @@ class GradcheckResult:
     worst: str  # which parameter entry or direction was worst
     n_checked: int
     mode: str  # "entries" or "directions"
+    dtype: str = "float64"  # the precision the check ran in
 
     def __bool__(self) -> bool:
         return self.ok
 
     def __str__(self) -> str:
         verdict = "passed" if self.ok else "FAILED"
-        return (f"gradcheck {verdict}: {self.n_checked} {self.mode} checked, max relative "
-                f"error {self.max_rel_error:.3g} (abs {self.max_abs_error:.3g}) at {self.worst}")
+        return (f"gradcheck {verdict}: {self.n_checked} {self.mode} checked in {self.dtype}, max "
+                f"relative error {self.max_rel_error:.3g} (abs {self.max_abs_error:.3g}) at "
+                f"{self.worst}")
 
 
-def gradcheck(model: MLP, x: Any, y: Any, loss: str | Loss = "mse", *, eps: float = 1e-6,
-              rtol: float = 1e-6, atol: float = 1e-9, max_entries: int = 4000,
-              n_directions: int = 20, seed: int = 0) -> GradcheckResult:
-    """Compare the hand-written gradients with central differences, in float64.
+# (eps, rtol, atol): both sides in float64; or, where the backend has no float64, its
+# float32 gradient against float64 differences (then float32 rounding sets the tolerance).
+TOLERANCES = {"float64": (1e-6, 1e-6, 1e-9), "float32": (1e-6, 1e-3, 1e-6)}
+
+
+def gradcheck(model: MLP, x: Any, y: Any, loss: str | Loss = "mse", *,
+              eps: float | None = None, rtol: float | None = None, atol: float | None = None,
+              max_entries: int = 4000, n_directions: int = 20, seed: int = 0
+              ) -> GradcheckResult:
+    """Compare the hand-written gradients with central differences.
 
     A float64 copy of ``model`` on the same backend is used (the model itself is not
-    touched), so float32 models can be checked too. Nets with at most ``max_entries``
-    parameters are checked entry by entry; larger ones along ``n_directions`` random
-    unit directions ``v`` (``<∇g, v>`` against ``(g(θ+εv) - g(θ-εv)) / 2ε``).
+    touched), so float32 models are checked in float64 too. On a backend where float64 is
+    switched off (JAX without ``jax_enable_x64``) the backend's float32 gradient is checked
+    against float64 differences of the same network computed on the host (NumPy), with a
+    tolerance for float32 rounding (``TOLERANCES``; the result's ``dtype`` says
+    "float32"); it never flips a process-wide switch. Nets with at most ``max_entries``
+    parameters are checked entry by entry; larger ones along ``n_directions`` random unit
+    directions ``v`` (``<∇g, v>`` against ``(g(θ+εv) - g(θ-εv)) / 2ε``).
     """
     lossf = get_loss(loss)
-    m64 = model.to(dtype="float64")
-    to_np = m64.backend.to_numpy
-    host = [(to_np(W), to_np(b)) for W, b in m64.params]
-    _, grads = value_and_grad(m64, x, y, lossf)
-    flat_grad = np.concatenate([to_np(g).ravel() for layer in grads for g in layer])
-    theta = np.concatenate([a.ravel() for layer in host for a in layer])
+    be = model.backend
+    dtype = "float32" if be.float64_error() else "float64"
+    d_eps, d_rtol, d_atol = TOLERANCES[dtype]
+    eps, rtol, atol = (d_eps if eps is None else eps, d_rtol if rtol is None else rtol,
+                       d_atol if atol is None else atol)
+    analytic_model = model.to(dtype=dtype)
+    _, grads = value_and_grad(analytic_model, x, y, lossf)
+    to_np = be.to_numpy
+    if dtype == "float64":
+        m64 = analytic_model
+    else:  # the differences in float64 on the host; data moved there first
+        m64 = model.to(backend="numpy", dtype="float64")
+        x, y = (to_np(a) if be.is_native(a) else a for a in (x, y))
+    host = [(m64.backend.to_numpy(W), m64.backend.to_numpy(b)) for W, b in m64.params]
+    flat_grad = np.concatenate([to_np(g).ravel() for layer in grads for g in layer]
+                               ).astype(np.float64)
+    theta = np.concatenate([a.ravel() for layer in host for a in layer]).astype(np.float64)
     shapes = [a.shape for layer in host for a in layer]
     names = [f"{p}{k}" for k in range(1, len(host) + 1) for p in "Wb"]
 
@@ -93,4 +116,5 @@ def gradcheck(model: MLP, x: Any, y: Any, loss: str | Loss = "mse", *, eps: floa
     rel_err = abs_err / np.maximum(scale, atol)
     ok = bool(np.all(abs_err <= atol + rtol * scale))
     worst = int(np.argmax(abs_err - rtol * scale))
-    return GradcheckResult(ok, float(abs_err.max()), float(rel_err.max()), label(worst), n, mode)
+    return GradcheckResult(ok, float(abs_err.max()), float(rel_err.max()), label(worst), n, mode,
+                           dtype)

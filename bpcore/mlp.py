@@ -30,6 +30,8 @@ from .errors import ConfigError, ShapeError
 from .init import init_params
 from .losses import Loss, get_loss
 
+TASKS = (None, "classes", "binary", "values")  # what the outputs mean (from the loss)
+
 __all__ = ["MLP", "forward", "forward_cache", "backward", "loss_and_grad", "loss_grad_output",
            "value_and_grad"]
 
@@ -118,8 +120,11 @@ class MLP:
     def __init__(self, sizes: Sequence[int], activation: str | Sequence[str] = "relu",
                  output_activation: str = "identity", *, backend: Any = "numpy",
                  dtype: str = "float32", seed: int | None = 0, init: str = "auto",
-                 params: Params | None = None):
+                 params: Params | None = None, task: str | None = None):
         self.sizes = _check_sizes(sizes)
+        if task not in TASKS:
+            raise ConfigError(f"task: expected one of {list(TASKS)}, got {task!r}")
+        self.task = task
         n_hidden = len(self.sizes) - 2
         if isinstance(activation, (str, Activation)):
             get_activation(activation, argument="activation")  # a typo is an error even
@@ -166,9 +171,11 @@ class MLP:
     def __call__(self, x: Any) -> Array:
         """Forward pass: ``(batch, n_0)`` -> ``(batch, n_K)`` on this model's backend."""
         x = prepare_input(self.backend, x, self.sizes[0], self.dtype)
-        fn = self.compiled("forward", lambda: self.backend.jit(
+        return self._forward_fn()(self.params, x)
+
+    def _forward_fn(self):
+        return self.compiled("forward", lambda: self.backend.jit(
             lambda p, x: forward(p, x, self.activations)))
-        return fn(self.params, x)
 
     def compiled(self, key: Any, build):
         """A per-model cache of (jit-)compiled pure functions, built on first use."""
@@ -228,7 +235,53 @@ class MLP:
         return MLP(self.sizes, list(self.activations[:-1]), self.activations[-1],
                    backend=self.backend if backend is None else backend,
                    dtype=dtype or self.dtype_name, seed=self.seed, init=self.init,
-                   params=host)
+                   params=host, task=self.task)
+
+    # -- predictions, as NumPy ---------------------------------------------------------------
+    def _outputs(self, X: Any, batch_size: int) -> np.ndarray:
+        x = prepare_input(self.backend, X, self.sizes[0], self.dtype)
+        fn = self._forward_fn()
+        n = x.shape[0]
+        return np.concatenate([self.backend.to_numpy(fn(self.params, x[i:min(i + batch_size, n),
+                                                                       ...]))
+                               for i in range(0, n, batch_size)])
+
+    def _kind(self, what: str) -> str:
+        out = self.activations[-1].name
+        task = self.task or {"softmax": "classes", "sigmoid": "binary"}.get(out)
+        if task is None:
+            raise ConfigError(
+                f"{what}: the model does not know what it predicts (classes, binary labels or "
+                "values): train it with a bpcore.Trainer (the loss tells it), load it from a "
+                "checkpoint that names its loss, or build it with MLP(..., task='classes' / "
+                "'binary' / 'values').")
+        return task
+
+    def predict_proba(self, X: Any, batch_size: int = 4096) -> np.ndarray:
+        """Class probabilities as a NumPy array: ``(n, n_classes)`` rows summing to 1 for a
+        classifier (softmax of the logits), ``(n, n_outputs)`` per-label probabilities for
+        binary/multi-label (sigmoid). On every backend."""
+        task = self._kind("predict_proba")
+        if task == "values":
+            raise ConfigError("predict_proba: a regression model (task 'values') has no "
+                              "probabilities; use predict")
+        Y = self._outputs(X, batch_size).astype(np.float64)
+        out = self.activations[-1].name
+        if task == "classes" and out != "softmax":
+            e = np.exp(Y - Y.max(axis=1, keepdims=True))
+            return e / e.sum(axis=1, keepdims=True)
+        if task == "binary" and out != "sigmoid":
+            return 0.5 * (1.0 + np.tanh(0.5 * Y))  # sigmoid, without overflow
+        return Y
+
+    def predict(self, X: Any, batch_size: int = 4096) -> np.ndarray:
+        """Predictions as a NumPy array: class indices ``(n,)`` for a classifier, 0/1 per
+        label ``(n, n_outputs)`` for binary/multi-label, the outputs for regression."""
+        task = self._kind("predict")
+        if task == "values":
+            return self._outputs(X, batch_size)
+        P = self.predict_proba(X, batch_size)
+        return (P.argmax(axis=1) if task == "classes" else (P > 0.5)).astype(np.int64)
 
 
 def _check_sizes(sizes: Any) -> list[int]:

@@ -221,6 +221,7 @@ class Trainer:
         self.divergence_factor = None if divergence_factor is None else float(divergence_factor)
         self.model = model
         self.loss = get_loss(loss)
+        model.task = self.loss.targets  # what the outputs mean: model.predict needs it
         self.base_optimizer = get_optimizer(optimizer)
         self.clip_norm = clip_norm
         self.check_finite = bool(check_finite)
@@ -374,19 +375,23 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, X: Any, y: Any, epochs: int = 10, batch_size: int = 128, *,
-            validation_data: tuple[Any, Any] | None = None, shuffle: bool = True,
+            validation_data: tuple[Any, Any] | None = None,
+            validation_split: float | None = None, shuffle: bool = True,
             seed: int | None = 0, callbacks: Sequence[Callback] = (), verbose: int = 1,
             drop_last: bool = False) -> History:
         """Train for ``epochs`` passes over ``(X, y)`` in mini-batches.
 
         Data is validated and moved to the device once; batches are gathered there with a
         permutation drawn on the host from ``(seed, epoch)``, so a resumed run shuffles
-        exactly as the uninterrupted one. Returns a :class:`History` with ``loss`` (mean
-        training loss of the epoch), ``accuracy`` (classification losses), ``val_loss`` /
-        ``val_accuracy`` with ``validation_data``, and ``time`` (seconds per epoch).
+        exactly as the uninterrupted one: epoch ``e`` (counted from 0 over the trainer's
+        life) visits the rows in ``numpy.random.default_rng([seed, e]).permutation(n)``.
+        ``validation_split`` holds out the last fraction of the rows (before shuffling) as
+        validation data. Returns a :class:`History` with ``loss`` (mean training loss of the
+        epoch, weighted by batch size), ``accuracy`` (classification losses), ``val_loss`` /
+        ``val_accuracy`` with validation data, and ``time`` (seconds per epoch).
 
-        Raises :class:`DivergenceError` (parameters restored to the last good step) when a
-        loss or gradient becomes non-finite.
+        Raises :class:`DivergenceError` (the parameters are those of the last good step) when
+        the divergence guard refused a step.
         """
         for name, v, lo in (("epochs", epochs, 0), ("batch_size", batch_size, 1)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
@@ -395,6 +400,23 @@ class Trainer:
         be, xp = self.model.backend, self.model.backend.xp
         Xd, Td = self.prepare_batch(X, y)
         Vd = None
+        if validation_split is not None:
+            if validation_data is not None:
+                raise ConfigError("fit: pass validation_data or validation_split, not both")
+            n_all = Xd.shape[0]
+            if (isinstance(validation_split, bool) or
+                    not isinstance(validation_split, (int, float, np.floating)) or
+                    not 0 < validation_split < 1):
+                raise ConfigError(f"fit: validation_split must be a fraction in (0, 1), got "
+                                  f"{validation_split!r}")
+            n_val = int(round(n_all * validation_split))
+            if not 0 < n_val < n_all:
+                raise ConfigError(f"fit: validation_split={validation_split} of {n_all} rows "
+                                  f"leaves {n_val} for validation; use a larger dataset or "
+                                  "another fraction")
+            # the last rows, before any shuffling (as Keras): the same split every call
+            Vd = (Xd[n_all - n_val:, ...], Td[n_all - n_val:, ...])
+            Xd, Td = Xd[:n_all - n_val, ...], Td[:n_all - n_val, ...]
         if validation_data is not None:
             if len(validation_data) != 2:
                 raise ShapeError("validation_data: expected a pair (X_val, y_val), got "

@@ -185,3 +185,68 @@ def test_dtype_objects_are_accepted_like_their_names():
 def test_an_activation_typo_is_an_error_even_without_hidden_layers():
     with pytest.raises(bpcore.errors.UnknownNameError, match="relux"):
         bpcore.MLP([2, 3], activation="relux")
+
+
+# ---- what a new user reaches for ---------------------------------------------------------
+def test_a_pandas_dataframe_is_accepted_as_x():
+    pd = pytest.importorskip("pandas")
+    X, y = _data(40)
+    df = pd.DataFrame(X, columns=[f"f{i}" for i in range(5)])
+    a = bpcore.Trainer(bpcore.MLP([5, 4, 3], seed=0), "softmax_cross_entropy", optim.sgd(0.1))
+    b = bpcore.Trainer(bpcore.MLP([5, 4, 3], seed=0), "softmax_cross_entropy", optim.sgd(0.1))
+    ha = a.fit(df, pd.Series(y), epochs=2, batch_size=8, verbose=0)
+    hb = b.fit(X, y, epochs=2, batch_size=8, verbose=0)
+    assert ha["loss"] == hb["loss"]
+    with pytest.raises(bpcore.errors.DTypeError, match="DataFrame"):
+        a.model(pd.DataFrame({"a": ["x", "y"], "b": [1, 2], "c": [1, 2], "d": [1, 2],
+                              "e": [1, 2]}))
+
+
+def test_predict_and_predict_proba_give_numpy_on_every_backend(backend):
+    X, _ = _data(60)
+    y = (X[:, 0] > 0).astype(np.int64) + (X[:, 1] > 0.5)  # learnable
+    model = bpcore.MLP([5, 8, 3], backend=backend, seed=0)
+    with pytest.raises(bpcore.errors.ConfigError, match="does not know what it predicts"):
+        model.predict(X)
+    bpcore.Trainer(model, "softmax_cross_entropy", optim.adam(0.05)).fit(X, y, epochs=20,
+                                                                          verbose=0)
+    P = model.predict_proba(X, batch_size=7)
+    assert isinstance(P, np.ndarray) and P.shape == (60, 3)
+    np.testing.assert_allclose(P.sum(axis=1), 1.0, rtol=1e-6)
+    logits = backend.to_numpy(model(X)).astype(np.float64)
+    pred = model.predict(X)
+    assert isinstance(pred, np.ndarray) and pred.dtype == np.int64
+    np.testing.assert_array_equal(pred, logits.argmax(axis=1))
+    assert np.mean(pred == y) > 0.8
+    binary = bpcore.MLP([5, 4, 2], backend=backend, seed=0, task="binary")
+    Pb = binary.predict_proba(X)
+    np.testing.assert_allclose(Pb, 1 / (1 + np.exp(-backend.to_numpy(binary(X)).astype(float))),
+                               rtol=1e-5)
+    np.testing.assert_array_equal(binary.predict(X), (Pb > 0.5).astype(np.int64))
+    reg = bpcore.MLP([5, 2], backend=backend, task="values")
+    np.testing.assert_array_equal(reg.predict(X), backend.to_numpy(reg(X)))
+    with pytest.raises(bpcore.errors.ConfigError, match="no probabilities"):
+        reg.predict_proba(X)
+
+
+def test_a_loaded_classifier_knows_its_task(tmp_path):
+    X, y = _data(30)
+    t = bpcore.Trainer(bpcore.MLP([5, 4, 3], seed=0), "softmax_cross_entropy", "adam")
+    t.save(tmp_path / "c.safetensors")
+    np.testing.assert_array_equal(bpcore.load(tmp_path / "c.safetensors").predict(X),
+                                  t.model.predict(X))
+
+
+def test_validation_split_holds_out_the_last_rows():
+    X, y = _data(50)
+    a = bpcore.Trainer(bpcore.MLP([5, 4, 3], seed=0), "softmax_cross_entropy", optim.sgd(0.1))
+    b = bpcore.Trainer(bpcore.MLP([5, 4, 3], seed=0), "softmax_cross_entropy", optim.sgd(0.1))
+    ha = a.fit(X, y, epochs=2, batch_size=8, validation_split=0.2, verbose=0)
+    hb = b.fit(X[:40], y[:40], epochs=2, batch_size=8, validation_data=(X[40:], y[40:]),
+               verbose=0)
+    assert ha["val_loss"] == hb["val_loss"] and ha["loss"] == hb["loss"]
+    for bad in (0, 1, 1.5, -0.1, "0.2", True, 0.001):
+        with pytest.raises(bpcore.errors.ConfigError, match="validation_split"):
+            a.fit(X, y, epochs=1, validation_split=bad, verbose=0)
+    with pytest.raises(bpcore.errors.ConfigError, match="not both"):
+        a.fit(X, y, epochs=1, validation_split=0.2, validation_data=(X, y), verbose=0)
