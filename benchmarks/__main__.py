@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     import bpcore
 
-    from .report import markdown_table, run_suite, write_json, write_report
+    from .report import markdown_table, noise_warning, run_suite, write_json, write_report
 
     if args.backends:
         backends = args.backends.split(",")
@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, old[0])
         signal.signal(signal.SIGTERM, old[1])
     print(markdown_table(result["rows"]))
+    if noise_warning(result["rows"]):
+        print("\n" + noise_warning(result["rows"]), file=sys.stderr)
     print(f"\n{len(result['rows'])} measurements in {result['wall_s']:.0f}s "
           f"({result['status']}; {len(result['missing'])} not taken, "
           f"{len(result['failed'])} failed); wrote " + ", ".join(paths))

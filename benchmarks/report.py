@@ -183,16 +183,39 @@ def _ratio(row: dict, key: str) -> str:
     return f"{row[key]:.2f}" if key in row else "-"
 
 
+def _spread(row: dict) -> str:
+    return f"{row['spread'] * 100:.0f} %" if "spread" in row else "-"
+
+
+NOISY_SPREAD, NOISY_SHARE = 0.25, 0.2
+
+
+def noise_warning(rows: list[dict]) -> str:
+    """A warning when the machine was too busy for the figures to mean much, else ''.
+
+    Each measurement's spread is (slowest - fastest) / fastest of its timed blocks; when more
+    than a fifth of the measurements spread by over 25 %, something else was running.
+    """
+    spreads = [r["spread"] for r in rows if "spread" in r]
+    noisy = [x for x in spreads if x > NOISY_SPREAD]
+    if not spreads or len(noisy) <= NOISY_SHARE * len(spreads):
+        return ""
+    return (f"WARNING: this machine was noisy during the run: {len(noisy)} of {len(spreads)} "
+            f"measurements varied by more than {NOISY_SPREAD:.0%} between their repeated "
+            f"blocks (median spread {sorted(spreads)[len(spreads) // 2]:.0%}). The fastest "
+            "block is reported, but treat the ratios with care and rerun on a quiet machine.")
+
+
 def markdown_table(rows: list[dict], cases: Iterable[str] | None = None) -> str:
     """Time per step and ratios for bpcore on each backend; one line per case/dtype/kind."""
-    lines = ["| case | dtype | backend | kind | ms/step | × GEMM floor | × best peer (who) |",
-             "|---|---|---|---|---:|---:|---:|"]
+    lines = ["| case | dtype | backend | kind | ms/step | spread | × GEMM floor | × best peer (who) |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         if r["impl"] != "bpcore" or (cases is not None and r["case"] not in cases):
             continue
         lines.append(
             f"| {r['case']} | {r['dtype']} | {r['backend']} | {r['kind']} | "
-            f"{r['time_s'] * 1e3:.3f} | {_ratio(r, 'ratio_to_floor')} | "
+            f"{r['time_s'] * 1e3:.3f} | {_spread(r)} | {_ratio(r, 'ratio_to_floor')} | "
             f"{_ratio(r, 'ratio_to_best_peer')} ({r.get('best_peer', '-')}) |")
     return "\n".join(lines)
 
@@ -278,6 +301,9 @@ def write_report(result: dict, machine: dict, out: str) -> list[str]:
         status = status_section(result)
         if status:
             f.write(status + "\n\n")
+        noise = noise_warning(rows)
+        if noise:
+            f.write(f"**{noise}**\n\n")
         f.write(machine_summary(machine) + "\n\n")
         f.write("Ratios are measured in this one run: bpcore's time per step divided by the "
                 "same backend's GEMM floor (the step's matrix products alone), and by the "
@@ -307,7 +333,21 @@ def machine_summary(m: dict) -> str:
             f"{m.get('torch_threads')}. float32 matrix products: {prec_s}. Libraries: {libs}.")
 
 
+# One colour per implementation, the same in every chart: bpcore on each backend, each peer.
+COLOURS = {"bpcore/numpy": "#1f77b4", "bpcore/jax": "#2ca02c", "bpcore/torch": "#d62728",
+           "bpcore/cupy": "#9467bd", "bpcore/array_api_strict": "#8c564b",
+           "peer/torch": "#ff9896", "peer/jax": "#98df8a", "peer/sklearn": "#c7c7c7"}
+PEER_LABELS = {"torch": "PyTorch autograd", "jax": "jax.grad + optax", "sklearn": "scikit-learn"}
+
+
+def _label(impl: str, backend: str) -> str:
+    return f"bpcore / {backend}" if impl == "bpcore" else PEER_LABELS.get(backend, backend)
+
+
 def charts(rows: list[dict], out: str, cases: list[str]) -> list[str]:
+    """``time_per_step.png`` (one panel per kind of step: bars per implementation, the
+    backend's GEMM floor drawn as a black line on each bpcore bar, the ratio to it written on
+    the bar), ``ratio_to_floor.png`` and ``batch_sweep.png``."""
     try:
         import matplotlib
 
@@ -315,58 +355,93 @@ def charts(rows: list[dict], out: str, cases: list[str]) -> list[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
+    kinds = [k for k in ("sgd", "adam") if any(r["kind"] == k and r["case"] in cases
+                                               for r in rows)]
+    if not kinds:
+        return []
+    floor = {(r["case"], r["backend"]): r["time_s"] * 1e3 for r in rows
+             if r["impl"] == "floor" and r["dtype"] == "float32"}
     paths = []
-    kinds = ("sgd",)
-    series = {}
-    for r in rows:
-        if r["case"] in cases and r["dtype"] == "float32" and r["kind"] in kinds + ("floor",):
-            label = (f"{r['impl']}/{r['backend']}" if r["impl"] != "peer" else r["backend"])
-            series.setdefault(label, {})[r["case"]] = r["time_s"] * 1e3
-    ratio = {}
-    for r in rows:
-        if r["impl"] == "bpcore" and r["case"] in cases and r["dtype"] == "float32":
-            ratio.setdefault(f"{r['backend']}/{r['kind']}", {})[r["case"]] = r.get(
-                "ratio_to_floor", float("nan"))
-    for name, data, labels in (
-            ("time_per_step.png", series,
-             dict(yscale="log", ylabel="ms per SGD training step (log)",
-                  title="Training step, float32: bpcore per backend, GEMM floors, peers")),
-            ("ratio_to_floor.png", ratio,
-             dict(ylabel="time / GEMM floor (same backend)", title="bpcore over its GEMM floor"))):
-        if not data:
-            continue
-        fig, ax = plt.subplots(figsize=(9, 4.5))
-        width = 0.8 / len(data)
-        for j, (label, vals) in enumerate(sorted(data.items())):
-            xs = [i + j * width for i, c in enumerate(cases) if c in vals]
-            ax.bar(xs, [vals[c] for c in cases if c in vals], width, label=label)
-        if name.startswith("ratio"):
-            ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], cases)
-        ax.set(**labels)
-        ax.legend(fontsize=7, ncol=4)
-        fig.tight_layout()
+
+    def bars(ax, kind, value, note):
+        data = {}
+        for r in rows:
+            if r["kind"] == kind and r["case"] in cases and r["dtype"] == "float32":
+                data.setdefault(f"{r['impl']}/{r['backend']}", {})[r["case"]] = r
+        keys = sorted((k for k in data if any(value(r) is not None for r in data[k].values())),
+                      key=lambda k: (not k.startswith("bpcore"), k))
+        width = 0.8 / max(len(keys), 1)
+        for j, key in enumerate(keys):
+            impl, backend = key.split("/", 1)
+            for i, case in enumerate(cases):
+                r = data[key].get(case)
+                if r is None or value(r) is None:
+                    continue
+                x = i - 0.4 + (j + 0.5) * width
+                ax.bar(x, value(r), width * 0.92, color=COLOURS.get(key, "#7f7f7f"),
+                       label=_label(impl, backend) if i == 0 or case == cases[0] else None)
+                note(ax, r, x, width)
+        ax.set_xticks(range(len(cases)), cases)
+        ax.set_title({"sgd": "SGD step", "adam": "Adam step"}[kind])
+
+    def floor_and_ratio(ax, r, x, width):
+        f = floor.get((r["case"], r["backend"]))
+        if r["impl"] == "bpcore" and f:
+            ax.hlines(f, x - width * 0.46, x + width * 0.46, colors="black", linewidth=2)
+            ax.annotate(f"×{r['time_s'] * 1e3 / f:.2f}", (x, r["time_s"] * 1e3), ha="center",
+                        va="bottom", fontsize=6, rotation=90, xytext=(0, 2),
+                        textcoords="offset points")
+
+    def ratio_text(ax, r, x, width):
+        ax.annotate(f"{r['ratio_to_floor']:.2f}", (x, r["ratio_to_floor"]), ha="center",
+                    va="bottom", fontsize=6, xytext=(0, 2), textcoords="offset points")
+
+    for name, value, note, ylabel, log in (
+            ("time_per_step.png", lambda r: r["time_s"] * 1e3 if r["impl"] != "floor" else None,
+             floor_and_ratio, "ms per step (log); black line: GEMM floor", True),
+            ("ratio_to_floor.png",
+             lambda r: r.get("ratio_to_floor") if r["impl"] == "bpcore" else None,
+             ratio_text, "time ÷ the same backend's GEMM floor", False)):
+        fig, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 4.8), squeeze=False)
+        for ax, kind in zip(axes[0], kinds):
+            bars(ax, kind, value, note)
+            ax.set_ylabel(ylabel)
+            if log:
+                ax.set_yscale("log")
+            else:
+                ax.axhline(1.0, color="black", linewidth=0.8)
+                ax.set_ylim(0, ax.get_ylim()[1] * 1.12)
+        handles, labels = {}, []
+        for ax in axes[0]:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(lab, h)
+        fig.legend(list(handles.values()), list(handles), loc="lower center",
+                   ncol=min(len(handles), 5), fontsize=8, frameon=False)
+        fig.suptitle("bpcore training step, float32" + (": time, floors, peers" if log else
+                                                         ": ratio to the GEMM floor"))
+        fig.tight_layout(rect=(0, 0.1, 1, 1))
         p = os.path.join(out, name)
-        fig.savefig(p, dpi=100)
+        fig.savefig(p, dpi=110)
         plt.close(fig)
         paths.append(p)
 
     sweep = {}
     for r in rows:
-        if "@" in r["case"]:
-            label = f"{r['impl']}/{r['backend']}" if r["impl"] != "peer" else r["backend"]
-            sweep.setdefault(label, []).append((r["batch"], r["time_s"] / r["batch"] * 1e6))
+        if "@" in r["case"] and r["impl"] != "floor":
+            key = f"{r['impl']}/{r['backend']}"
+            sweep.setdefault(key, []).append((r["batch"], r["time_s"] / r["batch"] * 1e6))
     if sweep:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for label, pts in sorted(sweep.items()):
+        fig, ax = plt.subplots(figsize=(7, 4.8))
+        for key, pts in sorted(sweep.items()):
             pts.sort()
-            ax.plot([b for b, _ in pts], [t for _, t in pts], marker="o", label=label)
+            ax.plot([b for b, _ in pts], [t for _, t in pts], marker="o",
+                    color=COLOURS.get(key, "#7f7f7f"), label=_label(*key.split("/", 1)))
         ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="µs per sample",
                title="mnist 784-256-256-10, SGD step, float32")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=8)
         fig.tight_layout()
         p = os.path.join(out, "batch_sweep.png")
-        fig.savefig(p, dpi=100)
+        fig.savefig(p, dpi=110)
         plt.close(fig)
         paths.append(p)
     return paths

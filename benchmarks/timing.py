@@ -5,7 +5,8 @@ device. It then times ``blocks`` blocks of ``n`` calls each, ``n`` calibrated so
 lasts about ``block_s``; the device is synchronised at the end of each block, before the
 clock stops, so asynchronous backends are charged for all their queued work. The figure
 used for ratios is the fastest block's mean time per call (the least disturbed by other
-load on a shared machine); the median block is recorded too.
+load on a shared machine); the median block and the spread, (slowest - fastest) / fastest
+block, are recorded too: a large spread means the machine was busy.
 """
 
 from __future__ import annotations
@@ -37,4 +38,5 @@ def measure(r: Runner, *, warmup: int = 2, blocks: int = 3, block_s: float = 0.1
         per_call.append((time.perf_counter() - t0) / n)
         del outs
     return {"time_s": min(per_call), "median_s": statistics.median(per_call),
+            "spread": (max(per_call) - min(per_call)) / min(per_call),
             "calls_per_block": n, "blocks": blocks}

@@ -235,3 +235,12 @@ def test_gpu_selection_keeps_every_gpu_test_cross_backend_first():
 def test_unknown_selection_is_a_usage_error():
     proc = _collect("gpus")
     assert proc.returncode != 0 and "BPCORE_TESTS='gpus'" in proc.stdout + proc.stderr
+
+
+def test_a_noisy_machine_is_reported():
+    from benchmarks.report import noise_warning
+
+    quiet = [{"spread": 0.05}] * 9 + [{"spread": 0.6}]
+    assert noise_warning(quiet) == ""
+    busy = [{"spread": 0.05}] * 6 + [{"spread": 0.6}] * 4
+    assert "noisy" in noise_warning(busy) and "4 of 10" in noise_warning(busy)
