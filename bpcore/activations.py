@@ -19,7 +19,7 @@ from typing import Callable
 from ._array import Array, array_namespace, clip_above, clip_below
 from ._registry import lookup
 
-__all__ = ["Activation", "ACTIVATIONS", "get_activation"]
+__all__ = ["Activation", "ACTIVATIONS", "get_activation", "sigmoid", "softplus"]
 
 
 @dataclass(frozen=True)
@@ -36,14 +36,16 @@ class Activation:
         return self.forward(Z)
 
 
-def _sigmoid(Z: Array) -> Array:
+def sigmoid(Z: Array) -> Array:
+    """``1 / (1 + e^{-z})`` without overflow (also the fused loss's output)."""
     xp = array_namespace(Z)
     # exp(-|Z|) never overflows; the two branches are the same function rearranged.
     e = xp.exp(-xp.abs(Z))
     return xp.where(Z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
-def _softplus(Z: Array) -> Array:
+def softplus(Z: Array) -> Array:
+    """``log(1 + e^z)`` without overflow (also binary cross-entropy's value)."""
     xp = array_namespace(Z)
     # log(1 + e^z) = max(z, 0) + log1p(e^{-|z|}): no overflow at |z| = 1e4.
     return clip_below(Z, 0.0) + xp.log1p(xp.exp(-xp.abs(Z)))
@@ -115,7 +117,7 @@ def _elu_vjp(Z, Y, D):
 
 # ---- softplus: f' = sigmoid(z) ------------------------------------------------------
 def _softplus_vjp(Z, Y, D):
-    return D * _sigmoid(Z)
+    return D * sigmoid(Z)
 
 
 # ---- gelu, tanh approximation (Hendrycks & Gimpel; PyTorch approximate="tanh") -------
@@ -145,12 +147,12 @@ ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in (
         Activation("identity", _identity, _identity_vjp),
-        Activation("sigmoid", _sigmoid, _sigmoid_vjp),
+        Activation("sigmoid", sigmoid, _sigmoid_vjp),
         Activation("tanh", _tanh, _tanh_vjp),
         Activation("relu", _relu, _relu_vjp, init="he"),
         Activation("leaky_relu", _leaky_relu, _leaky_relu_vjp, init="he"),
         Activation("elu", _elu, _elu_vjp, init="he"),
-        Activation("softplus", _softplus, _softplus_vjp, init="he"),
+        Activation("softplus", softplus, _softplus_vjp, init="he"),
         Activation("gelu", _gelu, _gelu_vjp, init="he"),
         Activation("softmax", _softmax, _softmax_vjp, elementwise=False),
     )

@@ -32,7 +32,7 @@ from ._array import nested_leaves, nested_unflatten
 from .activations import ACTIVATIONS
 from .errors import CheckpointError, ShapeError
 from .losses import LOSSES
-from .mlp import MLP
+from .mlp import MLP, param_shapes, params_from_dict, shape_mismatches
 from .optim import OPTIMIZERS, SCHEDULES, GradientTransformation
 from .preprocess import Standardize, from_spec
 
@@ -427,10 +427,7 @@ def _parse_meta(text: str, where: str) -> dict:
 
 def _expected_tensors(meta: dict) -> dict[str, tuple[int, ...] | None]:
     """Name -> shape of every tensor the metadata describes (None: any shape)."""
-    sizes = meta["sizes"]
-    out: dict[str, tuple[int, ...] | None] = {}
-    for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
-        out[f"W{k}"], out[f"b{k}"] = (n_out, n_in), (n_out,)
+    out: dict[str, tuple[int, ...] | None] = dict(param_shapes(meta["sizes"]))
     for i in range(meta["n_optimizer_tensors"]):
         out[f"opt.{i}"] = None
     return out
@@ -447,17 +444,14 @@ def load_checkpoint(path: str | os.PathLike, backend: Any = "numpy",
     tensors, meta = _read(path)
     where = f"load {path!r}"
     sizes, acts, saved_dtype = meta["sizes"], meta["activations"], meta["dtype"]
-    problems = [f"{name}: expected {want}, got "
-                f"{tensors[name].shape if name in tensors else 'nothing (missing)'}"
-                for name, want in _expected_tensors(meta).items()
-                if want is not None and (name not in tensors or tensors[name].shape != want)]
+    problems = shape_mismatches(tensors, sizes)
     if problems:
         raise CheckpointError(f"{where}: tensor shape mismatch: " + "; ".join(problems))
     not_float = [n for n, a in tensors.items() if not n.startswith("opt.") and
                  a.dtype.kind != "f"]
     if not_float:
         raise CheckpointError(f"{where}: parameters {not_float} are not floating point")
-    params = [(tensors[f"W{k}"], tensors[f"b{k}"]) for k in range(1, len(sizes))]
+    params = params_from_dict(tensors, len(sizes) - 1)
     try:
         model = MLP(sizes, acts[:-1], acts[-1], backend=backend, dtype=dtype or saved_dtype,
                     params=params,

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from .losses import Loss, get_loss
-from .mlp import MLP, value_and_grad
+from .mlp import MLP, param_shapes, value_and_grad
 
 __all__ = ["gradcheck", "GradcheckResult"]
 
@@ -74,7 +74,7 @@ def gradcheck(model: MLP, x: Any, y: Any, loss: str | Loss = "mse", *,
                                ).astype(np.float64)
     theta = np.concatenate([a.ravel() for layer in host for a in layer]).astype(np.float64)
     shapes = [a.shape for layer in host for a in layer]
-    names = [f"{p}{k}" for k in range(1, len(host) + 1) for p in "Wb"]
+    names = list(param_shapes(model.sizes))
 
     def g_at(vec: np.ndarray) -> float:
         leaves, i = [], 0

@@ -189,18 +189,14 @@ class MLP:
         if len(params) != len(self.sizes) - 1:
             raise ShapeError(f"params: expected {len(self.sizes) - 1} (W, b) pairs for sizes "
                              f"{self.sizes}, got {len(params)}.")
-        out, bad = [], []
-        for k, ((W, b), n_in, n_out) in enumerate(
-                zip(params, self.sizes[:-1], self.sizes[1:]), start=1):
-            for name, a, want in ((f"W{k}", W, (n_out, n_in)), (f"b{k}", b, (n_out,))):
-                if tuple(a.shape) != want:
-                    bad.append(f"{name}: expected {want}, got {tuple(a.shape)}")
-            # Copy host arrays: the model must never share memory with the caller's data.
-            out.append(tuple(self.backend.asarray(np.array(a) if isinstance(a, np.ndarray)
-                                                  else a, dtype=self.dtype) for a in (W, b)))
+        named = params_to_dict(params)
+        bad = shape_mismatches(named, self.sizes)
         if bad:
             raise ShapeError("params: shape mismatch: " + "; ".join(bad))
-        return out
+        # Copy host arrays: the model must never share memory with the caller's data.
+        return [tuple(self.backend.asarray(np.array(a) if isinstance(a, np.ndarray) else a,
+                                           dtype=self.dtype) for a in layer)
+                for layer in params]
 
     def copy_params(self) -> Params:
         """A copy of the parameters on the device (safe against any in-place update)."""
@@ -213,21 +209,16 @@ class MLP:
 
     def state_dict(self) -> dict[str, Any]:
         """Parameters as a dict ``{"W1": ndarray, "b1": ndarray, ...}`` of host NumPy arrays."""
-        to_np = self.backend.to_numpy
-        out = {}
-        for k, (W, b) in enumerate(self.params, start=1):
-            out[f"W{k}"], out[f"b{k}"] = to_np(W), to_np(b)
-        return out
+        return {k: self.backend.to_numpy(a) for k, a in params_to_dict(self.params).items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`state_dict`; any array type is accepted."""
-        K = len(self.sizes) - 1
-        want = {f"{p}{k}" for k in range(1, K + 1) for p in "Wb"}
+        want = set(param_shapes(self.sizes))
         missing, extra = sorted(want - set(state)), sorted(set(state) - want)
         if missing or extra:
             raise ShapeError(f"state: expected keys {sorted(want)}; missing {missing}, "
                              f"unexpected {extra}.")
-        self.set_params([(state[f"W{k}"], state[f"b{k}"]) for k in range(1, K + 1)])
+        self.set_params(params_from_dict(state, len(self.sizes) - 1))
 
     def to(self, backend: Any = None, dtype: str | None = None) -> "MLP":
         """A copy on another backend and/or dtype (default: this one), same parameter values."""
@@ -282,6 +273,33 @@ class MLP:
             return self._outputs(X, batch_size)
         P = self.predict_proba(X, batch_size)
         return (P.argmax(axis=1) if task == "classes" else (P > 0.5)).astype(np.int64)
+
+
+# ---- the parameters' names and shapes: W1, b1, W2, b2, ... (one place for the rule) --------
+def param_shapes(sizes: Sequence[int]) -> dict[str, tuple[int, ...]]:
+    """``{"W1": (n_1, n_0), "b1": (n_1,), "W2": ...}`` in layer order, for layer ``sizes``."""
+    out: dict[str, tuple[int, ...]] = {}
+    for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
+        out[f"W{k}"], out[f"b{k}"] = (n_out, n_in), (n_out,)
+    return out
+
+
+def params_to_dict(params: Params) -> dict[str, Array]:
+    """``[(W1, b1), ...]`` as ``{"W1": W1, "b1": b1, ...}`` (the same arrays)."""
+    return {f"{p}{k}": a for k, layer in enumerate(params, start=1) for p, a in zip("Wb", layer)}
+
+
+def params_from_dict(named: dict[str, Any], n_layers: int) -> Params:
+    """Inverse of :func:`params_to_dict`."""
+    return [(named[f"W{k}"], named[f"b{k}"]) for k in range(1, n_layers + 1)]
+
+
+def shape_mismatches(named: dict[str, Any], sizes: Sequence[int]) -> list[str]:
+    """``"W2: expected (4, 3), got (4, 2)"`` for each parameter missing or of the wrong shape."""
+    return [f"{name}: expected {want}, got "
+            f"{tuple(named[name].shape) if name in named else 'nothing (missing)'}"
+            for name, want in param_shapes(sizes).items()
+            if name not in named or tuple(named[name].shape) != want]
 
 
 def _check_sizes(sizes: Any) -> list[int]:
