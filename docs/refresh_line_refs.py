@@ -21,4 +21,5 @@ def fix(m: re.Match) -> str:
 
 
 text = open(PATH, encoding="utf-8").read()
-open(PATH, "w", encoding="utf-8").write(re.sub(PATTERN, fix, text))
+new = re.sub(PATTERN, fix, text)  # all of it first: a reference gone stops before any write
+open(PATH, "w", encoding="utf-8").write(new)
