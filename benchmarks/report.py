@@ -411,7 +411,7 @@ def charts(rows: list[dict], out: str, cases: list[str]) -> list[str]:
             else:
                 ax.axhline(1.0, color="black", linewidth=0.8)
                 ax.set_ylim(0, ax.get_ylim()[1] * 1.12)
-        handles, labels = {}, []
+        handles = {}
         for ax in axes[0]:
             for h, lab in zip(*ax.get_legend_handles_labels()):
                 handles.setdefault(lab, h)

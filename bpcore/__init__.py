@@ -13,6 +13,8 @@ from .gradcheck import GradcheckResult, gradcheck  # noqa: E402
 from .losses import LOSSES, Loss  # noqa: E402
 from .mlp import MLP, backward, forward, forward_cache, loss_and_grad, value_and_grad  # noqa: E402
 from .optim import OPTIMIZERS  # noqa: E402
+from .config import TrainConfig  # noqa: E402
+from .step import TrainState  # noqa: E402
 from .train import Callback, EarlyStopping, History, Trainer, train_step  # noqa: E402
 
 __all__ = [
@@ -20,5 +22,5 @@ __all__ = [
     "ACTIVATIONS", "Activation", "LOSSES", "Loss", "OPTIMIZERS",
     "MLP", "forward", "forward_cache", "backward", "loss_and_grad", "value_and_grad",
     "save", "load", "load_checkpoint", "Checkpoint",
-    "Trainer", "train_step", "History", "Callback", "EarlyStopping", "gradcheck", "GradcheckResult",
+    "Trainer", "train_step", "TrainState", "TrainConfig", "History", "Callback", "EarlyStopping", "gradcheck", "GradcheckResult",
 ]

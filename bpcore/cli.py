@@ -283,7 +283,7 @@ def cmd_predict(args) -> int:
     pre = ckpt.preprocessing or _legacy_scaling(ckpt)
     X = np.asarray(X, dtype=np.float64) if pre is None else pre(X)
     out = model.backend.to_numpy(model(X))
-    if meta.get("task", "classification") == "classification" and ckpt.meta.get("loss") != "mse":
+    if model.task in ("classes", None) and ckpt.config.loss != "mse":
         pred = np.argmax(out, axis=1)
         classes = _class_names(meta, model.sizes[-1])
         labels = classes[pred] if classes is not None else pred

@@ -29,6 +29,7 @@ from .activations import Activation, get_activation
 from .errors import ConfigError, ShapeError
 from .init import init_params
 from .losses import Loss, get_loss
+from .targets import prepare_target
 
 TASKS = (None, "classes", "binary", "values")  # what the outputs mean (from the loss)
 
@@ -344,7 +345,7 @@ def value_and_grad(model: MLP, x: Any, y: Any, loss: str | Loss = "mse", *,
     lossf = get_loss(loss)
     be = model.backend
     xb = prepare_input(be, x, model.sizes[0], model.dtype)
-    T = lossf.prepare_target(be, y, model.sizes[-1], xb.shape[0], model.dtype_name)
+    T = prepare_target(lossf, be, y, model.sizes[-1], xb.shape[0], model.dtype_name)
     fn = model.compiled(("value_and_grad", lossf.name, input_grad), lambda: be.jit(
         lambda p, x, t: loss_and_grad(p, model.activations, lossf, x, t,
                                       input_grad=input_grad)))

@@ -1,55 +1,61 @@
 """Optimizers as ``init``/``update`` pairs of pure functions (the optax pattern).
 
-``opt.init(params) -> state`` and ``opt.update(grads, state, params) -> (updates, state)``;
-:func:`apply_updates` adds the updates to the parameters. State is a NamedTuple of arrays
-and parameter-shaped lists, so on JAX it is a pytree and the whole step jit-compiles.
-Every optimizer is a :func:`chain` of small transformations; plain SGD is the
-derivation's ``θ ← θ − η ∂g/∂θ``.
+``opt.init(params) -> state`` and ``opt.update(grads, state, params, step=k) -> (updates,
+state)``, where ``k`` is the number of updates applied so far (the training state's one step
+counter; a Python int or a 0-d array). :func:`apply_updates` adds the updates to the
+parameters. State is a NamedTuple of arrays and parameter-shaped lists, so on JAX it is a
+pytree and the whole step jit-compiles. Every optimizer is a :func:`chain` of small
+transformations; plain SGD is the derivation's ``θ ← θ − η ∂g/∂θ``.
 
-Learning rates are numbers or schedules: functions of the step count (a 0-d float array,
-or a Python number) returning the rate. Weight decay touches the weights ``W`` only, never
-the biases (as scikit-learn's ``alpha``).
+The optimizers users pick by name (:data:`OPTIMIZERS`) return an :class:`Optimizer`, whose
+``spec`` is a JSON-able description that :func:`from_spec` builds back (checkpoints store
+it). Learning rates are numbers or schedules (:mod:`bpcore.schedules`). Weight decay touches
+the weights ``W`` only, never the biases (as scikit-learn's ``alpha``).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, NamedTuple, Union
 
-import numpy as np
-
-from ._array import (Array, Params, array_device, array_namespace, clip_above, clip_below,
-                     tree_leaves, tree_map)
+from ._array import (Array, Params, array_namespace, clip_above, clip_below, tree_leaves,
+                     tree_map)
 from ._registry import lookup
 from .errors import ConfigError
+from .schedules import (SCHEDULES, Schedule, check_rate, constant, cosine_decay,
+                        schedule_from_spec, step_decay)
 
 __all__ = [
-    "GradientTransformation", "chain", "apply_updates",
-    "sgd", "momentum", "adam", "adamw", "OPTIMIZERS", "get_optimizer",
+    "GradientTransformation", "Optimizer", "chain", "apply_updates",
+    "sgd", "momentum", "adam", "adamw", "OPTIMIZERS", "get_optimizer", "from_spec",
     "scale_by_learning_rate", "add_decayed_weights", "trace", "scale_by_adam",
     "clip_by_global_norm", "global_norm",
     "constant", "step_decay", "cosine_decay", "SCHEDULES",
 ]
 
-Schedule = Callable[[Any], Any]
-LearningRate = Union[float, Schedule]
+LearningRate = Union[float, Callable[[Any], Any]]
 
 
 class GradientTransformation(NamedTuple):
-    """A pair of pure functions; ``name`` and ``hyper`` describe it for checkpoints."""
+    """A pair of pure functions: ``init(params)`` and ``update(updates, state, params, *,
+    step)``."""
 
     init: Callable[[Params], Any]
-    update: Callable[[Params, Any, Params], tuple[Params, Any]]
-    name: str = "custom"
-    hyper: dict = {}
+    update: Callable[..., tuple[Params, Any]]
+
+
+class Optimizer(NamedTuple):
+    """A :class:`GradientTransformation` built by name, with its ``spec`` (None when a part
+    of it, such as a custom learning-rate function, has no description)."""
+
+    init: Callable[[Params], Any]
+    update: Callable[..., tuple[Params, Any]]
+    spec: dict | None
 
 
 class EmptyState(NamedTuple):
     pass
-
-
-class CountState(NamedTuple):
-    count: Array  # 0-d int32: the number of updates applied so far
 
 
 class TraceState(NamedTuple):
@@ -57,7 +63,6 @@ class TraceState(NamedTuple):
 
 
 class AdamState(NamedTuple):
-    count: Array
     mu: Params
     nu: Params
 
@@ -66,76 +71,60 @@ def _zeros_like_tree(params: Params) -> Params:
     return tree_map(lambda a: array_namespace(a).zeros_like(a), params)
 
 
-def _new_count(params: Params) -> Array:
-    W = params[0][0]
-    xp = array_namespace(W)
-    return xp.zeros((), dtype=xp.int32, device=array_device(W))
+def _step_as_float(step: Any, like: Array) -> Any:
+    """The 0-based step count as a float in the parameters' dtype (an array stays one)."""
+    if step is None:
+        raise ConfigError("update: this optimizer needs the step count; call "
+                          "opt.update(grads, state, params, step=number_of_updates_so_far)")
+    if isinstance(step, (int, float)):
+        return float(step)
+    return array_namespace(step).astype(step, like.dtype)
 
 
-def _count_as_float(count: Array, like: Array) -> Array:
-    """The 1-based step number as a 0-d float in the parameters' dtype."""
-    xp = array_namespace(count)
-    return xp.astype(count + 1, like.dtype)
-
-
-def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
-    if callable(value):
-        return
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: expected a number, got {value!r}") from None
-    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{name}: expected a finite number {bound}, got {value!r}")
-
-
-def _check_unit(name: str, value: float) -> None:
-    if not (0.0 <= float(value) < 1.0):
+def _check_unit(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+            not 0.0 <= float(value) < 1.0:
         raise ConfigError(f"{name}: expected a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _check_lr(lr: Any) -> LearningRate:
+    return lr if callable(lr) else check_rate("lr", lr)
 
 
 # ---- transformations --------------------------------------------------------------------
-def chain(*transforms: GradientTransformation, name: str = "chain",
-          hyper: dict | None = None) -> GradientTransformation:
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply ``transforms`` one after another; the state is the tuple of their states."""
 
     def init(params):
         return tuple(t.init(params) for t in transforms)
 
-    def update(updates, state, params):
+    def update(updates, state, params, *, step=None):
         new_state = []
         for t, s in zip(transforms, state):
-            updates, s = t.update(updates, s, params)
+            updates, s = t.update(updates, s, params, step=step)
             new_state.append(s)
         return updates, tuple(new_state)
 
-    return GradientTransformation(init, update, name, dict(hyper or {}))
+    return GradientTransformation(init, update)
 
 
 def scale_by_learning_rate(lr: LearningRate) -> GradientTransformation:
-    """``u ← -lr(step) · u``: the descent step itself."""
-    _check_positive("lr", lr)
-    if not callable(lr):
-        rate = float(lr)
-        return GradientTransformation(
-            lambda p: EmptyState(),
-            lambda u, s, p: (tree_map(lambda g: -rate * g, u), s))
+    """``u ← -lr(step) · u``: the descent step itself (a schedule reads the step count)."""
+    lr = _check_lr(lr)
 
-    def update(u, state, params):
-        step = _count_as_float(state.count, params[0][0]) - 1.0  # schedules start at 0
-        rate = lr(step)
-        return tree_map(lambda g: -rate * g, u), CountState(state.count + 1)
+    def update(u, state, params, *, step=None):
+        rate = -lr(_step_as_float(step, params[0][0])) if callable(lr) else -lr
+        return tree_map(lambda g: rate * g, u), state
 
-    return GradientTransformation(lambda p: CountState(_new_count(p)), update)
+    return GradientTransformation(lambda p: EmptyState(), update)
 
 
 def add_decayed_weights(weight_decay: float) -> GradientTransformation:
     """``u_W ← u_W + wd · W`` (weights only): L2 before a scaling, decoupled after it."""
-    _check_positive("weight_decay", weight_decay, allow_zero=True)
-    wd = float(weight_decay)
+    wd = check_rate("weight_decay", weight_decay, allow_zero=True)
 
-    def update(u, state, params):
+    def update(u, state, params, *, step=None):
         return [(gW + wd * W, gb) for (gW, gb), (W, _) in zip(u, params)], state
 
     return GradientTransformation(lambda p: EmptyState(), update)
@@ -143,9 +132,9 @@ def add_decayed_weights(weight_decay: float) -> GradientTransformation:
 
 def trace(beta: float, nesterov: bool = False) -> GradientTransformation:
     """Heavy-ball momentum ``v ← β v + g`` (PyTorch's convention); Nesterov: ``g + β v``."""
-    _check_unit("momentum", beta)
+    beta = _check_unit("momentum", beta)
 
-    def update(u, state, params):
+    def update(u, state, params, *, step=None):
         v = tree_map(lambda vel, g: beta * vel + g, state.velocity, u)
         out = tree_map(lambda vel, g: g + beta * vel, v, u) if nesterov else v
         return out, TraceState(v)
@@ -156,23 +145,23 @@ def trace(beta: float, nesterov: bool = False) -> GradientTransformation:
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
                   ) -> GradientTransformation:
     """Adam's ``m̂ / (sqrt(v̂) + eps)`` with bias correction (Kingma & Ba, alg. 1)."""
-    _check_unit("b1", b1)
-    _check_unit("b2", b2)
-    _check_positive("eps", eps)
+    b1, b2 = _check_unit("b1", b1), _check_unit("b2", b2)
+    eps = check_rate("eps", eps)
     lb1, lb2 = math.log(b1) if b1 > 0 else -math.inf, math.log(b2) if b2 > 0 else -math.inf
 
     def init(params):
-        return AdamState(_new_count(params), _zeros_like_tree(params), _zeros_like_tree(params))
+        return AdamState(_zeros_like_tree(params), _zeros_like_tree(params))
 
-    def update(u, state, params):
+    def update(u, state, params, *, step=None):
         xp = array_namespace(params[0][0])
         mu = tree_map(lambda m, g: b1 * m + (1.0 - b1) * g, state.mu, u)
         nu = tree_map(lambda v, g: b2 * v + (1.0 - b2) * (g * g), state.nu, u)
-        t = _count_as_float(state.count, params[0][0])
-        c1 = 1.0 - xp.exp(t * lb1)  # 1 - b1^t, with t an array on the device
-        c2 = 1.0 - xp.exp(t * lb2)
+        t = _step_as_float(step, params[0][0]) + 1.0  # this is update number t (1-based)
+        exp = math.exp if isinstance(t, float) else xp.exp
+        c1 = 1.0 - exp(t * lb1)  # 1 - b1^t
+        c2 = 1.0 - exp(t * lb2)
         out = tree_map(lambda m, v: (m / c1) / (xp.sqrt(v / c2) + eps), mu, nu)
-        return out, AdamState(state.count + 1, mu, nu)
+        return out, AdamState(mu, nu)
 
     return GradientTransformation(init, update)
 
@@ -186,10 +175,9 @@ def global_norm(tree: Params) -> Array:
 
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """Scale all gradients by ``min(1, max_norm / ||g||)``, computed on the device."""
-    _check_positive("clip_norm", max_norm)
-    max_norm = float(max_norm)
+    max_norm = check_rate("clip_norm", max_norm)
 
-    def update(u, state, params):
+    def update(u, state, params, *, step=None):
         scale = clip_above(max_norm / clip_below(global_norm(u), 1e-30), 1.0)
         return tree_map(lambda g: g * scale, u), state
 
@@ -202,112 +190,88 @@ def apply_updates(params: Params, updates: Params) -> Params:
 
 
 # ---- the optimizers users pick by name ------------------------------------------------------
+def _named(name: str, parts: list[GradientTransformation], **settings: Any) -> Optimizer:
+    lr = settings["lr"]
+    if isinstance(lr, Schedule):
+        settings["lr"] = lr.spec
+    elif callable(lr):  # a function of the user's own: it cannot be described
+        settings = None
+    t = chain(*parts)
+    return Optimizer(t.init, t.update, None if settings is None else {"name": name, **settings})
+
+
 def sgd(lr: LearningRate = 0.01, momentum: float = 0.0, nesterov: bool = False,
-        weight_decay: float = 0.0) -> GradientTransformation:
+        weight_decay: float = 0.0) -> Optimizer:
     """Gradient descent ``θ ← θ − η (∂g/∂θ + wd·W)``, optionally with (Nesterov) momentum."""
     parts = []
     if weight_decay:
         parts.append(add_decayed_weights(weight_decay))
     if momentum:
-        parts.append(trace(momentum, nesterov))
+        parts.append(trace(momentum, bool(nesterov)))
     elif nesterov:
         raise ConfigError("nesterov: Nesterov momentum needs momentum > 0, got momentum=0")
     parts.append(scale_by_learning_rate(lr))
-    return chain(*parts, name="momentum" if momentum else "sgd",
-                 hyper=_hyper(lr=lr, momentum=momentum, nesterov=nesterov,
-                              weight_decay=weight_decay))
+    return _named("sgd", parts, lr=lr, momentum=float(momentum), nesterov=bool(nesterov),
+                  weight_decay=float(weight_decay))
 
 
 def momentum(lr: LearningRate = 0.01, beta: float = 0.9, nesterov: bool = False,
-             weight_decay: float = 0.0) -> GradientTransformation:
-    """SGD with heavy-ball (or Nesterov) momentum ``beta``."""
+             weight_decay: float = 0.0) -> Optimizer:
+    """SGD with heavy-ball (or Nesterov) momentum ``beta`` (the same as ``sgd(momentum=)``)."""
     if not beta:
         raise ConfigError("beta: momentum needs beta > 0; use sgd() for plain descent")
     return sgd(lr, momentum=beta, nesterov=nesterov, weight_decay=weight_decay)
 
 
 def adam(lr: LearningRate = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-         weight_decay: float = 0.0) -> GradientTransformation:
+         weight_decay: float = 0.0) -> Optimizer:
     """Adam; ``weight_decay`` is classic L2 (added to the gradient before the moments)."""
     parts = [add_decayed_weights(weight_decay)] if weight_decay else []
     parts += [scale_by_adam(b1, b2, eps), scale_by_learning_rate(lr)]
-    return chain(*parts, name="adam",
-                 hyper=_hyper(lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    return _named("adam", parts, lr=lr, b1=float(b1), b2=float(b2), eps=float(eps),
+                  weight_decay=float(weight_decay))
 
 
 def adamw(lr: LearningRate = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-          weight_decay: float = 1e-2) -> GradientTransformation:
+          weight_decay: float = 1e-2) -> Optimizer:
     """AdamW (Loshchilov & Hutter): decay decoupled from the moments, scaled by ``lr``."""
-    return chain(scale_by_adam(b1, b2, eps), add_decayed_weights(weight_decay),
-                 scale_by_learning_rate(lr), name="adamw",
-                 hyper=_hyper(lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    parts = [scale_by_adam(b1, b2, eps), add_decayed_weights(weight_decay),
+             scale_by_learning_rate(lr)]
+    return _named("adamw", parts, lr=lr, b1=float(b1), b2=float(b2), eps=float(eps),
+                  weight_decay=float(weight_decay))
 
 
-def _hyper(**kw: Any) -> dict:
-    return {k: (getattr(v, "spec", "schedule") if callable(v) else v) for k, v in kw.items()}
-
-
-OPTIMIZERS: dict[str, Callable[..., GradientTransformation]] = {
+OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
     "sgd": sgd, "momentum": momentum, "adam": adam, "adamw": adamw,
 }
 
 
-def get_optimizer(name: str | GradientTransformation, **kwargs: Any) -> GradientTransformation:
+def get_optimizer(name: Any, **kwargs: Any) -> Any:
     """An optimizer by name (``OPTIMIZERS``), built with ``kwargs``; instances pass through."""
-    if isinstance(name, GradientTransformation):
+    if isinstance(name, (GradientTransformation, Optimizer)):
         return name
     factory = lookup(OPTIMIZERS, name, kind="optimizer", argument="optimizer",
                      passthrough=type(None))
     return factory(**kwargs)
 
 
-# ---- learning-rate schedules: plain functions of the step (0-based) -------------------------
-def _ns(step: Any):
-    return np if isinstance(step, (int, float, np.generic, np.ndarray)) else array_namespace(step)
+def from_spec(spec: Any) -> Optimizer:
+    """Inverse of ``Optimizer.spec``: the same optimizer, built through :data:`OPTIMIZERS`.
 
-
-def _spec(fn: Schedule, spec: dict) -> Schedule:
-    fn.spec = spec  # type: ignore[attr-defined]  # recorded in checkpoints
-    return fn
-
-
-def constant(value: float) -> Schedule:
-    """``lr(step) = value``."""
-    _check_positive("lr", value)
-    value = float(value)
-    return _spec(lambda step: value + 0.0 * step, {"schedule": "constant", "value": value})
-
-
-def step_decay(value: float, step_size: int, gamma: float = 0.1) -> Schedule:
-    """``lr(step) = value · gamma^floor(step / step_size)``."""
-    _check_positive("lr", value)
-    if int(step_size) < 1:
-        raise ConfigError(f"step_size: expected a positive integer, got {step_size!r}")
-    _check_positive("gamma", gamma)
-    value, step_size, lg = float(value), int(step_size), math.log(gamma)
-
-    def schedule(step):
-        xp = _ns(step)
-        return value * xp.exp(xp.floor(step / step_size) * lg)
-
-    return _spec(schedule, {"schedule": "step", "value": value, "step_size": step_size,
-                            "gamma": gamma})
-
-
-def cosine_decay(value: float, decay_steps: int, alpha: float = 0.0) -> Schedule:
-    """Cosine from ``value`` at step 0 to ``alpha · value`` at ``decay_steps``, then flat."""
-    _check_positive("lr", value)
-    if int(decay_steps) < 1:
-        raise ConfigError(f"decay_steps: expected a positive integer, got {decay_steps!r}")
-    value, decay_steps, alpha = float(value), int(decay_steps), float(alpha)
-
-    def schedule(step):
-        xp = _ns(step)
-        frac = xp.where(step > decay_steps, float(decay_steps), step) / decay_steps
-        return value * ((1.0 - alpha) * 0.5 * (1.0 + xp.cos(math.pi * frac)) + alpha)
-
-    return _spec(schedule, {"schedule": "cosine", "value": value, "decay_steps": decay_steps,
-                            "alpha": alpha})
-
-
-SCHEDULES = {"constant": constant, "step": step_decay, "cosine": cosine_decay}
+    A spec that names no optimizer of the registry, or carries settings it does not take,
+    is a ConfigError; nothing but the registry is ever looked up.
+    """
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ConfigError(f"optimizer: expected a spec {{'name': ..., settings}}, got "
+                          f"{str(spec)[:80]}")
+    if spec["name"] not in OPTIMIZERS:
+        raise ConfigError(f"optimizer: {spec['name']!r} is not one of bpcore's "
+                          f"{sorted(OPTIMIZERS)}")
+    settings = {k: v for k, v in spec.items() if k != "name"}
+    if isinstance(settings.get("lr"), dict):
+        settings["lr"] = schedule_from_spec(settings["lr"])
+    try:
+        return OPTIMIZERS[spec["name"]](**settings)
+    except TypeError as e:
+        raise ConfigError(f"optimizer: bad settings {settings} for {spec['name']!r}: {e}") \
+            from None

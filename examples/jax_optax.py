@@ -17,6 +17,7 @@ import optax
 
 import bpcore
 from bpcore.datasets import make_spirals
+from bpcore.targets import prepare_target
 
 
 def main(argv: list[str] | None = None, steps: int = 1500) -> float:
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None, steps: int = 1500) -> float:
     model = bpcore.MLP([2, 64, 64, 3], activation="gelu", backend="jax", seed=0)
     loss = bpcore.LOSSES["softmax_cross_entropy"]
     x = model.backend.asarray(X)
-    targets = loss.prepare_target(model.backend, y, 3, len(y), "float32")  # one-hot rows
+    targets = prepare_target(loss, model.backend, y, 3, len(y), "float32")  # one-hot rows
 
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(3e-3))
     opt_state = optimizer.init(model.params)

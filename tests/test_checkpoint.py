@@ -192,8 +192,9 @@ def test_corrupted_data_header_and_foreign_files(saved, tmp_path):
         bpcore.load(tmp_path / "missing.safetensors")
 
 
-def _meta(sizes, acts, **kw):
-    return {"format_version": 1, "sizes": sizes, "activations": acts, "dtype": "float32", **kw}
+def _meta(sizes, acts, **config):
+    return {"format_version": 2, "user": {}, "n_optimizer_tensors": 0,
+            "config": {"sizes": sizes, "activations": acts, "dtype": "float32", **config}}
 
 
 def test_shape_mismatch_lists_every_tensor(tmp_path):
@@ -217,8 +218,11 @@ def test_names_in_a_file_are_only_looked_up_in_registries(tmp_path):
     path.write_bytes(_encode(tensors, _meta([3, 2], ["identity"], loss="__import__")))
     with pytest.raises(CheckpointError, match="unknown loss"):
         bpcore.load(path)
-    path.write_bytes(_encode(tensors, _meta([3, 2], ["identity"], loss="mse",
-                                            optimizer={"name": "eval", "hyper": {}})))
+    state = {"state.step": np.int32(0), "state.epoch": np.int32(0),
+             "state.guard.bad_step": np.int32(0), "state.guard.reason": np.int32(0),
+             "state.guard.ref_loss": np.float32(1.0)}
+    path.write_bytes(_encode({**tensors, **state}, _meta([3, 2], ["identity"], loss="mse",
+                                                        optimizer={"name": "eval"})))
     with pytest.raises(CheckpointError, match="not one of"):
         bpcore.Trainer.resume(path)
 

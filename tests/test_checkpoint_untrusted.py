@@ -30,8 +30,12 @@ from bpcore.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 TENSORS = {"W1": np.zeros((2, 3), np.float32), "b1": np.zeros(2, np.float32)}
-GOOD = {"format_version": 1, "sizes": [3, 2], "activations": ["identity"], "dtype": "float32",
-        "loss": "mse", "step": 0, "epoch": 0, "n_optimizer_tensors": 0, "user": {}}
+STATE = {name: np.array(v, dtype) for name, v, dtype in (
+    ("state.step", 0, np.int32), ("state.epoch", 0, np.int32),
+    ("state.guard.bad_step", 0, np.int32), ("state.guard.reason", 0, np.int32),
+    ("state.guard.ref_loss", 1.0, np.float32))}
+CONFIG = {"sizes": [3, 2], "activations": ["identity"], "dtype": "float32", "loss": "mse"}
+GOOD = {"format_version": 2, "config": CONFIG, "n_optimizer_tensors": 0, "user": {}}
 
 
 def _file(tmp_path, meta_text, tensors=TENSORS, name="x.safetensors"):
@@ -59,16 +63,18 @@ BAD_META = [
     ("12", "expected an object"),
     ("{not json", "corrupted bpcore metadata"),
 ]
-BAD_FIELDS = [
+BAD_CONFIG = [
     ("sizes", "abc"), ("sizes", [-1, 2]), ("sizes", [3]), ("sizes", [2 ** 40, 2]),
     ("sizes", [3.0, 2]), ("sizes", [True, 2]), ("activations", 5), ("activations", [1]),
-    ("dtype", "int8"), ("dtype", ["float32"]), ("step", "12"), ("step", 1.5), ("step", -1),
-    ("epoch", True), ("epoch", None), ("n_optimizer_tensors", -1),
-    ("n_optimizer_tensors", 10 ** 9), ("user", []), ("optimizer", "adam"),
+    ("dtype", "int8"), ("dtype", ["float32"]), ("optimizer", "adam"),
     ("optimizer", {"name": 3}), ("loss", 7), ("clip_norm", -1), ("clip_norm", "x"),
-    ("check_finite", "yes"), ("divergence_factor", 0.5), ("ref_loss", "nan"),
-    ("format_version", "1"), ("format_version", 0), ("sha256", 5),
+    ("check_finite", "yes"), ("divergence_factor", 0.5), ("preprocessing", [1]),
 ]
+BAD_TOP = [
+    ("n_optimizer_tensors", -1), ("n_optimizer_tensors", 10 ** 9), ("user", []),
+    ("format_version", "1"), ("format_version", 0), ("sha256", 5), ("config", [1]),
+]
+BAD_FORMAT_1 = [("step", "12"), ("step", 1.5), ("step", -1), ("epoch", True), ("epoch", None)]
 
 
 @pytest.mark.parametrize("text,msg", BAD_META, ids=["deep", "string", "list", "number", "json"])
@@ -77,17 +83,30 @@ def test_malformed_metadata(tmp_path, text, msg):
         bpcore.load(_file(tmp_path, text))
 
 
-@pytest.mark.parametrize("field,value", BAD_FIELDS, ids=[f"{f}={v!r}"[:40] for f, v in BAD_FIELDS])
-def test_fields_of_the_wrong_type_or_value(tmp_path, field, value):
+@pytest.mark.parametrize("field,value", BAD_CONFIG, ids=[f"{f}={v!r}"[:40] for f, v in BAD_CONFIG])
+def test_config_fields_of_the_wrong_type_or_value(tmp_path, field, value):
     with pytest.raises(CheckpointError, match=f"'{field}'|activations"):
+        bpcore.load(_file(tmp_path, json.dumps({**GOOD, "config": {**CONFIG, field: value}})))
+
+
+@pytest.mark.parametrize("field,value", BAD_TOP, ids=[f"{f}={v!r}"[:40] for f, v in BAD_TOP])
+def test_format_fields_of_the_wrong_type_or_value(tmp_path, field, value):
+    with pytest.raises(CheckpointError, match=f"'{field}'|config: expected an object"):
         bpcore.load(_file(tmp_path, json.dumps({**GOOD, field: value})))
 
 
+@pytest.mark.parametrize("field,value", BAD_FORMAT_1)
+def test_format_1_fields_of_the_wrong_type(tmp_path, field, value):
+    flat = {"format_version": 1, **CONFIG, "step": 0, "epoch": 0, "user": {}, field: value}
+    with pytest.raises(CheckpointError, match=f"'{field}'"):
+        bpcore.load(_file(tmp_path, json.dumps(flat)))
+
+
 def test_missing_fields_and_newer_formats(tmp_path):
-    meta = dict(GOOD)
-    del meta["sizes"]
-    with pytest.raises(CheckpointError, match="lacks"):
-        bpcore.load(_file(tmp_path, json.dumps(meta)))
+    config = dict(CONFIG)
+    del config["sizes"]
+    with pytest.raises(CheckpointError, match="'sizes' is missing"):
+        bpcore.load(_file(tmp_path, json.dumps({**GOOD, "config": config})))
     with pytest.raises(CheckpointError, match="newer bpcore"):
         bpcore.load(_file(tmp_path, json.dumps({**GOOD, "format_version": 99})))
 
@@ -102,11 +121,13 @@ def test_unexpected_or_non_float_tensors(tmp_path):
 
 
 def test_crafted_optimizer_settings(tmp_path):
-    for opt in ({"name": "adam", "hyper": {"lr": -1}}, {"name": "adam", "hyper": {"zz": 1}},
-                {"name": "momentum", "hyper": {}},
-                {"name": "sgd", "hyper": {"lr": {"schedule": "cosine", "value": "x"}}}):
-        p = _file(tmp_path, json.dumps({**GOOD, "optimizer": opt}))
-        with pytest.raises(CheckpointError):
+    for opt in ({"name": "adam", "lr": -1}, {"name": "adam", "zz": 1},
+                {"name": "momentum", "beta": 0}, {"name": "__import__"},
+                {"name": "sgd", "lr": {"schedule": "cosine", "value": "x"}},
+                {"name": "sgd", "lr": {"schedule": "eval", "value": 1}}):
+        p = _file(tmp_path, json.dumps({**GOOD, "config": {**CONFIG, "optimizer": opt}}),
+                  {**TENSORS, **STATE})
+        with pytest.raises(CheckpointError, match="resume: optimizer|schedule"):
             bpcore.Trainer.resume(p)
 
 
@@ -129,7 +150,7 @@ def _header_file(tmp_path, header: dict, data: bytes):
 ], ids=["negative", "absurd", "offset-beyond", "offsets-reversed", "dtype", "shape-type",
         "no-offsets"])
 def test_malformed_tensor_entries(tmp_path, entry):
-    meta = {"format": "bpcore", "bpcore": json.dumps({**GOOD, "sha256": "0" * 64})}
+    meta = {"format": "bpcore", "bpcore": json.dumps({**GOOD, "sha256": "0" * 64})}  # noqa
     p = _header_file(tmp_path, {"__metadata__": meta, "W1": entry,
                                 "b1": {"dtype": "F32", "shape": [2], "data_offsets": [24, 32]}},
                      bytes(32))
@@ -194,7 +215,8 @@ def test_non_regular_files_are_refused_at_once(tmp_path):
 def test_predict_on_a_crafted_checkpoint_is_one_line(tmp_path, capsys):
     data = tmp_path / "d.csv"
     data.write_text("a,b,c\n1,2,3\n")
-    for text in ("[" * 50_000, json.dumps({**GOOD, "sizes": "x"}), json.dumps(GOOD)[:-9]):
+    for text in ("[" * 50_000, json.dumps({**GOOD, "config": {**CONFIG, "sizes": "x"}}),
+                 json.dumps(GOOD)[:-9]):
         p = _file(tmp_path, text)
         assert main(["predict", str(p), "--data", str(data)]) == 1
         err = capsys.readouterr().err
@@ -291,3 +313,9 @@ def test_checkpoints_written_before_still_load(tmp_path):
     for (W, b), (W0, b0) in zip(loaded.params, m.params):
         np.testing.assert_array_equal(W, W0)
         np.testing.assert_array_equal(b, b0)
+
+
+def test_an_older_format_checkpoint_says_so_when_resumed(tmp_path):
+    _old_format_file(tmp_path / "old.safetensors", bpcore.MLP([4, 5, 3], seed=2))
+    with pytest.raises(CheckpointError, match="older format"):
+        bpcore.Trainer.resume(tmp_path / "old.safetensors")

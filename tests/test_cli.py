@@ -47,10 +47,10 @@ def test_train_on_files_resume_and_predict(tmp_path, capsys):
                  "--optimizer", "momentum", "--lr", "0.05", "--epochs", "5",
                  "--batch-size", "16", "--seed", "3", "--out", str(out), "--quiet"]) == 0
     ck = bpcore.load_checkpoint(out / "model.safetensors")
-    assert ck.meta["epoch"] == 5 and ck.metadata["classes"] == [5, 6, 7]
+    assert ck.epoch == 5 and ck.metadata["classes"] == [5, 6, 7]
     assert main(["train", "--data", str(npz), "--resume", str(out / "model.safetensors"),
                  "--epochs", "3", "--out", str(out), "--quiet"]) == 0
-    assert bpcore.load_checkpoint(out / "model.safetensors").meta["epoch"] == 8
+    assert bpcore.load_checkpoint(out / "model.safetensors").epoch == 8
     assert main(["train", "--data", str(csv), "--epochs", "2", "--out", str(tmp_path / "c"),
                  "--quiet", "--patience", "1"]) == 0
     capsys.readouterr()

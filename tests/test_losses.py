@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from bpcore import LOSSES
+from bpcore.targets import prepare_target
 
 from .conftest import tonp
 
 
 def _prep(backend, loss, y, n_out, dtype):
-    return LOSSES[loss].prepare_target(backend, y, n_out, len(y), dtype)
+    return prepare_target(LOSSES[loss], backend, y, n_out, len(y), dtype)
 
 
 def test_values_match_independent_formulas(backend, dtype, rng):

@@ -24,8 +24,8 @@ def _steps(opt, n):
     params = [(np.zeros((1, 1)), np.array([P0]))]
     grads = [(np.zeros((1, 1)), np.array([G]))]
     state = opt.init(params)
-    for _ in range(n):
-        u, state = opt.update(grads, state, params)
+    for i in range(n):
+        u, state = opt.update(grads, state, params, step=i)
         params = optim.apply_updates(params, u)
     return float(params[0][1][0])
 

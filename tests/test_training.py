@@ -139,9 +139,10 @@ def _quadratic_run(opt, steps, be):
                be.asarray(np.zeros(2), dtype="float64"))]
     tgt = [tuple(be.asarray(a, dtype="float64") for a in layer) for layer in target]
     state = opt.init(params)
-    for _ in range(steps):
+    for i in range(steps):
         grads = [(W - tW, b - tb) for (W, b), (tW, tb) in zip(params, tgt)]
-        updates, state = opt.update(grads, state, params)
+        # the step count as a device array, as inside the compiled step
+        updates, state = opt.update(grads, state, params, step=be.asarray(np.int32(i)))
         params = optim.apply_updates(params, updates)
     return max(float(np.max(np.abs(be.to_numpy(a) - t))) for a, t in zip(params[0], target[0]))
 
@@ -166,8 +167,8 @@ def test_optimizer_one_step_formulas():
 
     def one(opt, steps=1):
         s, params = opt.init(p), p
-        for _ in range(steps):
-            u, s = opt.update(g, s, params)
+        for i in range(steps):
+            u, s = opt.update(g, s, params, step=i)
             params = optim.apply_updates(params, u)
         return params
 

@@ -1,0 +1,115 @@
+"""The training state as plain data, and the pure step that advances it.
+
+``TrainState`` holds everything that changes during training — parameters, optimizer state,
+the step count, the divergence guard and the epoch — as a NamedTuple of arrays (a pytree on
+JAX). ``train_step(state, batch, ...) -> (state, metrics)`` is a pure function of it: the
+backend's ``jit`` compiles it once per input shape, and a caller that wants the old state
+back simply keeps the old value. There is one step counter, ``state.step``: the number of
+updates applied, which the optimizer and its schedules read too.
+
+The guard refuses a step, on the device and without a host sync, when its targets are
+invalid (class labels out of range on the device, negative or non-finite targets), when the
+loss, a gradient or an updated parameter is not finite, or when the loss exceeds
+``divergence_factor`` times the first step's loss. A refused step changes nothing but the
+guard, which records its number and why; from then on every step is refused, so the state
+is that of the last good step until someone reads the guard (``Trainer.check``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+
+from ._array import Array, Params, array_device, array_namespace, nested_leaves, nested_map
+from .activations import Activation
+from .backends._base import dtype_name
+from .losses import Loss
+from .mlp import loss_grad_output
+from .optim import GradientTransformation, apply_updates
+
+__all__ = ["TrainState", "GuardState", "StepMetrics", "train_step", "init_state", "all_finite",
+           "GUARD_NONFINITE", "GUARD_GREW", "GUARD_TARGETS", "DEFAULT_DIVERGENCE_FACTOR"]
+
+GUARD_NONFINITE, GUARD_GREW, GUARD_TARGETS = 1, 2, 3
+DEFAULT_DIVERGENCE_FACTOR = 1e4
+
+
+class GuardState(NamedTuple):
+    bad_step: Array   # 0-d int32: the first refused step (1-based), or 0
+    reason: Array     # 0-d int32: why (a GUARD_* code), or 0
+    ref_loss: Array   # 0-d float: the first step's loss, what "grew" is measured against;
+    #                   NaN until a step has run
+
+
+class TrainState(NamedTuple):
+    params: Params    # [(W1, b1), ...]
+    opt_state: Any    # the optimizer's own state (moments, velocities)
+    step: Array       # 0-d int32: updates applied so far
+    guard: GuardState
+    epoch: Array      # 0-d int32: completed passes of Trainer.fit
+
+
+class StepMetrics(NamedTuple):
+    loss: Array       # 0-d: the batch's mean loss, computed before the update
+    correct: Array    # 0-d: correctly classified samples (or labels), 0 for regression
+
+
+def init_state(params: Params, optimizer: GradientTransformation, backend: Any, *,
+               step: int = 0, epoch: int = 0, ref_loss: float = float("nan")) -> TrainState:
+    """A fresh state on ``backend`` for ``params`` (optimizer state from ``optimizer.init``)."""
+    i32 = lambda v: backend.asarray(np.int32(v))  # noqa: E731
+    ref = backend.asarray(np.asarray(ref_loss, dtype=dtype_name(params[0][0].dtype)))
+    return TrainState(params, optimizer.init(params), i32(step),
+                      GuardState(i32(0), i32(0), ref), i32(epoch))
+
+
+def all_finite(tree: Any) -> Array:
+    """One 0-d boolean: every element of every leaf is finite (NaN and inf are not)."""
+    leaves = nested_leaves(tree)
+    xp = array_namespace(*leaves)
+    ok = xp.all(xp.isfinite(leaves[0]))
+    for leaf in leaves[1:]:
+        ok = ok & xp.all(xp.isfinite(leaf))
+    return ok
+
+
+def train_step(state: TrainState, batch: tuple[Array, Array], *,
+               activations: Sequence[Activation], loss: Loss,
+               optimizer: GradientTransformation, check_finite: bool = True,
+               divergence_factor: float | None = DEFAULT_DIVERGENCE_FACTOR
+               ) -> tuple[TrainState, StepMetrics]:
+    """One guarded step of gradient descent (any optimizer) on ``batch = (x, T)``.
+
+    ``T`` is in the loss's canonical form (``Trainer.prepare_batch`` makes it). With
+    ``check_finite=False`` there is no guard: every step is applied as computed.
+    """
+    x, T = batch
+    xp = array_namespace(x)
+    params, guard = state.params, state.guard
+    value, grads, _, Y = loss_grad_output(params, activations, loss, x, T)
+    updates, opt_state = optimizer.update(grads, state.opt_state, params, step=state.step)
+    new = state._replace(params=apply_updates(params, updates), opt_state=opt_state,
+                         step=state.step + 1)
+    metrics = StepMetrics(value, loss.correct(Y, T))
+    if not check_finite:
+        return new, metrics
+
+    ref = xp.where(xp.isnan(guard.ref_loss), value, guard.ref_loss)  # NaN: not yet set
+    targets_ok = loss.targets_valid(T)
+    finite = xp.isfinite(value) & all_finite(grads) & all_finite(new.params)
+    grew = ((value > divergence_factor * ref) & (ref > 0) if divergence_factor else
+            xp.zeros((), dtype=xp.bool, device=array_device(value)))
+    was_bad = guard.bad_step != 0
+    ok = targets_ok & finite & ~grew & ~was_bad
+    keep = lambda a, b: xp.where(ok, a, b)  # noqa: E731
+    kept = state._replace(params=nested_map(keep, new.params, params),
+                          opt_state=nested_map(keep, new.opt_state, state.opt_state),
+                          step=keep(new.step, state.step))
+    none = guard.reason * 0  # the codes as int32 arrays (where() takes one scalar at most)
+    why = xp.where(~targets_ok, GUARD_TARGETS,
+                   xp.where(~finite, GUARD_NONFINITE, xp.where(grew, GUARD_GREW, none)))
+    new_guard = GuardState(bad_step=xp.where(ok | was_bad, guard.bad_step, state.step + 1),
+                           reason=xp.where(was_bad, guard.reason, xp.where(ok, none, why)),
+                           ref_loss=ref)
+    return kept._replace(guard=new_guard), metrics
