@@ -127,7 +127,7 @@ def test_crafted_optimizer_settings(tmp_path):
                 {"name": "sgd", "lr": {"schedule": "eval", "value": 1}}):
         p = _file(tmp_path, json.dumps({**GOOD, "config": {**CONFIG, "optimizer": opt}}),
                   {**TENSORS, **STATE})
-        with pytest.raises(CheckpointError, match="resume: optimizer|schedule"):
+        with pytest.raises(CheckpointError, match="^resume: "):
             bpcore.Trainer.resume(p)
 
 
