@@ -49,7 +49,7 @@ def set_matmul_precision(mode: str) -> dict:
 
 
 def machine(gpu: bool) -> dict:
-    from bpcore.cli import machine_info
+    from bpcore.machine import machine_info
 
     info = machine_info()
     libs = {}

@@ -11,7 +11,8 @@ from .activations import ACTIVATIONS, Activation  # noqa: E402
 from .checkpoint import Checkpoint, load, load_checkpoint, save  # noqa: E402
 from .gradcheck import GradcheckResult, gradcheck  # noqa: E402
 from .losses import LOSSES, Loss  # noqa: E402
-from .mlp import MLP, backward, forward, forward_cache, loss_and_grad, value_and_grad  # noqa: E402
+from .mlp import backward, forward, forward_cache, loss_and_grad  # noqa: E402
+from .model import MLP, value_and_grad  # noqa: E402
 from .optim import OPTIMIZERS  # noqa: E402
 from .config import TrainConfig  # noqa: E402
 from .step import TrainState  # noqa: E402

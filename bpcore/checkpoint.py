@@ -29,7 +29,7 @@ from ._files import atomic_write, read_consistent
 from .activations import ACTIVATIONS
 from .config import TrainConfig
 from .errors import CheckpointError, ConfigError, ShapeError
-from .mlp import MLP, param_shapes, params_from_dict, shape_mismatches
+from .model import MLP, param_shapes, params_from_dict, shape_mismatches
 from .preprocess import Standardize, from_spec
 
 __all__ = ["save", "load", "load_checkpoint", "Checkpoint", "FORMAT_VERSION"]

@@ -100,7 +100,7 @@ class TrainConfig:
 
     def build_model(self, backend: Any = "numpy", dtype: str | None = None,
                     params: Any = None) -> Any:
-        from .mlp import MLP
+        from .model import MLP
 
         return MLP(self.sizes, self.activations[:-1], self.activations[-1], backend=backend,
                    dtype=dtype or self.dtype, params=params,

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from .losses import Loss, get_loss
-from .mlp import MLP, param_shapes, value_and_grad
+from .model import MLP, param_shapes, value_and_grad
 
 __all__ = ["gradcheck", "GradcheckResult"]
 

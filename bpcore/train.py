@@ -23,7 +23,8 @@ from .callbacks import Callback, EarlyStopping, History
 from .errors import ConfigError, DivergenceError, ShapeError
 from .losses import Loss, get_loss
 from .targets import prepare_target
-from .mlp import MLP, forward
+from .mlp import forward
+from .model import MLP
 from .optim import GradientTransformation, Optimizer, chain, clip_by_global_norm, get_optimizer
 from .step import (DEFAULT_DIVERGENCE_FACTOR, GUARD_GREW, GUARD_TARGETS, GuardState,
                    TrainState, init_state, train_step)

@@ -1,0 +1,161 @@
+"""``bpcore train`` and ``bpcore predict``: what they do once their arguments are parsed."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+__all__ = ["cmd_train", "cmd_predict"]
+
+
+def _enable_float64_if_needed(backend: str, dtype: str) -> None:
+    """An application may switch a backend's float64 mode on for the whole process (JAX's
+    64-bit flag, say); the backend says whether it needs to, and how."""
+    from . import backends
+
+    be = backends.get(backend)
+    if dtype == "float64" and be.float64_error() and be.enable_float64 is not None:
+        be.enable_float64()
+
+
+def _prepare_data(args) -> tuple:
+    from .datasets import load_digits, load_file
+
+    if args.data:
+        X, y = load_file(args.data, args.label_column)
+        name = os.path.basename(args.data)
+    else:
+        X, y, name = load_digits()
+    X = np.asarray(X, dtype=np.float64)
+    if np.issubdtype(np.asarray(y).dtype, np.integer):
+        classes, y = np.unique(y, return_inverse=True)
+        task = "classification"
+    else:
+        classes, task = None, "regression"
+    return X, np.asarray(y), classes, task, name
+
+
+def cmd_train(args) -> int:
+    from . import EarlyStopping, MLP, Trainer, optim
+    from .checkpoint import load_checkpoint
+    from .datasets import train_test_split
+    from .plots import training_curves
+    from .preprocess import Standardize
+
+    _enable_float64_if_needed(args.backend, args.dtype)
+    X, y, classes, task, data_name = _prepare_data(args)
+    X_trval, X_test, y_trval, y_test = train_test_split(X, y, 0.2, seed=args.seed)
+    X_train, X_val, y_train, y_val = train_test_split(X_trval, y_trval, 0.125, seed=args.seed)
+    loss = "softmax_cross_entropy" if task == "classification" else "mse"
+    if task == "regression" and y.ndim == 1:
+        y_train, y_val, y_test = (a.reshape(-1, 1) for a in (y_train, y_val, y_test))
+    n_out = len(classes) if task == "classification" else y_train.shape[1]
+
+    if args.resume:
+        ckpt = load_checkpoint(args.resume, backend=args.backend)
+        trainer = Trainer.from_checkpoint(ckpt)
+        pre = ckpt.preprocessing or _legacy_scaling(ckpt)
+        if pre is None:
+            raise ValueError(f"--resume: {args.resume!r} was not written by `bpcore train` "
+                             "(no input scaling recorded); resume it from Python with "
+                             "bpcore.Trainer.resume")
+        if trainer.model.sizes[0] != X.shape[1] or trainer.model.sizes[-1] != n_out:
+            raise ValueError(f"--resume: the checkpoint's network {trainer.model.sizes} does "
+                             f"not fit this data ({X.shape[1]} features, {n_out} outputs)")
+    else:
+        pre = Standardize.fit(X_train)
+        model = MLP([X.shape[1], *args.hidden, n_out], args.activation, "identity",
+                    backend=args.backend, dtype=args.dtype, seed=args.seed)
+        lr = args.lr or (1e-3 if args.optimizer in ("adam", "adamw") else 0.05)
+        trainer = Trainer(model, loss, optim.get_optimizer(args.optimizer, lr=lr),
+                          clip_norm=args.clip_norm)
+    scale = pre
+
+    model = trainer.model
+    stopper = EarlyStopping("val_loss", patience=args.patience) if args.patience else None
+    callbacks = [stopper] if stopper else []
+    os.makedirs(args.out, exist_ok=True)
+    if not args.quiet:
+        print(f"bpcore train: {data_name}, {len(X_train)} train / {len(X_val)} validation / "
+              f"{len(X_test)} test samples; {model!r}", file=sys.stderr)
+    t0 = time.perf_counter()
+    history = trainer.fit(scale(X_train), y_train, epochs=args.epochs,
+                          batch_size=args.batch_size, validation_data=(scale(X_val), y_val),
+                          seed=args.seed, callbacks=callbacks, verbose=0 if args.quiet else 1)
+    elapsed = time.perf_counter() - t0
+    if stopper is not None and stopper.stopped_epoch is not None:
+        print(f"early stopping: val_loss did not improve for {args.patience} epochs; stopped "
+              f"after epoch {stopper.stopped_epoch} and kept epoch {stopper.best_epoch} "
+              f"(val_loss {stopper.best:.4f})", file=sys.stderr)
+    result = trainer.evaluate(scale(X_test), y_test)
+
+    ckpt = os.path.join(args.out, "model.safetensors")
+    trainer.save(ckpt, metadata={
+        "dataset": data_name, "classes": None if classes is None else classes.tolist(),
+        "task": task}, preprocessing=pre)
+    with open(os.path.join(args.out, "history.json"), "w") as f:
+        json.dump({"epochs": history.epochs, **history.metrics, "test": result}, f, indent=1)
+    png = training_curves(history, os.path.join(args.out, "curves.png"), data_name, model)
+    epochs_run = len(history.epochs)
+    per_epoch = float(np.median(history["time"])) if epochs_run else 0.0
+    acc = f"test accuracy {result['accuracy']:.4f}, " if "accuracy" in result else ""
+    print(f"{acc}test loss {result['loss']:.4f}; {epochs_run} epochs in {elapsed:.2f}s "
+          f"({per_epoch * 1000:.1f} ms/epoch median) on {model.backend.name}/{model.dtype_name}")
+    print(f"wrote {ckpt}" + (f", {png}" if png else " (install matplotlib for curves.png)"))
+    return 0
+
+
+def _legacy_scaling(ckpt):
+    """The input scaling of a checkpoint written by an earlier `bpcore train` (kept in its
+    user metadata), or None."""
+    from .preprocess import from_spec
+
+    meta = ckpt.metadata
+    if "input_mean" not in meta:
+        return None
+    return from_spec({"kind": "standardize", "mean": meta.get("input_mean"),
+                      "std": meta.get("input_std")}, ckpt.model.sizes[0])
+
+
+def _class_names(meta: dict, n_out: int):
+    classes = meta.get("classes")
+    if classes is None:
+        return None
+    if (not isinstance(classes, list) or len(classes) != n_out or
+            not all(isinstance(c, (int, float, str)) for c in classes)):
+        raise ValueError(f"the checkpoint's class list is malformed (expected {n_out} labels)")
+    return np.asarray(classes)
+
+
+def cmd_predict(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .datasets import load_file
+
+    ckpt = load_checkpoint(args.checkpoint, backend=args.backend)
+    meta, model = ckpt.metadata, ckpt.model
+    X, y = load_file(args.data, args.label_column, n_features=model.sizes[0])
+    pre = ckpt.preprocessing or _legacy_scaling(ckpt)
+    X = np.asarray(X, dtype=np.float64) if pre is None else pre(X)
+    out = model.backend.to_numpy(model(X))
+    if model.task in ("classes", None) and ckpt.config.loss != "mse":
+        pred = np.argmax(out, axis=1)
+        classes = _class_names(meta, model.sizes[-1])
+        labels = classes[pred] if classes is not None else pred
+        if y is not None:
+            print(f"accuracy {np.mean(labels == np.asarray(y)):.4f} on {len(X)} samples",
+                  file=sys.stderr)
+    else:
+        labels = out
+    if args.out:
+        if args.out.endswith(".npy"):
+            np.save(args.out, labels)
+        else:
+            np.savetxt(args.out, np.atleast_2d(labels.T).T, delimiter=",", fmt="%g")
+    else:
+        for row in np.atleast_2d(labels.T).T:
+            print(",".join(f"{v:g}" for v in np.atleast_1d(row)))
+    return 0
