@@ -16,3 +16,10 @@ def test_every_line_reference_in_the_derivation_map_is_current():
         lines = (ROOT / path).read_text(encoding="utf-8").splitlines()
         assert code.strip() in lines[int(line) - 1], (
             f"{path}:{line} no longer holds {code!r}; run python docs/refresh_line_refs.py")
+
+
+def test_the_docs_stand_on_their_own():
+    """No page points outside the repository (the project's shared folder is not shipped)."""
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = page.read_text(encoding="utf-8")
+        assert "../shared" not in text and "backprop-derivation.txt" not in text, page
