@@ -119,14 +119,16 @@ def test_sigint_mid_benchmark_leaves_a_partial_report(tmp_path):
 
 
 def test_test_phase_stopped_at_its_limit_keeps_its_reports(tmp_path):
-    rc, out, outdir = _run(tmp_path, "--dry-run", GPU_CHECK_TEST_LIMIT="2",
+    rc, out, outdir = _run(tmp_path, "--dry-run", GPU_CHECK_TEST_LIMIT="4",
                            GPU_CHECK_TEST_K="two_spirals or parabola or cross_backend",
                            GPU_CHECK_BENCH_ARGS=NARROW["GPU_CHECK_BENCH_ARGS"])
     assert rc == 1, out  # tests incomplete; benchmark complete
-    assert "== tests: STOPPED at the 2s limit" in out and "KeyboardInterrupt" in out
+    assert "== tests: STOPPED at the 4s limit" in out and "KeyboardInterrupt" in out
     assert "== benchmark: COMPLETE" in out
-    counts = _xml_counts(outdir / "gpu_tests.xml")  # pytest wrote its XML on the way out
-    assert counts["tests"] >= 1
+    # pytest wrote its XML on the way out (how many tests ran before the stop depends on
+    # how busy the machine is: none is fine, a missing or torn XML is not)
+    counts = _xml_counts(outdir / "gpu_tests.xml")
+    assert counts["failures"] + counts["errors"] <= counts["tests"]
     assert "== tests ran:" in out and "selected)" in out
 
 
