@@ -57,6 +57,8 @@ def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 
             raise ShapeError("validation_data: expected a pair (X_val, y_val), got "
                              f"{len(validation_data)} items")
         Vd = trainer.prepare_batch(*validation_data)
+    if Vd is not None:  # validation runs no guarded step: check its labels once, here
+        trainer.check_targets(Vd[1], "validation_data")
     n = Xd.shape[0]
     per_row = loss.correct_per_row(Td)
     n_batches = n // batch_size if drop_last else math.ceil(n / batch_size)

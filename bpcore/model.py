@@ -258,7 +258,9 @@ def value_and_grad(model: MLP, x: Any, y: Any, loss: str | Loss = "mse", *,
         Any array library or a NumPy array; moved to the model's backend.
     y : array
         Targets: ``(batch, n_K)`` values, or integer labels ``(batch,)`` for
-        ``softmax_cross_entropy``.
+        ``softmax_cross_entropy``. Host labels are range-checked at once; labels already on
+        an asynchronous device are not read back, and one out of range makes the loss NaN
+        (``Trainer`` reports it as an error).
     loss : str or Loss
         A name from ``LOSSES``.
     input_grad : bool

@@ -220,12 +220,21 @@ class Trainer:
     def evaluate(self, X: Any, y: Any, batch_size: int = 4096) -> dict[str, float]:
         """Mean loss (and accuracy for classification losses) over ``(X, y)``."""
         Xd, Td = self.prepare_batch(X, y)
+        self.check_targets(Td)
         total, correct = self.evaluate_prepared(Xd, Td, batch_size)
         n = Xd.shape[0]
         out = {"loss": float(total) / n}
         if self.loss.has_accuracy:
             out["accuracy"] = float(correct) / (n * self.loss.correct_per_row(Td))
         return out
+
+    def check_targets(self, T: Array, argument: str = "y") -> None:
+        """Raise :class:`ShapeError` if prepared targets are invalid (reads one flag: labels
+        that were on the device are checked here, host ones already were)."""
+        if not bool(self.loss.targets_valid(T)):
+            raise ShapeError(f"{argument}: invalid targets (a class label outside [0, "
+                             f"{self.model.sizes[-1] - 1}] on the device, or a negative or "
+                             "non-finite target)")
 
     def evaluate_prepared(self, Xd: Array, Td: Array, batch_size: int = 4096
                           ) -> tuple[Any, Any]:

@@ -250,3 +250,14 @@ def test_validation_split_holds_out_the_last_rows():
             a.fit(X, y, epochs=1, validation_split=bad, verbose=0)
     with pytest.raises(bpcore.errors.ConfigError, match="not both"):
         a.fit(X, y, epochs=1, validation_split=0.2, validation_data=(X, y), verbose=0)
+
+
+def test_evaluation_refuses_out_of_range_labels_on_any_backend(backend):
+    X, y = _data(16)
+    trainer = bpcore.Trainer(bpcore.MLP([5, 4, 3], backend=backend), "softmax_cross_entropy")
+    bad = backend.asarray(np.array([0, 1, 5, 2] * 4))
+    with pytest.raises(ShapeError, match="out of range|invalid targets"):
+        trainer.evaluate(X, bad)
+    with pytest.raises(ShapeError, match="out of range|invalid targets"):
+        trainer.fit(X, y, epochs=1, validation_data=(X, bad), verbose=0)
+    assert trainer.steps == 0
