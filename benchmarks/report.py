@@ -373,13 +373,15 @@ def charts(rows: list[dict], out: str, cases: list[str]) -> list[str]:
         width = 0.8 / max(len(keys), 1)
         for j, key in enumerate(keys):
             impl, backend = key.split("/", 1)
+            label = _label(impl, backend)  # on the first bar drawn, once per implementation
             for i, case in enumerate(cases):
                 r = data[key].get(case)
                 if r is None or value(r) is None:
                     continue
                 x = i - 0.4 + (j + 0.5) * width
                 ax.bar(x, value(r), width * 0.92, color=COLOURS.get(key, "#7f7f7f"),
-                       label=_label(impl, backend) if i == 0 or case == cases[0] else None)
+                       label=label)
+                label = None
                 note(ax, r, x, width)
         ax.set_xticks(range(len(cases)), cases)
         ax.set_title({"sgd": "SGD step", "adam": "Adam step"}[kind])
