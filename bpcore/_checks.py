@@ -7,7 +7,14 @@ from typing import Any
 import numpy as np
 
 from .backends._base import cpu_array_to_numpy, on_cpu
-from .errors import DTypeError, ShapeError
+from .errors import ConfigError, DTypeError, ShapeError
+
+
+def whole_number(name: str, v: Any, lo: int = 1) -> int:
+    """``v`` as an int >= ``lo`` (a bool, a float such as 2.5 or a string is a ConfigError)."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+        raise ConfigError(f"{name}: expected a whole number >= {lo}, got {v!r}")
+    return int(v)
 
 
 def prepare_input(be: Any, x: Any, n_in: int, dtype: Any, *, argument: str = "x") -> Any:

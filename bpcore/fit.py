@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from ._checks import whole_number
 from .callbacks import Callback, History
 from .errors import ConfigError, ShapeError
 from .progress import Progress
@@ -16,12 +17,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .train import Trainer
 
 __all__ = ["fit"]
-
-
-def _whole(name: str, v: Any, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise ConfigError(f"fit: {name} must be a whole number >= {lo}, got {v!r}")
-    return int(v)
 
 
 def _split(Xd: Any, Td: Any, fraction: Any) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
@@ -43,7 +38,8 @@ def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 
         shuffle: bool = True, seed: int | None = 0, callbacks: Sequence[Callback] = (),
         verbose: int = 1, drop_last: bool = False) -> History:
     """See :meth:`Trainer.fit`."""
-    epochs, batch_size = _whole("epochs", epochs, 0), _whole("batch_size", batch_size, 1)
+    epochs = whole_number("fit: epochs", epochs, 0)
+    batch_size = whole_number("fit: batch_size", batch_size, 1)
     loss, be = trainer.loss, trainer.model.backend
     xp = be.xp
     Xd, Td = trainer.prepare_batch(X, y)

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ._array import array_namespace
+from ._checks import whole_number
 from .errors import ConfigError
 
 __all__ = ["Schedule", "constant", "step_decay", "cosine_decay", "SCHEDULES",
@@ -89,23 +90,17 @@ class CosineDecay(Schedule):
                              + self.alpha)
 
 
-def _whole(name: str, v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise ConfigError(f"{name}: expected a positive whole number, got {v!r}")
-    return int(v)
-
-
 def constant(value: float) -> Constant:
     return Constant(check_rate("lr", value))
 
 
 def step_decay(value: float, step_size: int, gamma: float = 0.1) -> StepDecay:
-    return StepDecay(check_rate("lr", value), _whole("step_size", step_size),
+    return StepDecay(check_rate("lr", value), whole_number("step_size", step_size),
                      check_rate("gamma", gamma))
 
 
 def cosine_decay(value: float, decay_steps: int, alpha: float = 0.0) -> CosineDecay:
-    return CosineDecay(check_rate("lr", value), _whole("decay_steps", decay_steps),
+    return CosineDecay(check_rate("lr", value), whole_number("decay_steps", decay_steps),
                        check_rate("alpha", alpha, allow_zero=True))
 
 
