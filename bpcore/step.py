@@ -9,7 +9,7 @@ updates applied, which the optimizer and its schedules read too.
 
 The guard refuses a step, on the device and without a host sync, when its targets are
 invalid (class labels out of range on the device, negative or non-finite targets), when the
-loss, a gradient or an updated parameter is not finite, or when the loss exceeds
+loss or an updated parameter is not finite (a non-finite gradient always makes one), or when the loss exceeds
 ``divergence_factor`` times the first step's loss. A refused step changes nothing but the
 guard, which records its number and why; from then on every step is refused, so the state
 is that of the last good step until someone reads the guard (``Trainer.check``).
@@ -97,7 +97,10 @@ def train_step(state: TrainState, batch: tuple[Array, Array], *,
 
     ref = xp.where(xp.isnan(guard.ref_loss), value, guard.ref_loss)  # NaN: not yet set
     targets_ok = loss.targets_valid(T)
-    finite = xp.isfinite(value) & all_finite(grads) & all_finite(new.params)
+    # A non-finite gradient always reaches the updated parameters (every update is
+    # elementwise in the gradient, and a clip scale of a NaN norm is NaN), so checking the
+    # parameters covers it without a pass over the gradients.
+    finite = xp.isfinite(value) & all_finite(new.params)
     grew = ((value > divergence_factor * ref) & (ref > 0) if divergence_factor else
             xp.zeros((), dtype=xp.bool, device=array_device(value)))
     was_bad = guard.bad_step != 0
