@@ -69,6 +69,10 @@ class Backend:
     # Switches float64 on for the whole process where the library needs that (JAX); None
     # where float64 simply works. Only applications call it (``bpcore train --dtype``).
     enable_float64: Callable[[], None] | None = field(default=None, repr=False)
+    # In-place kernels (``backends._ops``) for libraries whose arrays are mutable and whose
+    # values are read without waiting for a device: the capability behind bpcore's in-place
+    # training step (:mod:`bpcore.inplace`). None: the generic, allocating path only.
+    inplace_ops: Any = field(default=None, repr=False)
     version: str = ""
 
     # -- dtypes -------------------------------------------------------------------------

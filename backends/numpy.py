@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._base import Backend, numpy_errstate_jit
+from ._ops import NumpyOps
 
 
 def make() -> Backend:
@@ -21,5 +22,6 @@ def make() -> Backend:
         dlpack_device=(1, 0),
         from_dlpack=np.from_dlpack,
         jit=numpy_errstate_jit,
+        inplace_ops=NumpyOps(np),
         version=np.__version__,
     )

@@ -6,6 +6,7 @@ Uses the first CUDA device when one is present, else the CPU.
 from __future__ import annotations
 
 from ._base import Backend, unavailable
+from ._ops import TorchOps
 
 
 def make() -> Backend:
@@ -48,5 +49,8 @@ def make() -> Backend:
         from_dlpack=lambda x: torch.from_dlpack(x).to(device),
         synchronize=(lambda *arrays: torch.cuda.synchronize()) if cuda else (lambda *arrays: None),
         asynchronous=cuda,
+        # CUDA runs asynchronously: the in-place step reads scalars on the host, so it is
+        # offered on the CPU only (on CUDA the compiled generic step runs).
+        inplace_ops=None if cuda else TorchOps(torch),
         version=torch.__version__,
     )

@@ -137,8 +137,10 @@ class MLP:
         self.params = self._import_params(params)
 
     def state_dict(self) -> dict[str, Any]:
-        """Parameters as a dict ``{"W1": ndarray, "b1": ndarray, ...}`` of host NumPy arrays."""
-        return {k: self.backend.to_numpy(a) for k, a in params_to_dict(self.params).items()}
+        """Parameters as a dict ``{"W1": ndarray, "b1": ndarray, ...}`` of host NumPy arrays
+        (copies: later in-place training steps do not change them)."""
+        return {k: np.array(self.backend.to_numpy(a), copy=True)
+                for k, a in params_to_dict(self.params).items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`state_dict`; any array type is accepted."""

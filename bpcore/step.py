@@ -29,7 +29,7 @@ from .mlp import loss_grad_output
 from .optim import GradientTransformation, apply_updates
 
 __all__ = ["TrainState", "GuardState", "StepMetrics", "train_step", "init_state", "all_finite",
-           "GUARD_NONFINITE", "GUARD_GREW", "GUARD_TARGETS", "DEFAULT_DIVERGENCE_FACTOR"]
+           "guard_decision", "GUARD_NONFINITE", "GUARD_GREW", "GUARD_TARGETS", "DEFAULT_DIVERGENCE_FACTOR"]
 
 GUARD_NONFINITE, GUARD_GREW, GUARD_TARGETS = 1, 2, 3
 DEFAULT_DIVERGENCE_FACTOR = 1e4
@@ -86,7 +86,7 @@ def train_step(state: TrainState, batch: tuple[Array, Array], *,
     """
     x, T = batch
     xp = array_namespace(x)
-    params, guard = state.params, state.guard
+    params = state.params
     value, grads, _, Y = loss_grad_output(params, activations, loss, x, T)
     updates, opt_state = optimizer.update(grads, state.opt_state, params, step=state.step)
     new = state._replace(params=apply_updates(params, updates), opt_state=opt_state,
@@ -95,24 +95,38 @@ def train_step(state: TrainState, batch: tuple[Array, Array], *,
     if not check_finite:
         return new, metrics
 
-    ref = xp.where(xp.isnan(guard.ref_loss), value, guard.ref_loss)  # NaN: not yet set
-    targets_ok = loss.targets_valid(T)
     # A non-finite gradient always reaches the updated parameters (every update is
     # elementwise in the gradient, and a clip scale of a NaN norm is NaN), so checking the
     # parameters covers it without a pass over the gradients.
-    finite = xp.isfinite(value) & all_finite(new.params)
-    grew = ((value > divergence_factor * ref) & (ref > 0) if divergence_factor else
-            xp.zeros((), dtype=xp.bool, device=array_device(value)))
-    was_bad = guard.bad_step != 0
-    ok = targets_ok & finite & ~grew & ~was_bad
+    ok, new_guard = guard_decision(state, value, T, xp.isfinite(value) & all_finite(new.params),
+                                   loss=loss, divergence_factor=divergence_factor)
     keep = lambda a, b: xp.where(ok, a, b)  # noqa: E731
     kept = state._replace(params=nested_map(keep, new.params, params),
                           opt_state=nested_map(keep, new.opt_state, state.opt_state),
                           step=keep(new.step, state.step))
+    return kept._replace(guard=new_guard), metrics
+
+
+def guard_decision(state: TrainState, value: Array, T: Array, finite: Array, *, loss: Loss,
+                   divergence_factor: float | None) -> tuple[Array, GuardState]:
+    """Whether the step that produced loss ``value`` on targets ``T`` may be applied, and
+    the guard after it. ``finite``: the loss and the updated parameters are finite.
+
+    The one definition of the guard's rule, shared by the generic step and the in-place
+    step (:mod:`bpcore.inplace`), so both refuse exactly the same steps.
+    """
+    xp = array_namespace(value)
+    guard = state.guard
+    ref = xp.where(xp.isnan(guard.ref_loss), value, guard.ref_loss)  # NaN: not yet set
+    targets_ok = loss.targets_valid(T)
+    grew = ((value > divergence_factor * ref) & (ref > 0) if divergence_factor else
+            xp.zeros((), dtype=xp.bool, device=array_device(value)))
+    was_bad = guard.bad_step != 0
+    ok = targets_ok & finite & ~grew & ~was_bad
     none = guard.reason * 0  # the codes as int32 arrays (where() takes one scalar at most)
     why = xp.where(~targets_ok, GUARD_TARGETS,
                    xp.where(~finite, GUARD_NONFINITE, xp.where(grew, GUARD_GREW, none)))
     new_guard = GuardState(bad_step=xp.where(ok | was_bad, guard.bad_step, state.step + 1),
                            reason=xp.where(was_bad, guard.reason, xp.where(ok, none, why)),
                            ref_loss=ref)
-    return kept._replace(guard=new_guard), metrics
+    return ok, new_guard

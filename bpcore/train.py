@@ -54,12 +54,20 @@ class Trainer:
     divergence_factor : float or None
         How far the loss may grow over the first step's loss before training counts as
         diverged (default 1e4; ``None``: only non-finite values count).
+    inplace : bool or None
+        Run the in-place step (:mod:`bpcore.inplace`: preallocated buffers, the same results
+        as the generic step to round-off) where the backend offers it (numpy, torch on the
+        CPU) and the optimizer is one of bpcore's named ones. ``None`` (default): whenever
+        possible; ``True``: required (a ConfigError says why not); ``False``: the generic,
+        pure step. In place, ``model.params`` and ``trainer.state`` are updated by later
+        steps: keep a snapshot with ``model.copy_params()``.
     """
 
     def __init__(self, model: MLP, loss: str | Loss = "softmax_cross_entropy",
                  optimizer: Any = "sgd", *, clip_norm: float | None = None,
                  check_finite: bool = True,
-                 divergence_factor: float | None = DEFAULT_DIVERGENCE_FACTOR):
+                 divergence_factor: float | None = DEFAULT_DIVERGENCE_FACTOR,
+                 inplace: bool | None = None):
         if not isinstance(model, MLP):
             raise TypeError(f"model: expected a bpcore.MLP, got {type(model).__name__}")
         if divergence_factor is not None and (
@@ -81,6 +89,22 @@ class Trainer:
         self.stop_training = False
         self.trace_count = 0  # how many times the step was traced (once per shape on JAX)
         self._step_fn = model.backend.jit(self._pure_step)
+        self._inplace = None
+        if inplace not in (None, True, False):
+            raise ConfigError(f"inplace: expected None, True or False, got {inplace!r}")
+        if inplace is not False:
+            from .inplace import InplaceStep, unsupported_reason
+
+            why = unsupported_reason(self)
+            if why is None:
+                self._inplace = InplaceStep(self, self._step_fn)
+            elif inplace:
+                raise ConfigError(f"inplace=True: not possible here: {why}")
+
+    @property
+    def inplace(self) -> bool:
+        """Whether steps run in place (see the ``inplace`` parameter)."""
+        return self._inplace is not None
 
     def _pure_step(self, state: TrainState, x: Array, T: Array):
         self.trace_count += 1  # Python side effect: runs once per compilation on JAX
@@ -143,7 +167,8 @@ class Trainer:
     def step_prepared(self, xb: Array, T: Array) -> tuple[Array, Array]:
         """``step`` on a batch from :meth:`prepare_batch`: returns ``(loss, n_correct)``."""
         self._sync_params()
-        self.state, metrics = self._step_fn(self.state, xb, T)
+        step = self._inplace.step if self._inplace is not None else self._step_fn
+        self.state, metrics = step(self.state, xb, T)
         self.model.params = self.state.params
         return metrics.loss, metrics.correct
 

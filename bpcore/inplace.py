@@ -1,0 +1,330 @@
+"""The in-place training step: the same step as :func:`bpcore.step.train_step`, on
+preallocated buffers, for backends with the ``inplace_ops`` capability (NumPy; PyTorch on
+the CPU).
+
+What it does differently from the generic step, and nothing else:
+
+* The parameters, gradients and optimizer moments live in flat buffers (all ``W`` first, then
+  all ``b``); ``state.params`` and the optimizer state's leaves are views into them. An update
+  is a few vector operations over the whole buffer (in chunks that stay in cache where a
+  temporary is needed), not a loop over leaves that allocates a new array for each.
+* Activations, errors and masks live in buffers kept per batch size; each matrix product
+  writes into its buffer (``out=``); relu runs in place and its derivative is one mask
+  product. Activations without an in-place kernel run their generic ``forward``/``vjp``.
+* The guard is decided **before** anything is written, from the loss, the targets and one
+  reduction: the squared norm of the gradient (reused for ``clip_norm``). That, with bounds
+  that follow from each optimizer's algebra, proves the update finite and small enough that
+  no parameter can overflow, so a step the guard refuses has changed nothing. When the proof
+  does not go through (a gradient norm beyond ``dtype_max ** 0.25``, an update bound beyond
+  ``sqrt(dtype_max) / 2``: absurd settings or a diverging run), the step runs the generic
+  path instead, which decides exactly as it always does.
+
+So on every accepted and every refused step the state matches the generic step's to
+round-off (``tests/test_inplace.py`` checks it), while the generic path stays the reference
+(and runs on JAX, CUDA and array-api-strict). The Trainer uses this step when the backend
+offers it and the optimizer is one of bpcore's own (``sgd``/``momentum``/``adam``/``adamw``
+with a constant or built-in schedule); ``Trainer(..., inplace=False)`` turns it off.
+
+One semantic difference follows from "in place": the arrays of ``trainer.state`` and
+``model.params`` are updated by later steps (as PyTorch's are). Keep a snapshot with
+``model.copy_params()`` or ``model.state_dict()``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+from ._array import array_namespace, nested_leaves, nested_unflatten
+from .schedules import schedule_from_spec
+from .step import StepMetrics, TrainState, guard_decision
+
+__all__ = ["InplaceStep", "unsupported_reason", "CHUNK"]
+
+CHUNK = 1 << 16  # elements per chunk of an elementwise update with a temporary (fits L2)
+_N_MOMENTS = {"sgd": None, "adam": 2, "adamw": 2}
+
+
+def unsupported_reason(trainer: Any) -> str | None:
+    """Why ``trainer`` cannot use the in-place step (None: it can)."""
+    be = trainer.model.backend
+    if be.inplace_ops is None:
+        return (f"the {be.name} backend has no in-place kernels (they need mutable arrays "
+                "read without a device wait: numpy, torch on the CPU)")
+    spec = trainer.base_optimizer_spec
+    if spec is None or spec.get("name") not in _N_MOMENTS:
+        return ("the optimizer is not one of bpcore's named optimizers (sgd, momentum, adam, "
+                "adamw) with a constant or built-in schedule learning rate")
+    return None
+
+
+class InplaceStep:
+    """The in-place step for one Trainer; ``step(state, x, T) -> (state, metrics)``."""
+
+    def __init__(self, trainer: Any, generic_step: Callable[..., Any]):
+        model = trainer.model
+        self.ops = ops = model.backend.inplace_ops
+        self.activations = model.activations
+        self.loss = trainer.loss
+        self.check_finite = trainer.check_finite
+        self.divergence_factor = trainer.divergence_factor
+        self.clip_norm = trainer.clip_norm
+        self.generic_step = generic_step
+        spec = dict(trainer.base_optimizer_spec)
+        self.kind = spec["name"]
+        lr = spec["lr"]
+        self.lr: Callable[[float], float] | float = (schedule_from_spec(lr) if isinstance(lr, dict)
+                                                     else float(lr))
+        self.wd = float(spec.get("weight_decay", 0.0))
+        self.beta = float(spec.get("momentum", 0.0))
+        self.nesterov = bool(spec.get("nesterov", False))
+        self.b1, self.b2 = float(spec.get("b1", 0.9)), float(spec.get("b2", 0.999))
+        self.eps = float(spec.get("eps", 1e-8))
+        n_sets = 2 if self.kind in ("adam", "adamw") else (1 if self.beta else 0)
+
+        sizes = model.sizes
+        shapes_W = [(o, i) for i, o in zip(sizes[:-1], sizes[1:])]
+        shapes_b = [(o,) for o in sizes[1:]]
+        self.nW = sum(o * i for o, i in shapes_W)
+        self.n = self.nW + sum(o for (o,) in shapes_b)
+        dtype = model.dtype
+        finfo = np.finfo(model.dtype_name)
+        self.grad_sq_limit = math.sqrt(float(finfo.max))      # ||g||^2 allowed: max ** 1/2
+        self.update_limit = math.sqrt(float(finfo.max)) / 2   # |u_i| with no overflow of p + u
+
+        def layer_views(flat):
+            views = ops.flat_views(flat, shapes_W + shapes_b)
+            K = len(shapes_W)
+            return [(views[k], views[K + k]) for k in range(K)]
+
+        self.p_flat = ops.empty((self.n,), dtype)
+        self.g_flat = ops.empty((self.n,), dtype)
+        self.s_flat = [ops.empty((self.n,), dtype) for _ in range(n_sets)]
+        self.params = layer_views(self.p_flat)
+        self.grads = layer_views(self.g_flat)
+        moments = [layer_views(f) for f in self.s_flat]
+        self.opt_leaves = [leaf for m in moments for layer in m for leaf in layer]
+        template = trainer.optimizer.init(model.params)
+        if len(nested_leaves(template)) != len(self.opt_leaves):
+            raise RuntimeError("in-place step: the optimizer state does not have the layout "
+                               f"of {self.kind!r} (a bpcore bug)")
+        self.opt_state = nested_unflatten(template, self.opt_leaves)
+        width = min(CHUNK, self.n)
+        self.tmp = ops.empty((width,), dtype)
+        self.tmp2 = ops.empty((width,), dtype)
+        self._batch_buffers: dict[int, Any] = {}
+        self._out: TrainState | None = None
+        self.safe = False
+        self.fallbacks = 0  # steps that ran the generic path (for tests and benchmarks)
+
+    # -- the state --------------------------------------------------------------------------
+    def _adopt(self, state: TrainState) -> TrainState:
+        """Copy a state produced elsewhere into the buffers; check what the proofs assume."""
+        ops = self.ops
+        for (W, b), (pW, pb) in zip(state.params, self.params):
+            if W is not pW:
+                ops.copy_(pW, W)
+            if b is not pb:
+                ops.copy_(pb, b)
+        for leaf, view in zip(nested_leaves(state.opt_state), self.opt_leaves):
+            if leaf is not view:
+                ops.copy_(view, leaf)
+        with ops.quiet():
+            p_sq = ops.dot(self.p_flat, self.p_flat)
+            m_sq = ops.dot(self.s_flat[0], self.s_flat[0]) if self.s_flat else 0.0
+            nu_ok = True
+            if len(self.s_flat) == 2:  # Adam's second moment: finite, small, never negative
+                nu = self.s_flat[1]
+                nu_ok = (ops.dot(nu, nu) <= self.grad_sq_limit and
+                         float(nu.min()) >= 0.0)
+        self.p_norm = math.sqrt(p_sq) if math.isfinite(p_sq) else math.inf
+        self.m_norm = math.sqrt(m_sq) if math.isfinite(m_sq) else math.inf
+        self.safe = (self.p_norm < self.update_limit and self.m_norm < self.update_limit
+                     and nu_ok)
+        self._out = state._replace(params=self.params, opt_state=self.opt_state)
+        return self._out
+
+    def _generic(self, state: TrainState, x: Any, T: Any):
+        self.fallbacks += 1
+        new, metrics = self.generic_step(state, x, T)
+        return self._adopt(new), metrics
+
+    # -- buffers per batch size ---------------------------------------------------------------
+    def _buffers(self, B: int, like: Any) -> list[tuple[Any, Any, Any]]:
+        bufs = self._batch_buffers.get(B)
+        if bufs is None:
+            if len(self._batch_buffers) >= 2:  # a full batch and a last, smaller one
+                self._batch_buffers.pop(next(iter(self._batch_buffers)))
+            ops = self.ops
+            bufs = []
+            for k, ((W, _), act) in enumerate(zip(self.params, self.activations)):
+                n_out, n_in = W.shape
+                Z = ops.empty((B, n_out), like.dtype)
+                mask = ops.bool_empty((B, n_out)) if act.name == "relu" else None
+                D_prev = ops.empty((B, n_in), like.dtype) if k > 0 else None
+                bufs.append((Z, mask, D_prev))
+            self._batch_buffers[B] = bufs
+        return bufs
+
+    # -- the step -----------------------------------------------------------------------------
+    def step(self, state: TrainState, x: Any, T: Any) -> tuple[TrainState, StepMetrics]:
+        with self.ops.quiet():
+            return self._step(state, x, T)
+
+    def _step(self, state, x, T):
+        if state is not self._out:
+            state = self._adopt(state)
+        if not self.safe and self.check_finite:
+            return self._generic(state, x, T)
+        ops = self.ops
+        bufs = self._buffers(x.shape[0], self.p_flat)
+        # forward: Z^k = Y^{k-1} W^{kT} + b^k, Y^k = f^k(Z^k)
+        Ys, Y = [], x
+        for (W, b), act, (Z, _, _) in zip(self.params, self.activations, bufs):
+            ops.matmul(Y, W.T, Z)
+            ops.add(Z, b, Z)
+            if act.name == "relu":
+                ops.relu_(Z)
+                Y = Z
+            elif act.name == "identity":
+                Y = Z
+            else:  # no in-place kernel: the generic forward (allocates)
+                Y = act.forward(Z)
+            Ys.append((Z, Y))
+        value, D = self.loss.forward(Y, T)
+        metrics = StepMetrics(value, self.loss.correct(Y, T))
+        # backward: G^k = f'^k ⊙ D^k, ∇W^k = G^kT Y^{k-1}, ∇b^k = Σ G^k, D^{k-1} = G^k W^k
+        for k in range(len(self.params) - 1, -1, -1):
+            W, _ = self.params[k]
+            gW, gb = self.grads[k]
+            act, (Z, Yk), (_, mask, D_prev) = self.activations[k], Ys[k], bufs[k]
+            if act.name == "relu":
+                ops.relu_grad_(D, Yk, mask)  # D is a buffer of ours (or the loss's new array)
+                G = D
+            elif act.name == "identity":
+                G = D
+            else:
+                G = act.vjp(Z, Yk, D)
+            Y_prev = Ys[k - 1][1] if k > 0 else x
+            ops.matmul(G.T, Y_prev, gW)
+            ops.sum_rows(G, gb)
+            if k > 0:
+                ops.matmul(G, W, D_prev)
+                D = D_prev
+
+        step = state.step
+        if self.check_finite:
+            ok, guard = guard_decision(state, value, T, array_namespace(value).isfinite(value),
+                                       loss=self.loss, divergence_factor=self.divergence_factor)
+            if not bool(ok):  # refused before anything was written
+                self._out = state._replace(guard=guard)
+                return self._out, metrics
+        else:
+            guard = state.guard
+        if not self._update(int(step)) and self.check_finite:
+            return self._generic(state, x, T)  # no proof the update is safe: generic decides
+        self._out = TrainState(self.params, self.opt_state, step + 1, guard, state.epoch)
+        return self._out, metrics
+
+    # -- the update -----------------------------------------------------------------------------
+    def _chunks(self, lo: int, hi: int):
+        for a in range(lo, hi, CHUNK):
+            b = min(a + CHUNK, hi)
+            yield a, b, self.tmp[:b - a], self.tmp2[:b - a]
+
+    def _update(self, step: int) -> bool:
+        """Apply the optimizer's update in place; False (nothing written) when the update
+        cannot be proved finite without overflow (only when the guard is on)."""
+        ops, g, p = self.ops, self.g_flat, self.p_flat
+        guarded = self.check_finite
+        lr = self.lr(float(step)) if callable(self.lr) else self.lr
+        lr = float(lr)
+        if self.clip_norm is not None:
+            g_sq = ops.dot(g, g)
+            if not math.isfinite(g_sq) and guarded:
+                return False
+            norm = math.sqrt(g_sq) if math.isfinite(g_sq) else math.nan
+            scale = min(self.clip_norm / max(norm, 1e-30), 1.0) if norm == norm else math.nan
+            if scale != 1.0:
+                ops.mul(g, scale, g)
+        if self.wd and self.kind != "adamw":  # L2: add wd·W to the weights' gradient
+            for a, b, t, _ in self._chunks(0, self.nW):
+                ops.mul(p[a:b], self.wd, t)
+                ops.add(g[a:b], t, g[a:b])
+        g_sq = ops.dot(g, g) if guarded else 0.0
+        if guarded and not g_sq <= self.grad_sq_limit:
+            return False
+        g_norm = math.sqrt(g_sq)
+        if self.kind == "sgd":
+            return self._sgd(lr, g_norm, guarded)
+        return self._adam(lr, step, g_norm, guarded)
+
+    def _sgd(self, lr: float, g_norm: float, guarded: bool) -> bool:
+        ops, g, p = self.ops, self.g_flat, self.p_flat
+        if not self.beta:  # u = -lr g, ||u|| = lr ||g||
+            if guarded and not lr * g_norm <= self.update_limit:
+                return False
+            ops.mul(g, -lr, g)
+            ops.add(p, g, p)
+            self.p_norm += lr * g_norm
+            return True
+        beta, v = self.beta, self.s_flat[0]
+        v_norm = beta * self.m_norm + g_norm                 # ||β v + g|| <= β||v|| + ||g||
+        bound = lr * (g_norm + beta * v_norm if self.nesterov else v_norm)
+        if guarded and not (v_norm <= self.update_limit and bound <= self.update_limit):
+            return False
+        for a, b, t, _ in self._chunks(0, self.n):
+            va, ga = v[a:b], g[a:b]
+            ops.mul(va, beta, va)                            # v ← β v + g
+            ops.add(va, ga, va)
+            if self.nesterov:                                # out = g + β v
+                ops.mul(va, beta, t)
+                ops.add(ga, t, t)
+                ops.mul(t, -lr, t)
+            else:
+                ops.mul(va, -lr, t)
+            ops.add(p[a:b], t, p[a:b])                       # θ ← θ - lr out
+        self.m_norm, self.p_norm = v_norm, self.p_norm + bound
+        return True
+
+    def _adam(self, lr: float, step: int, g_norm: float, guarded: bool) -> bool:
+        ops, g, p = self.ops, self.g_flat, self.p_flat
+        b1, b2, eps, m, v = self.b1, self.b2, self.eps, self.s_flat[0], self.s_flat[1]
+        t = float(step) + 1.0
+        c1 = 1.0 - math.exp(t * math.log(b1)) if b1 > 0 else 1.0
+        c2 = 1.0 - math.exp(t * math.log(b2)) if b2 > 0 else 1.0
+        m_norm = b1 * self.m_norm + (1.0 - b1) * g_norm
+        # |m̂ / (sqrt(v̂) + eps)| <= |m̂| / eps, and AdamW adds wd·W.
+        decoupled = self.wd if self.kind == "adamw" else 0.0
+        bound = lr * (m_norm / (c1 * eps) + decoupled * self.p_norm)
+        if guarded and not bound <= self.update_limit and decoupled:
+            # self.p_norm is a bound that only grows: measure the parameters' norm afresh.
+            p_sq = ops.dot(p, p)
+            self.p_norm = math.sqrt(p_sq) if math.isfinite(p_sq) else math.inf
+            bound = lr * (m_norm / (c1 * eps) + decoupled * self.p_norm)
+        if guarded and not bound <= self.update_limit:
+            return False
+        for lo, hi in ((0, self.nW), (self.nW, self.n)):
+            for a, b, t1, t2 in self._chunks(lo, hi):
+                ma, va, ga = m[a:b], v[a:b], g[a:b]
+                ops.mul(ma, b1, ma)                          # m ← b1 m + (1 - b1) g
+                ops.mul(ga, 1.0 - b1, t1)
+                ops.add(ma, t1, ma)
+                ops.mul(ga, ga, t1)                          # v ← b2 v + (1 - b2) g²
+                ops.mul(t1, 1.0 - b2, t1)
+                ops.mul(va, b2, va)
+                ops.add(va, t1, va)
+                ops.div(va, c2, t1)                          # out = (m/c1) / (sqrt(v/c2) + eps)
+                ops.sqrt(t1, t1)
+                ops.add(t1, eps, t1)
+                ops.div(ma, c1, t2)
+                ops.div(t2, t1, t2)
+                if decoupled and lo == 0:                    # AdamW: out + wd W (weights)
+                    ops.mul(p[a:b], decoupled, t1)
+                    ops.add(t2, t1, t2)
+                ops.mul(t2, -lr, t2)
+                ops.add(p[a:b], t2, p[a:b])
+        self.m_norm, self.p_norm = m_norm, self.p_norm + bound  # 2-norm bounds
+        return True

@@ -1,0 +1,234 @@
+"""The in-place step (bpcore.inplace) against the generic step, on the same inputs.
+
+Every accepted and every refused step must leave the same state (to float64 round-off), for
+each optimizer, activation, loss and backend that offers in-place kernels; and the fast path
+must actually run (no silent fallback on ordinary inputs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import bpcore
+from bpcore import optim
+from bpcore.errors import ConfigError, DivergenceError, ShapeError
+from bpcore.schedules import cosine_decay
+
+from .conftest import _backend_or_skip as backend_or_skip
+
+INPLACE_BACKENDS = ["numpy", "torch"]
+
+OPTIMIZERS = {
+    "sgd": lambda: optim.sgd(0.05),
+    "sgd_wd": lambda: optim.sgd(0.05, weight_decay=1e-2),
+    "momentum": lambda: optim.momentum(0.05, 0.9),
+    "nesterov_wd": lambda: optim.sgd(0.05, momentum=0.8, nesterov=True, weight_decay=1e-3),
+    "adam": lambda: optim.adam(1e-2),
+    "adam_l2": lambda: optim.adam(1e-2, weight_decay=1e-2),
+    "adamw": lambda: optim.adamw(1e-2, weight_decay=1e-1),
+    "sgd_cosine": lambda: optim.sgd(cosine_decay(0.1, 20)),
+}
+
+
+def _pair(backend, opt, *, sizes=(6, 16, 12, 4), act="relu", loss="softmax_cross_entropy",
+          clip=None, **kw):
+    be = backend_or_skip(backend)
+    if be.inplace_ops is None:
+        pytest.skip(f"{backend} offers no in-place kernels here")
+    out = []
+    for inplace in (True, False):
+        m = bpcore.MLP(list(sizes), act, backend=be, dtype="float64", seed=3)
+        out.append(bpcore.Trainer(m, loss, OPTIMIZERS[opt](), clip_norm=clip, inplace=inplace,
+                                  **kw))
+    assert out[0].inplace and not out[1].inplace
+    return out
+
+
+def _data(n, sizes, loss, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, sizes[0]))
+    if loss == "softmax_cross_entropy":
+        y = rng.integers(0, sizes[-1], n)
+    elif loss == "binary_cross_entropy":
+        y = (rng.random((n, sizes[-1])) > 0.5).astype(np.float64)
+    else:
+        y = rng.standard_normal((n, sizes[-1]))
+    return X, y
+
+
+def _host(tr):
+    be = tr.model.backend
+    leaves = bpcore._array.nested_leaves((tr.state.params, tr.state.opt_state))
+    return [np.array(be.to_numpy(a)) for a in leaves]
+
+
+def _assert_same_state(a, b, rtol=1e-12):
+    for x, y in zip(_host(a), _host(b)):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-14)
+    for f in ("step", "epoch"):
+        assert int(getattr(a.state, f)) == int(getattr(b.state, f))
+    for f in ("bad_step", "reason"):
+        assert int(getattr(a.state.guard, f)) == int(getattr(b.state.guard, f))
+
+
+@pytest.mark.parametrize("backend", INPLACE_BACKENDS)
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+def test_same_steps_as_generic(backend, opt):
+    fast, ref = _pair(backend, opt)
+    for i in range(12):
+        X, y = _data(8 + (i % 3), fast.model.sizes, "softmax_cross_entropy", seed=i)
+        la, lb = float(fast.step(X, y)), float(ref.step(X, y))
+        assert la == pytest.approx(lb, rel=1e-12)
+    _assert_same_state(fast, ref)
+    assert fast._inplace.fallbacks == 0
+
+
+@pytest.mark.parametrize("backend", INPLACE_BACKENDS)
+@pytest.mark.parametrize("act,loss", [("tanh", "mse"), ("sigmoid", "binary_cross_entropy"),
+                                      ("gelu", "softmax_cross_entropy"), ("relu", "mse")])
+def test_generic_activations_and_losses(backend, act, loss):
+    fast, ref = _pair(backend, "adam", act=act, loss=loss, clip=0.5)
+    for i in range(6):
+        X, y = _data(10, fast.model.sizes, loss, seed=i)
+        fast.step(X, y), ref.step(X, y)
+    _assert_same_state(fast, ref)
+
+
+@pytest.mark.parametrize("backend", INPLACE_BACKENDS)
+def test_fit_same_history(backend):
+    fast, ref = _pair(backend, "nesterov_wd")
+    X, y = _data(100, fast.model.sizes, "softmax_cross_entropy")
+    ha = fast.fit(X, y, epochs=3, batch_size=32, verbose=0)  # a last, smaller batch too
+    hb = ref.fit(X, y, epochs=3, batch_size=32, verbose=0)
+    np.testing.assert_allclose(ha["loss"], hb["loss"], rtol=1e-12)
+    _assert_same_state(fast, ref)
+
+
+@pytest.mark.parametrize("backend", INPLACE_BACKENDS)
+@pytest.mark.parametrize("bad", ["nan_x", "inf_x", "huge_lr", "label", "grew"])
+def test_refused_steps_change_nothing(backend, bad):
+    opt = {"grew": "adamw", "huge_lr": "adam"}.get(bad, "momentum")
+    fast, ref = _pair(backend, opt)
+    X, y = _data(16, fast.model.sizes, "softmax_cross_entropy")
+    for tr in (fast, ref):
+        tr.step(X, y)
+    if bad == "huge_lr":  # finite gradients, updates near the float64 maximum
+        huge = 1.79e308  # Adam's first steps move each weight by about lr
+        for tr in (fast, ref):
+            tr.base_optimizer = tr.optimizer = optim.adam(huge)
+        fast._inplace.lr = huge
+        for tr in (fast, ref):
+            tr.step(X, y)  # applied (finite) by both; the next one overflows
+        _assert_same_state(fast, ref)
+    before = _host(fast)
+    Xb = X.copy()
+    yb = y
+    if bad == "nan_x":
+        Xb[3, 1] = np.nan
+    elif bad == "inf_x":
+        Xb[0, 0] = np.inf
+    elif bad == "grew":
+        Xb = X * 1e6
+    elif bad == "label":
+        be = fast.model.backend
+        yb = be.asarray(np.where(np.arange(16) == 5, 99, y))
+    for tr in (fast, ref):
+        if bad == "label" and not tr.model.backend.asynchronous:
+            # host labels are checked at the boundary; feed the prepared, invalid targets
+            xb, T = tr.prepare_batch(X, y)
+            T[5, :] = math.nan
+            tr.step_prepared(xb, T)
+        else:
+            tr.step(Xb, yb)
+    _assert_same_state(fast, ref)
+    for a, b in zip(before, _host(fast)):
+        np.testing.assert_array_equal(a, b)
+    err = ShapeError if bad == "label" else DivergenceError
+    for tr in (fast, ref):
+        with pytest.raises(err):
+            tr.check()
+
+
+@pytest.mark.parametrize("backend", INPLACE_BACKENDS)
+def test_state_replaced_from_outside_is_adopted(backend):
+    fast, ref = _pair(backend, "adam")
+    X, y = _data(12, fast.model.sizes, "softmax_cross_entropy")
+    for tr in (fast, ref):
+        tr.step(X, y)
+        tr.set_params([(2 * W, b) for W, b in tr.model.copy_params()])
+        tr.reset_guard()
+        tr.step(X, y)
+    _assert_same_state(fast, ref)
+    # a state handed in whole (a resumed checkpoint, say) is copied into the buffers
+    fast.state = ref.state
+    fast.step(X, y), ref.step(X, y)
+    _assert_same_state(fast, ref)
+
+
+@pytest.mark.parametrize("backend", INPLACE_BACKENDS)
+def test_inconsistent_adam_state_runs_generic(backend):
+    fast, ref = _pair(backend, "adam")
+    X, y = _data(12, fast.model.sizes, "softmax_cross_entropy")
+    for tr in (fast, ref):
+        tr.step(X, y)
+        mu, nu = tr.state.opt_state[0]
+        xp = tr.model.backend.xp
+        nu = [(-xp.ones_like(a), -xp.ones_like(b)) for a, b in nu]  # impossible: nu < 0
+        tr.state = tr.state._replace(opt_state=(type(tr.state.opt_state[0])(mu, nu),
+                                                tr.state.opt_state[1]))
+        tr.step(X, y)
+    assert fast._inplace.fallbacks >= 1
+    _assert_same_state(fast, ref)
+    with pytest.raises(DivergenceError):
+        fast.check()
+
+
+def test_snapshots_do_not_change():
+    be = backend_or_skip("numpy")
+    m = bpcore.MLP([4, 8, 3], backend=be, seed=0)
+    tr = bpcore.Trainer(m, "softmax_cross_entropy", optim.sgd(0.5))
+    assert tr.inplace
+    X, y = _data(8, m.sizes, "softmax_cross_entropy")
+    sd, cp = m.state_dict(), m.copy_params()
+    sd0 = {k: v.copy() for k, v in sd.items()}
+    tr.step(X, y)
+    for k in sd:
+        np.testing.assert_array_equal(sd[k], sd0[k])
+    assert not np.array_equal(cp[0][0], m.params[0][0])
+
+
+def test_inplace_true_says_why_not():
+    be = backend_or_skip("numpy")
+    m = bpcore.MLP([4, 8, 3], backend=be)
+    custom = optim.chain(optim.scale_by_learning_rate(0.1))
+    with pytest.raises(ConfigError, match="named optimizers"):
+        bpcore.Trainer(m, "softmax_cross_entropy", custom, inplace=True)
+    assert not bpcore.Trainer(m, "softmax_cross_entropy", custom).inplace
+    with pytest.raises(ConfigError, match="inplace"):
+        bpcore.Trainer(m, "softmax_cross_entropy", "sgd", inplace="yes")
+
+
+def test_steady_state_step_allocates_nothing_model_sized():
+    import tracemalloc
+
+    be = backend_or_skip("numpy")
+    m = bpcore.MLP([64, 1024, 1024, 10], backend=be, seed=0)
+    tr = bpcore.Trainer(m, "softmax_cross_entropy", optim.adam(1e-3))
+    X, y = _data(32, m.sizes, "softmax_cross_entropy")
+    xb, T = tr.prepare_batch(X, y)
+    for _ in range(3):
+        tr.step_prepared(xb, T)
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    for _ in range(5):
+        tr.step_prepared(xb, T)
+    peak = tracemalloc.get_traced_memory()[1] - base
+    tracemalloc.stop()
+    # Only the small output-sized arrays of the loss (32 x 10) and Python objects: less than
+    # half of one hidden activation (32 x 1024 doubles), let alone a weight matrix.
+    activation = 32 * 1024 * 8
+    assert peak < activation / 2, (peak, activation)
