@@ -65,6 +65,9 @@ class Backend:
     synchronize: Callable[..., None] = field(default=lambda *arrays: None, repr=False)
     jit: Callable[..., Any] = field(default=lambda fn, **kw: fn, repr=False)
     asynchronous: bool = False
+    # ``jit`` compiles a whole function into one call (JAX); otherwise each operation is its
+    # own call (the benchmarks' floor counts call costs accordingly).
+    compiles: bool = False
     float64_error: Callable[[], str | None] = field(default=lambda: None, repr=False)
     # Switches float64 on for the whole process where the library needs that (JAX); None
     # where float64 simply works. Only applications call it (``bpcore train --dtype``).

@@ -65,6 +65,7 @@ def make() -> Backend:
         from_dlpack=lambda x: jax.device_put(jnp.from_dlpack(x), device),
         synchronize=synchronize,
         jit=jax.jit,
+        compiles=True,
         asynchronous=True,
         float64_error=x64_error,
         enable_float64=lambda: jax.config.update("jax_enable_x64", True),

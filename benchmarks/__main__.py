@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import subprocess
 import sys
 
 PRECISIONS = ("highest", "tf32")
@@ -88,6 +89,22 @@ def _interrupt_on_sigterm() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+OPENBLAS_KERNEL_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` less ``name VALUE`` / ``name=VALUE``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bpcore bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,8 +123,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--matmul-precision", choices=PRECISIONS, default="highest",
                    help="float32 matrix products in every library: full FP32 (default) or "
                         "TF32 (NVIDIA GPUs only; labelled in the report)")
+    p.add_argument("--openblas-env", choices=("keep", "unset", "both"), default="keep",
+                   help="OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (which pick OpenBLAS's kernel): "
+                        "keep this shell's (default), unset them for this run, or both: this "
+                        "run as is, then a second one without them into OUT/openblas-env-unset")
     p.add_argument("--out", default="results", help="folder for JSON, Markdown and PNGs")
     args = p.parse_args(argv)
+    if args.openblas_env != "keep":
+        # OpenBLAS reads these once, when it loads: the run without them is a new process.
+        argv = list(sys.argv[1:] if argv is None else argv)
+        env = {k: v for k, v in os.environ.items() if k not in OPENBLAS_KERNEL_VARS}
+        child = [sys.executable, "-m", __package__ or "benchmarks", *_without_option(argv, "--openblas-env")]
+        if args.openblas_env == "unset":
+            return subprocess.call(child, env=env)
+        status = main(_without_option(argv, "--openblas-env"))
+        out2 = os.path.join(args.out, "openblas-env-unset")
+        print(f"\nsecond run, OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE unset, into {out2}",
+              file=sys.stderr)
+        status2 = subprocess.call(_without_option(child, "--out") + ["--out", out2], env=env)
+        return max(status, status2)
     if args.max_seconds is not None and args.max_seconds <= 0:
         p.error(f"--max-seconds: expected a positive number, got {args.max_seconds}")
 

@@ -34,6 +34,11 @@ class Runner:
     run: Callable[[int], Any]
     sync: Callable[[list], None]
     label: str
+    # Optional: memory figures of one step (measured after the timing), see step_memory.
+    memory: Callable[[], dict] | None = None
+    # False where results are ready when run() returns (NumPy, PyTorch on the CPU): the timer
+    # then drops each output at once instead of keeping it for a final sync.
+    asynchronous: bool = True
 
 
 # ---- bpcore ------------------------------------------------------------------------------
@@ -50,7 +55,12 @@ def _backend(name: str, dtype: str):
     return be
 
 
-def bpcore_runner(backend: str, kind: str, case: Case, dtype: str) -> Runner:
+def bpcore_runner(backend: str, kind: str, case: Case, dtype: str, path: str = "prepared"
+                  ) -> Runner:
+    """bpcore doing ``kind`` on ``backend``. Training steps (sgd, adam) go through
+    ``Trainer.step_prepared`` (``path="prepared"``: batches already validated and in the
+    loss's form) or ``Trainer.step`` (``path="step"``: what a user's loop calls, with ``x`` and
+    integer labels already on the device, so the boundary's checks are timed too)."""
     import bpcore
 
     be = _backend(backend, dtype)
@@ -60,26 +70,79 @@ def bpcore_runner(backend: str, kind: str, case: Case, dtype: str) -> Runner:
     sync = lambda outs: be.synchronize(*outs)  # noqa: E731
     opt = bpcore.optim.adam(LR_ADAM) if kind == "adam" else bpcore.optim.sgd(LR_SGD)
     trainer = bpcore.Trainer(model, loss, opt)
-    data = [trainer.prepare_batch(X, y) for X, y in make_batches(case, dtype)]  # on device
+    host = make_batches(case, dtype)
+    data = [trainer.prepare_batch(X, y) for X, y in host]  # on device
+    if kind in ("sgd", "adam") and path == "step":
+        raw = [(be.asarray(X), be.asarray(y)) for X, y in host]
+
+        def run(i):
+            return trainer.step(*raw[i % len(raw)])
+        return Runner(run, sync, f"bpcore/{backend} Trainer.step",
+                      memory=lambda: step_memory(trainer, *raw[0]), asynchronous=be.asynchronous)
     if kind in ("sgd", "adam"):
         def run(i):
             trainer.step_prepared(*data[i % len(data)])
             return trainer.model.params
-        return Runner(run, sync, f"bpcore/{backend}")
+        return Runner(run, sync, f"bpcore/{backend}", asynchronous=be.asynchronous)
     acts = model.activations
     if kind == "forward":
         fn = be.jit(lambda p, x: bpcore.forward(p, x, acts))
         return Runner(lambda i: fn(model.params, data[i % len(data)][0]), sync,
-                      f"bpcore/{backend}")
+                      f"bpcore/{backend}", asynchronous=be.asynchronous)
     if kind == "value_and_grad":
         fn = be.jit(lambda p, x, t: bpcore.loss_and_grad(p, acts, loss, x, t)[:2])
         return Runner(lambda i: fn(model.params, *data[i % len(data)]), sync,
-                      f"bpcore/{backend}")
+                      f"bpcore/{backend}", asynchronous=be.asynchronous)
     raise Unavailable(f"unknown kind {kind}")
 
 
+def step_memory(trainer: Any, x: Any, y: Any) -> dict:
+    """Memory of one steady-state ``trainer.step(x, y)``, where it can be seen (NumPy arrays
+    are traced by ``tracemalloc``; other libraries allocate outside it): the bytes allocated
+    during the step and freed by its end (``mem_transient_bytes``), the buffers the in-place
+    step keeps, and the peak (kept buffers + transient) over what any step must hold:
+    parameters, gradients, optimizer state and the layers' activations."""
+    import tracemalloc
+
+    if trainer.model.backend.name != "numpy":  # only NumPy allocations are traced
+        return {}
+    import bpcore
+
+    trainer.step(x, y)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        trainer.step(x, y)
+        transient = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    item = np.dtype(trainer.model.dtype_name).itemsize
+    n_params = trainer.model.n_params
+    n_state = sum(int(a.size) for a in bpcore._array.nested_leaves(trainer.state.opt_state))
+    activations = x.shape[0] * sum(trainer.model.sizes[1:])
+    must = (2 * n_params + n_state + activations) * item
+    kept = trainer._inplace.buffer_bytes() if trainer._inplace is not None else 2 * n_params * item
+    return {"mem_transient_bytes": transient, "mem_kept_bytes": kept, "mem_must_bytes": must,
+            "mem_peak_ratio": (kept + transient) / must}
+
+
+PEAK_N = 2048
+
+
+@functools.lru_cache(maxsize=8)
+def _peak_runner(backend: str, dtype: str) -> Runner:
+    be = _backend(backend, dtype)
+    rng = np.random.default_rng(3)
+    A, B = (be.asarray(rng.standard_normal((PEAK_N, PEAK_N), dtype=dtype)) for _ in range(2))
+    fn = be.jit(lambda a, b: a @ b) if be.compiles else (lambda a, b: a @ b)
+    return Runner(lambda i: fn(A, B), lambda outs: be.synchronize(*outs), f"peak/{backend}",
+                  asynchronous=be.asynchronous)
+
+
 def floor_runner(backend: str, case: Case, dtype: str) -> Runner:
-    """The GEMMs of one training step, alone, on the same backend and dtype."""
+    """The GEMMs of one training step in one (compiled) call: a quick stand-in used by the
+    pytest-benchmark smoke tests. Not a lower bound on JAX: a jitted function returning every
+    product pays for output buffers a fused step never makes (see :func:`floor_parts`)."""
     be = _backend(backend, dtype)
     sets = [[tuple(be.asarray(a) for a in layer) for layer in layers]
             for layers in _floor_host_sets(case, dtype)]
@@ -96,6 +159,43 @@ def floor_runner(backend: str, case: Case, dtype: str) -> Runner:
     fn = be.jit(gemms)
     return Runner(lambda i: fn(sets[i % len(sets)]), lambda outs: be.synchronize(*outs),
                   f"floor/{backend}")
+
+
+def floor_parts(backend: str, case: Case, dtype: str) -> tuple[list[tuple[str, Runner, int]],
+                                                                 Runner | None]:
+    """The GEMM floor's parts: every matrix product of a training step timed alone
+    (``Y W^T``, ``G^T Y``, ``G W`` per layer, the last skipped for the first layer) with its
+    FLOP count, and a runner for the backend's GEMM peak (a 2048-square product).
+
+    Where each operation is its own call (NumPy, PyTorch, CuPy), a step runs its products one
+    after another, so the floor is the sum of their best times alone. A compiled step (JAX)
+    may overlap independent products on several cores and beat that sum (it does, by ~10 % on
+    `large` here), so there the floor is the step's FLOPs at the best rate measured on that
+    backend (the peak product or any of the step's own). Either way no step can be faster.
+    (Timing all products in one compiled call, as :func:`floor_runner` does, is no bound.)
+    """
+    be = _backend(backend, dtype)
+    sets = [[tuple(be.asarray(a) for a in layer) for layer in layers]
+            for layers in _floor_host_sets(case, dtype)]
+    sync = lambda outs: be.synchronize(*outs)  # noqa: E731
+    parts = []
+    for k, (n_in, n_out) in enumerate(zip(case.sizes[:-1], case.sizes[1:])):
+        flops = 2 * case.batch * n_in * n_out  # every product of a layer has the same count
+        products = {"Y@W.T": lambda Y, W, G: Y @ W.T, "G.T@Y": lambda Y, W, G: G.T @ Y}
+        if k > 0:
+            products["G@W"] = lambda Y, W, G: G @ W
+        layer_sets = [layers[k] for layers in sets]
+        for name, fn in products.items():
+            # compiled where the backend compiles; else the bare operation (a wrapper's
+            # overhead would inflate the floor)
+            jf = be.jit(fn) if be.compiles else fn
+            parts.append((f"layer{k + 1} {name}",
+                          Runner(lambda i, jf=jf, ls=layer_sets: jf(*ls[i % len(ls)]), sync,
+                                 f"floor/{backend}", asynchronous=be.asynchronous), flops))
+    # the machine's GEMM peak as this backend reaches it: a square product big enough for
+    # any BLAS to run at full speed (cached per backend and dtype for the whole run)
+    peak = _peak_runner(backend, dtype)
+    return parts, peak
 
 
 @functools.lru_cache(maxsize=2)
@@ -146,7 +246,7 @@ def torch_runner(kind: str, case: Case, dtype: str, device: str = "cpu") -> Runn
         def run(i):
             with torch.no_grad():
                 return net(data[i % len(data)][0])
-        return Runner(run, sync, "torch")
+        return Runner(run, sync, "torch", asynchronous=device == "cuda")
     opt = None
     if kind in ("sgd", "adam"):
         opt = (torch.optim.SGD(net.parameters(), lr=LR_SGD) if kind == "sgd" else
@@ -161,7 +261,7 @@ def torch_runner(kind: str, case: Case, dtype: str, device: str = "cpu") -> Runn
         if opt is not None:
             opt.step()
         return loss
-    return Runner(run, sync, "torch autograd")
+    return Runner(run, sync, "torch autograd", asynchronous=device == "cuda")
 
 
 def jax_runner(kind: str, case: Case, dtype: str) -> Runner:
@@ -238,7 +338,7 @@ def sklearn_runner(kind: str, case: Case, dtype: str) -> Runner:
             warnings.simplefilter("ignore")
             clf.partial_fit(*data[i % len(data)])
         return None
-    return Runner(run, lambda outs: None, "sklearn partial_fit")
+    return Runner(run, lambda outs: None, "sklearn partial_fit", asynchronous=False)
 
 
 def peer_runner(peer: str, kind: str, case: Case, dtype: str, gpu: bool = False) -> Runner:

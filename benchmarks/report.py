@@ -7,10 +7,10 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from .cases import CASES, SWEEP_BATCHES_FULL, SWEEP_BATCHES_GPU, SWEEP_BATCHES_QUICK, Case
-from .impls import KINDS, PEERS, Unavailable, bpcore_runner, floor_runner, peer_runner
+from .impls import KINDS, PEERS, Unavailable, bpcore_runner, floor_parts, peer_runner
 from .timing import measure
 
 PROFILES = {
@@ -47,9 +47,10 @@ class Task:
 
     def build(self, gpu: bool):
         if self.impl == "floor":
-            return floor_runner(self.backend, self.case, self.dtype)
-        if self.impl == "bpcore":
-            return bpcore_runner(self.backend, self.kind, self.case, self.dtype)
+            return floor_parts(self.backend, self.case, self.dtype)
+        if self.impl in ("bpcore", "step"):
+            return bpcore_runner(self.backend, self.kind, self.case, self.dtype,
+                                 path="step" if self.impl == "step" else "prepared")
         return peer_runner(self.backend, self.kind, self.case, self.dtype, gpu)
 
 
@@ -70,6 +71,8 @@ def plan(backends: Iterable[str], profile: str = "quick", gpu: bool = False,
         for dtype in dtypes:
             for be in backends:
                 tasks.append(Task(case, dtype, "floor", be, "floor"))
+                tasks += [Task(case, dtype, "step", be, kind) for kind in prof["kinds"]
+                          if kind in ("sgd", "adam")]
                 tasks += [Task(case, dtype, "bpcore", be, kind) for kind in prof["kinds"]]
             tasks += [Task(case, dtype, "peer", peer, kind)
                       for peer in prof["peers"] for kind in prof["kinds"]]
@@ -134,7 +137,15 @@ def _measure_one(task: Task, gpu: bool, timing: dict, rows: list, skipped: dict,
     try:
         runner = task.build(gpu)
         build_s = time.perf_counter() - t0
-        m = measure(runner, **timing)
+        if task.impl == "floor":
+            from .impls import _backend
+
+            m = measure_floor(*runner, timing, flops=task.case.gemm_flops(),
+                              compiles=_backend(task.backend, task.dtype).compiles)
+        else:
+            m = measure(runner, **timing)
+        if getattr(runner, "memory", None) is not None:
+            m.update(runner.memory())
     except Unavailable as e:
         skipped[task.key] = str(e)
         return
@@ -154,6 +165,52 @@ def _measure_one(task: Task, gpu: bool, timing: dict, rows: list, skipped: dict,
          f"{time.perf_counter() - t0:.1f}s in all)")
 
 
+def measure_floor(parts: list, peak: Any, timing: dict, rounds: int = 2, *,
+                  compiles: bool = False, flops: int = 0) -> dict:
+    """The floor from :func:`~benchmarks.impls.floor_parts`: the products' best times summed
+    (a step that runs them one by one), or, where the backend compiles the step
+    (``compiles``), the step's ``flops`` at the best rate measured on the backend.
+
+    Each part is timed in ``rounds`` separate rounds and its fastest block kept: a floor must
+    not be inflated by a moment of noise (it would stop being a lower bound).
+    """
+    best: dict[str, dict] = {}
+    for _ in range(rounds):
+        for name, r, _ in parts:
+            t = measure(r, **timing)
+            if name not in best or t["time_s"] < best[name]["time_s"]:
+                best[name] = t
+    part_flops = {name: f for name, _, f in parts}
+    peak_s = _peak_time(peak, timing)
+    from .impls import PEAK_N
+
+    peak_gflops = 2 * PEAK_N ** 3 / peak_s / 1e9
+    best_rate = max([peak_gflops] + [part_flops[n] / t["time_s"] / 1e9 for n, t in best.items()])
+    sum_s = sum(t["time_s"] for t in best.values())
+    at_peak_s = flops / (best_rate * 1e9)
+    total = at_peak_s if compiles else sum_s
+    return {"time_s": total, "median_s": total,
+            "spread": max(t["spread"] for t in best.values()),
+            "floor_method": "FLOPs at the best rate" if compiles else "sum of products",
+            "floor_sum_products_s": sum_s, "floor_at_peak_s": at_peak_s,
+            "calls_per_block": min(t["calls_per_block"] for t in best.values()),
+            "blocks": timing["blocks"],
+            "products_s": {name: t["time_s"] for name, t in best.items()},
+            "peak_gflops": peak_gflops, "best_gemm_gflops": best_rate}
+
+
+_PEAKS: dict[int, float] = {}
+
+
+def _peak_time(peak: Any, timing: dict) -> float:
+    """The peak product's best time, measured once per backend and dtype in a run."""
+    key = id(peak)
+    if key not in _PEAKS:
+        _PEAKS[key] = min(measure(peak, warmup=1, blocks=3, block_s=0.05,
+                                  warmup_s=0.05)["time_s"] for _ in range(2))
+    return _PEAKS[key]
+
+
 def add_ratios(rows: list[dict]) -> list[dict]:
     """ratio_to_floor (same backend, case, dtype) and ratio_to_best_peer (same kind)."""
     floor = {(r["case"], r["dtype"], r["backend"]): r["time_s"]
@@ -164,18 +221,33 @@ def add_ratios(rows: list[dict]) -> list[dict]:
             k = (r["case"], r["dtype"], r["kind"])
             if k not in best_peer or r["time_s"] < best_peer[k][0]:
                 best_peer[k] = (r["time_s"], r["backend"])
+    peer_times = {(r["case"], r["dtype"], r["kind"], r["backend"]): r["time_s"]
+                  for r in rows if r["impl"] == "peer"}
     for r in rows:
         if r["impl"] == "floor":
             r["gflops"] = r["gemm_flops"] / r["time_s"] / 1e9
             continue
         f = floor.get((r["case"], r["dtype"], r["backend"]))
-        if r["impl"] == "bpcore" and f:
+        if r["impl"] in ("bpcore", "step") and f:
             r["ratio_to_floor"] = r["time_s"] / f
+            r["gflops"] = r["gemm_flops"] / r["time_s"] / 1e9
         bp = best_peer.get((r["case"], r["dtype"], r["kind"]))
         if bp:
             r["ratio_to_best_peer"] = r["time_s"] / bp[0]
             r["best_peer"] = bp[1]
+        if r["impl"] != "peer":
+            r["ratio_to_peers"] = {peer: r["time_s"] / t for (c, d, k, peer), t in
+                                   peer_times.items()
+                                   if (c, d, k) == (r["case"], r["dtype"], r["kind"])}
     return rows
+
+
+def below_floor(rows: list[dict]) -> list[str]:
+    """Measurements faster than their floor: a bug in the floor (or a broken step), never a
+    result to report."""
+    return [f"{r['case']}/{r['dtype']}/{r['backend']}/{r['kind']} ({r['impl']}): "
+            f"{r['ratio_to_floor']:.2f}x the floor" for r in rows
+            if r.get("ratio_to_floor", 1.0) < 1.0]
 
 
 def _ratio(row: dict, key: str) -> str:
@@ -208,29 +280,40 @@ def noise_warning(rows: list[dict]) -> str:
 
 def markdown_table(rows: list[dict], cases: Iterable[str] | None = None) -> str:
     """Time per step and ratios for bpcore on each backend; one line per case/dtype/kind."""
-    lines = ["| case | dtype | backend | kind | ms/step | spread | × GEMM floor | × best peer (who) |",
-             "|---|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| case | dtype | backend | kind | path | ms/step | spread | × GEMM floor | "
+             "× each peer | memory |", "|---|---|---|---|---|---:|---:|---:|---|---|"]
     for r in rows:
-        if r["impl"] != "bpcore" or (cases is not None and r["case"] not in cases):
+        if r["impl"] not in ("bpcore", "step") or (cases is not None and
+                                                   r["case"] not in cases):
             continue
+        path = ("Trainer.step" if r["impl"] == "step" else
+                "prepared" if r["kind"] in ("sgd", "adam") else "-")
+        peers = ", ".join(f"{p} {v:.2f}" for p, v in sorted(r.get("ratio_to_peers", {}).items()))
         lines.append(
-            f"| {r['case']} | {r['dtype']} | {r['backend']} | {r['kind']} | "
+            f"| {r['case']} | {r['dtype']} | {r['backend']} | {r['kind']} | {path} | "
             f"{r['time_s'] * 1e3:.3f} | {_spread(r)} | {_ratio(r, 'ratio_to_floor')} | "
-            f"{_ratio(r, 'ratio_to_best_peer')} ({r.get('best_peer', '-')}) |")
+            f"{peers or '-'} | {_memory(r)} |")
     return "\n".join(lines)
+
+
+def _memory(r: dict) -> str:
+    if "mem_transient_bytes" not in r:
+        return "-"
+    return (f"{r['mem_transient_bytes'] / 1024:.0f} KiB allocated per step; peak "
+            f"{r['mem_peak_ratio']:.2f}x what the step must hold")
 
 
 def summary_table(rows: list[dict], dtype: str = "float32") -> str:
     """The README table: per case and backend, the SGD and Adam steps with both ratios."""
     by = {(r["case"], r["backend"], r["kind"]): r for r in rows
-          if r["impl"] == "bpcore" and r["dtype"] == dtype and "@" not in r["case"]}
+          if r["impl"] == "step" and r["dtype"] == dtype and "@" not in r["case"]}
     peers = {}
     for r in rows:
         if r["impl"] == "peer" and r["dtype"] == dtype and "@" not in r["case"]:
             peers.setdefault((r["case"], r["kind"]), []).append(
                 f"{r['backend']} {r['time_s'] * 1e3:.2f}")
-    lines = ["| case | backend | SGD step ms | × floor | × best peer | Adam step ms | × floor "
-             "| × best peer |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| case | backend | SGD `Trainer.step` ms | × floor | × best peer | Adam "
+             "`Trainer.step` ms | × floor | × best peer |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for case, backend in sorted({(c, b) for c, b, _ in by},
                                 key=lambda cb: (list(CASES).index(cb[0]), cb[1])):
         cells = []
@@ -252,11 +335,15 @@ def peers_table(rows: list[dict], cases: Iterable[str] | None = None) -> str:
         if r["impl"] == "peer" and (cases is None or r["case"] in cases):
             lines.append(f"| {r['case']} | {r['dtype']} | {r['backend']} | {r['kind']} | "
                          f"{r['time_s'] * 1e3:.3f} |")
-    lines += ["", "| case | dtype | backend | GEMM floor ms | GFLOP/s |", "|---|---|---|---:|---:|"]
+    lines += ["", "| case | dtype | backend | GEMM floor ms | how | Σ products ms | FLOPs at "
+              "best rate ms | best GEMM GFLOP/s |", "|---|---|---|---:|---|---:|---:|---:|"]
     for r in rows:
         if r["impl"] == "floor" and (cases is None or r["case"] in cases):
             lines.append(f"| {r['case']} | {r['dtype']} | {r['backend']} | "
-                         f"{r['time_s'] * 1e3:.3f} | {r['gflops']:.1f} |")
+                         f"{r['time_s'] * 1e3:.3f} | {r.get('floor_method', '-')} | "
+                         f"{r.get('floor_sum_products_s', 0) * 1e3:.3f} | "
+                         f"{r.get('floor_at_peak_s', 0) * 1e3:.3f} | "
+                         f"{r.get('best_gemm_gflops', 0):.0f} |")
     return "\n".join(lines)
 
 
@@ -365,9 +452,11 @@ def charts(rows: list[dict], out: str, cases: list[str]) -> list[str]:
 
     def bars(ax, kind, value, note):
         data = {}
-        for r in rows:
-            if r["kind"] == kind and r["case"] in cases and r["dtype"] == "float32":
-                data.setdefault(f"{r['impl']}/{r['backend']}", {})[r["case"]] = r
+        for r in rows:  # bpcore as users call it: Trainer.step (the "step" rows)
+            if r["kind"] == kind and r["case"] in cases and r["dtype"] == "float32" and \
+                    r["impl"] != "bpcore":
+                impl = "bpcore" if r["impl"] == "step" else r["impl"]
+                data.setdefault(f"{impl}/{r['backend']}", {})[r["case"]] = r
         keys = sorted((k for k in data if any(value(r) is not None for r in data[k].values())),
                       key=lambda k: (not k.startswith("bpcore"), k))
         width = 0.8 / max(len(keys), 1)
@@ -388,7 +477,7 @@ def charts(rows: list[dict], out: str, cases: list[str]) -> list[str]:
 
     def floor_and_ratio(ax, r, x, width):
         f = floor.get((r["case"], r["backend"]))
-        if r["impl"] == "bpcore" and f:
+        if r["impl"] == "step" and f:
             ax.hlines(f, x - width * 0.46, x + width * 0.46, colors="black", linewidth=2)
             ax.annotate(f"×{r['time_s'] * 1e3 / f:.2f}", (x, r["time_s"] * 1e3), ha="center",
                         va="bottom", fontsize=6, rotation=90, xytext=(0, 2),
@@ -402,7 +491,7 @@ def charts(rows: list[dict], out: str, cases: list[str]) -> list[str]:
             ("time_per_step.png", lambda r: r["time_s"] * 1e3 if r["impl"] != "floor" else None,
              floor_and_ratio, "ms per step (log); black line: GEMM floor", True),
             ("ratio_to_floor.png",
-             lambda r: r.get("ratio_to_floor") if r["impl"] == "bpcore" else None,
+             lambda r: r.get("ratio_to_floor") if r["impl"] == "step" else None,
              ratio_text, "time ÷ the same backend's GEMM floor", False)):
         fig, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 4.8), squeeze=False)
         for ax, kind in zip(axes[0], kinds):
@@ -419,7 +508,7 @@ def charts(rows: list[dict], out: str, cases: list[str]) -> list[str]:
                 handles.setdefault(lab, h)
         fig.legend(list(handles.values()), list(handles), loc="lower center",
                    ncol=min(len(handles), 5), fontsize=8, frameon=False)
-        fig.suptitle("bpcore training step, float32" + (": time, floors, peers" if log else
+        fig.suptitle("bpcore Trainer.step, float32" + (": time, floors, peers" if log else
                                                          ": ratio to the GEMM floor"))
         fig.tight_layout(rect=(0, 0.1, 1, 1))
         p = os.path.join(out, name)

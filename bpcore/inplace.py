@@ -37,14 +37,17 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._array import array_namespace, nested_leaves, nested_unflatten
+from ._array import nested_leaves, nested_unflatten
 from .schedules import schedule_from_spec
-from .step import StepMetrics, TrainState, guard_decision
+from .targets import labels_to_canonical
+from .step import (GUARD_GREW, GUARD_NONFINITE, GUARD_TARGETS, GuardState, StepMetrics,
+                   TrainState)
 
 __all__ = ["InplaceStep", "unsupported_reason", "CHUNK"]
 
 CHUNK = 1 << 16  # elements per chunk of an elementwise update with a temporary (fits L2)
 _N_MOMENTS = {"sgd": None, "adam": 2, "adamw": 2}
+_IN_PLACE = ("relu", "identity")  # activations whose forward and vjp run in the Z buffer
 
 
 def unsupported_reason(trainer: Any) -> str | None:
@@ -114,10 +117,19 @@ class InplaceStep:
         width = min(CHUNK, self.n)
         self.tmp = ops.empty((width,), dtype)
         self.tmp2 = ops.empty((width,), dtype)
-        self._batch_buffers: dict[int, Any] = {}
+        self._batch_buffers: dict[Any, Any] = {}
+        self._fused_xent = (self.loss.name == "softmax_cross_entropy" and
+                            model.activations[-1].name == "identity")
         self._out: TrainState | None = None
         self.safe = False
         self.fallbacks = 0  # steps that ran the generic path (for tests and benchmarks)
+
+    def buffer_bytes(self) -> int:
+        """Bytes of every buffer this step keeps (state, gradients, scratch, per batch)."""
+        arrays = [self.p_flat, self.g_flat, *self.s_flat, self.tmp, self.tmp2]
+        arrays += [a for bufs in self._batch_buffers.values() for layer in bufs
+                   for a in (layer if isinstance(layer, tuple) else (layer,)) if a is not None]
+        return sum(int(a.nbytes) for a in arrays)
 
     # -- the state --------------------------------------------------------------------------
     def _adopt(self, state: TrainState) -> TrainState:
@@ -146,38 +158,57 @@ class InplaceStep:
         self._out = state._replace(params=self.params, opt_state=self.opt_state)
         return self._out
 
-    def _generic(self, state: TrainState, x: Any, T: Any):
+    def _generic(self, state: TrainState, x: Any, T: Any, labels: Any = None):
         self.fallbacks += 1
+        if T is None:
+            T = labels_to_canonical(labels, self.params[-1][0].shape[0], self.p_flat.dtype)
         new, metrics = self.generic_step(state, x, T)
         return self._adopt(new), metrics
 
     # -- buffers per batch size ---------------------------------------------------------------
     def _buffers(self, B: int, like: Any) -> list[tuple[Any, Any, Any]]:
+        """Per layer ``(Z, mask, D_prev)`` for batch size ``B``: ``Z`` holds Z^k (and Y^k for
+        relu and identity, which run in place); ``mask`` is relu's [Y^k > 0]; ``D_prev``
+        receives D^{k-1} where layer k-1 needs its Z and Y for a generic ``vjp`` (after a relu
+        or identity layer D^{k-1} overwrites that layer's Z buffer, no longer needed then)."""
         bufs = self._batch_buffers.get(B)
         if bufs is None:
-            if len(self._batch_buffers) >= 2:  # a full batch and a last, smaller one
-                self._batch_buffers.pop(next(iter(self._batch_buffers)))
-            ops = self.ops
+            if len(self._batch_buffers) >= 4:  # a full batch and a last, smaller one
+                self._batch_buffers.clear()
+            ops, acts = self.ops, self.activations
             bufs = []
-            for k, ((W, _), act) in enumerate(zip(self.params, self.activations)):
+            for k, ((W, _), act) in enumerate(zip(self.params, acts)):
                 n_out, n_in = W.shape
                 Z = ops.empty((B, n_out), like.dtype)
                 mask = ops.bool_empty((B, n_out)) if act.name == "relu" else None
-                D_prev = ops.empty((B, n_in), like.dtype) if k > 0 else None
+                D_prev = (ops.empty((B, n_in), like.dtype)
+                          if k > 0 and acts[k - 1].name not in _IN_PLACE else None)
                 bufs.append((Z, mask, D_prev))
             self._batch_buffers[B] = bufs
         return bufs
 
     # -- the step -----------------------------------------------------------------------------
     def step(self, state: TrainState, x: Any, T: Any) -> tuple[TrainState, StepMetrics]:
+        """The step on canonical targets ``T`` (``(batch, n_out)``, as the generic step)."""
         with self.ops.quiet():
-            return self._step(state, x, T)
+            return self._step(state, x, T, None)
 
-    def _step(self, state, x, T):
+    def step_labels(self, state: TrainState, x: Any, labels: Any
+                    ) -> tuple[TrainState, StepMetrics]:
+        """The step on integer class labels already checked to lie in ``[0, n_out)``
+        (:func:`bpcore.targets.label_targets` on a backend whose values the host reads). The
+        fused softmax cross-entropy uses them directly, with no one-hot rows."""
+        if not self._fused_xent:
+            T = labels_to_canonical(labels, self.params[-1][0].shape[0], self.p_flat.dtype)
+            return self.step(state, x, T)
+        with self.ops.quiet():
+            return self._step(state, x, None, labels)
+
+    def _step(self, state, x, T, labels):
         if state is not self._out:
             state = self._adopt(state)
         if not self.safe and self.check_finite:
-            return self._generic(state, x, T)
+            return self._generic(state, x, T, labels)
         ops = self.ops
         bufs = self._buffers(x.shape[0], self.p_flat)
         # forward: Z^k = Y^{k-1} W^{kT} + b^k, Y^k = f^k(Z^k)
@@ -193,15 +224,25 @@ class InplaceStep:
             else:  # no in-place kernel: the generic forward (allocates)
                 Y = act.forward(Z)
             Ys.append((Z, Y))
-        value, D = self.loss.forward(Y, T)
-        metrics = StepMetrics(value, self.loss.correct(Y, T))
+        if labels is not None:
+            value, D = self._softmax_xent_labels(Y, labels)
+            metrics = StepMetrics(value, ops.count(ops.argmax_rows(Y) == labels, Y))
+        elif self._fused_xent:
+            value, D = self._softmax_xent(Y, T)
+            hit = ops.argmax_rows(Y) == ops.argmax_rows(T)
+            metrics = StepMetrics(value, ops.count(hit, Y))
+        else:
+            value, D = self.loss.forward(Y, T)
+            metrics = StepMetrics(value, self.loss.correct(Y, T))
         # backward: G^k = f'^k ⊙ D^k, ∇W^k = G^kT Y^{k-1}, ∇b^k = Σ G^k, D^{k-1} = G^k W^k
         for k in range(len(self.params) - 1, -1, -1):
             W, _ = self.params[k]
             gW, gb = self.grads[k]
             act, (Z, Yk), (_, mask, D_prev) = self.activations[k], Ys[k], bufs[k]
             if act.name == "relu":
-                ops.relu_grad_(D, Yk, mask)  # D is a buffer of ours (or the loss's new array)
+                if k == len(self.params) - 1:  # (inner layers took their mask below)
+                    ops.gt0(Yk, mask)
+                ops.mul(D, mask, D)  # D is a buffer of ours, or the loss's new array
                 G = D
             elif act.name == "identity":
                 G = D
@@ -211,22 +252,111 @@ class InplaceStep:
             ops.matmul(G.T, Y_prev, gW)
             ops.sum_rows(G, gb)
             if k > 0:
+                if D_prev is None:  # layer k-1 ran in place: its Z/Y buffer takes D^{k-1}
+                    if bufs[k - 1][1] is not None:
+                        ops.gt0(Y_prev, bufs[k - 1][1])  # its relu mask, while Y is intact
+                    D_prev = Ys[k - 1][0]
                 ops.matmul(G, W, D_prev)
                 D = D_prev
 
         step = state.step
         if self.check_finite:
-            ok, guard = guard_decision(state, value, T, array_namespace(value).isfinite(value),
-                                       loss=self.loss, divergence_factor=self.divergence_factor)
-            if not bool(ok):  # refused before anything was written
+            ok, guard = self._guard(state, value, T)  # T None: labels, checked at the boundary
+            if not ok:  # refused before anything was written
                 self._out = state._replace(guard=guard)
                 return self._out, metrics
         else:
             guard = state.guard
         if not self._update(int(step)) and self.check_finite:
-            return self._generic(state, x, T)  # no proof the update is safe: generic decides
+            return self._generic(state, x, T, labels)  # no proof the update is safe
         self._out = TrainState(self.params, self.opt_state, step + 1, guard, state.epoch)
         return self._out, metrics
+
+    def _softmax_xent(self, Z: Any, T: Any) -> tuple[Any, Any]:
+        """:func:`bpcore.losses._softmax_cross_entropy` in the same operations, in buffers."""
+        ops = self.ops
+        D, lse, rows, scratch = self._xent_buffers(Z)
+        B = Z.shape[0]
+        ops.row_max(Z, lse)                       # lse = m + log Σ exp(Z - m)
+        ops.sub(Z, lse, D)
+        ops.exp(D, D)
+        ops.row_sum(D, rows)
+        ops.log(rows, rows)
+        ops.add(lse, rows, lse)
+        ops.sub(lse, Z, scratch)                  # value = Σ T (lse - Z) / B
+        ops.mul(T, scratch, scratch)
+        value = ops.total(scratch) / B
+        ops.sub(Z, lse, D)                        # D = (exp(Z - lse) Σ_c T - T) / B
+        ops.exp(D, D)
+        ops.row_sum(T, rows)
+        ops.mul(D, rows, D)
+        ops.sub(D, T, D)
+        ops.div(D, B, D)
+        return value, D
+
+    def _softmax_xent_labels(self, Z: Any, labels: Any) -> tuple[Any, Any]:
+        """:meth:`_softmax_xent` for one-hot targets given as labels ``y``: value
+        ``Σ_b (lse_b - Z_{b,y_b}) / B`` and ``D = (softmax(Z) - onehot(y)) / B``, the same
+        numbers to round-off without the one-hot rows."""
+        ops = self.ops
+        D, lse, rows, _ = self._xent_buffers(Z)
+        B = Z.shape[0]
+        ops.row_max(Z, lse)
+        ops.sub(Z, lse, D)
+        ops.exp(D, D)
+        ops.row_sum(D, rows)
+        ops.log(rows, rows)
+        ops.add(lse, rows, lse)
+        picked = ops.pick(Z, labels)              # Z_{b, y_b}
+        ops.sub(lse[:, 0], picked, picked)
+        value = ops.total(picked) / B
+        ops.sub(Z, lse, D)
+        ops.exp(D, D)
+        ops.sub_at(D, labels, 1.0)                # D_{b, y_b} -= 1
+        ops.div(D, B, D)
+        return value, D
+
+    def _xent_buffers(self, Z: Any) -> tuple[Any, Any, Any, Any]:
+        key = ("xent", Z.shape[0])
+        bufs = self._batch_buffers.get(key)
+        if bufs is None:
+            B, C = Z.shape
+            e = self.ops.empty
+            bufs = self._batch_buffers[key] = (e((B, C), Z.dtype), e((B, 1), Z.dtype),
+                                               e((B, 1), Z.dtype), e((B, C), Z.dtype))
+        return bufs
+
+    def _guard(self, state: TrainState, value: Any, T: Any) -> tuple[bool, Any]:
+        """:func:`bpcore.step.guard_decision` on the host (values read at no cost here), in
+        the parameters' dtype, with ``finite`` = the loss is finite (the update is proved
+        finite separately). Returns ``(ok, guard)``."""
+        ops, g = self.ops, state.guard
+        f = ops.host_dtype(self.p_flat)
+        v, ref = f(float(value)), f(float(g.ref_loss))
+        new_ref = np.isnan(ref)
+        if new_ref:
+            ref = v
+        if T is None:  # labels, range-checked on the host at the boundary
+            targets_ok = True
+        else:
+            lo, hi = float(T.min()), float(T.max())  # NaN compares False: invalid
+            kind = self.loss.targets
+            targets_ok = (lo >= 0 and hi < math.inf if kind == "classes" else
+                          lo >= 0 and hi <= 1 if kind == "binary" else
+                          lo > -math.inf and hi < math.inf)
+        factor = self.divergence_factor
+        grew = bool(factor) and bool(v > factor * ref) and bool(ref > 0)
+        bad = int(g.bad_step)
+        ok = targets_ok and bool(np.isfinite(v)) and not grew and not bad
+        if ok and not new_ref:
+            return True, g
+        why = (GUARD_TARGETS if not targets_ok else GUARD_NONFINITE if not np.isfinite(v) else
+               GUARD_GREW if grew else 0)
+        guard = GuardState(
+            bad_step=g.bad_step if ok or bad else ops.scalar(int(state.step) + 1, 0),
+            reason=g.reason if bad else ops.scalar(0 if ok else why, 0),
+            ref_loss=ops.scalar(float(ref), self.p_flat) if new_ref else g.ref_loss)
+        return ok, guard
 
     # -- the update -----------------------------------------------------------------------------
     def _chunks(self, lo: int, hi: int):
@@ -246,7 +376,7 @@ class InplaceStep:
             if not math.isfinite(g_sq) and guarded:
                 return False
             norm = math.sqrt(g_sq) if math.isfinite(g_sq) else math.nan
-            scale = min(self.clip_norm / max(norm, 1e-30), 1.0) if norm == norm else math.nan
+            scale = min(self.clip_norm / max(norm, 1e-30), 1.0) if not math.isnan(norm) else math.nan
             if scale != 1.0:
                 ops.mul(g, scale, g)
         if self.wd and self.kind != "adamw":  # L2: add wd·W to the weights' gradient
@@ -306,9 +436,13 @@ class InplaceStep:
             bound = lr * (m_norm / (c1 * eps) + decoupled * self.p_norm)
         if guarded and not bound <= self.update_limit:
             return False
+        # Adam's "efficient form" (Kingma & Ba, sec. 2): lr (m/c1) / (sqrt(v/c2) + eps)
+        # = alpha m / (sqrt(v) + eps'), alpha = lr sqrt(c2) / c1, eps' = eps sqrt(c2): the
+        # same update to round-off, in two fewer passes.
+        alpha, eps_hat = lr * math.sqrt(c2) / c1, eps * math.sqrt(c2)
         for lo, hi in ((0, self.nW), (self.nW, self.n)):
             for a, b, t1, t2 in self._chunks(lo, hi):
-                ma, va, ga = m[a:b], v[a:b], g[a:b]
+                ma, va, ga, pa = m[a:b], v[a:b], g[a:b], p[a:b]
                 ops.mul(ma, b1, ma)                          # m ← b1 m + (1 - b1) g
                 ops.mul(ga, 1.0 - b1, t1)
                 ops.add(ma, t1, ma)
@@ -316,15 +450,13 @@ class InplaceStep:
                 ops.mul(t1, 1.0 - b2, t1)
                 ops.mul(va, b2, va)
                 ops.add(va, t1, va)
-                ops.div(va, c2, t1)                          # out = (m/c1) / (sqrt(v/c2) + eps)
-                ops.sqrt(t1, t1)
-                ops.add(t1, eps, t1)
-                ops.div(ma, c1, t2)
-                ops.div(t2, t1, t2)
-                if decoupled and lo == 0:                    # AdamW: out + wd W (weights)
-                    ops.mul(p[a:b], decoupled, t1)
+                ops.sqrt(va, t1)                             # u = -alpha m / (sqrt(v) + eps')
+                ops.add(t1, eps_hat, t1)
+                ops.div(ma, t1, t2)
+                ops.mul(t2, -alpha, t2)
+                if decoupled and lo == 0:                    # AdamW: u - lr wd W (weights)
+                    ops.mul(pa, -lr * decoupled, t1)
                     ops.add(t2, t1, t2)
-                ops.mul(t2, -lr, t2)
-                ops.add(p[a:b], t2, p[a:b])
+                ops.add(pa, t2, pa)
         self.m_norm, self.p_norm = m_norm, self.p_norm + bound  # 2-norm bounds
         return True

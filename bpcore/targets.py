@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from ._array import Array, array_device
+from ._array import Array, array_device, array_namespace
 from ._checks import dtype_kind, host_view
 from .errors import DTypeError, ShapeError
 from .losses import Loss
 
-__all__ = ["prepare_target"]
+__all__ = ["prepare_target", "label_targets", "labels_to_canonical"]
 
 
 def prepare_target(loss: Loss, backend: Any, y: Any, n_out: int, batch: int, dtype: Any,
@@ -43,30 +43,8 @@ def prepare_target(loss: Loss, backend: Any, y: Any, n_out: int, batch: int, dty
             "x and y must have the same number of rows."
         )
     if loss.targets == "classes" and len(shape) == 1:
-        if kind not in ("int", "uint"):
-            raise DTypeError(
-                f"{argument}: class labels for {loss.name} must be integers in "
-                f"[0, {n_out}), got dtype {src.dtype}; pass integer labels "
-                f"(y.astype('int64')) or one-hot rows of shape ({batch}, {n_out})."
-            )
-        if host is not None and host.size:
-            lo, hi = int(host.min()), int(host.max())
-            if lo < 0 or hi >= n_out:
-                bad = lo if lo < 0 else hi
-                raise ShapeError(
-                    f"{argument}: class label {bad} is out of range; the network has "
-                    f"{n_out} outputs, so labels must lie in [0, {n_out - 1}]."
-                )
-        labels = be.asarray(src)
-        xp = be.xp
-        classes = xp.arange(n_out, dtype=labels.dtype, device=array_device(labels))
-        T = xp.astype(labels[:, None] == classes[None, :], be.dtype(dtype))
-        if host is not None:
-            return T
-        # Labels on an asynchronous device are not read back here: one out of range
-        # becomes a row of NaN, which the step's guard refuses and reports.
-        valid = (labels >= 0) & (labels < n_out)
-        return xp.where(valid[:, None], T, math.nan)
+        labels = _checked_labels(loss, be, y, host, src, shape, kind, n_out, argument)
+        return labels_to_canonical(labels, n_out, be.dtype(dtype))
     if len(shape) == 1 and n_out == 1:
         shape = (batch, 1)
         src = host.reshape(shape) if host is not None else be.xp.reshape(y, shape)
@@ -78,6 +56,54 @@ def prepare_target(loss: Loss, backend: Any, y: Any, n_out: int, batch: int, dty
     if host is not None and host.size:
         _check_host_values(loss, np.asarray(src), argument)
     return be.asarray(src, dtype=dtype)
+
+
+def label_targets(loss: Loss, backend: Any, y: Any, n_out: int, batch: int, *,
+                  argument: str = "y") -> Array | None:
+    """``y`` as class labels on ``backend`` (checked as :func:`prepare_target` checks them),
+    or None when ``y`` is not a vector of labels for a ``classes`` loss (then use
+    :func:`prepare_target`). The training step turns labels into targets itself
+    (:func:`labels_to_canonical`), inside the compiled step on JAX."""
+    if loss.targets != "classes":
+        return None
+    host = host_view(backend, y)
+    src = host if host is not None else y
+    shape = tuple(getattr(src, "shape", ()))
+    if len(shape) != 1 or shape[0] != batch or dtype_kind(src.dtype) not in ("int", "uint"):
+        return None
+    return _checked_labels(loss, backend, y, host, src, shape, dtype_kind(src.dtype), n_out,
+                           argument)
+
+
+def labels_to_canonical(labels: Array, n_out: int, dtype: Any) -> Array:
+    """Integer labels ``(batch,)`` as one-hot rows ``(batch, n_out)`` of ``dtype``; a label
+    outside ``[0, n_out)`` (possible only for labels never read on the host) becomes a row of
+    NaN, which the step's guard refuses and reports. Pure: runs inside ``jit``."""
+    xp = array_namespace(labels)
+    classes = xp.arange(n_out, dtype=labels.dtype, device=array_device(labels))
+    T = xp.astype(labels[:, None] == classes[None, :], dtype)
+    valid = (labels >= 0) & (labels < n_out)
+    return xp.where(valid[:, None], T, math.nan)
+
+
+def _checked_labels(loss: Loss, be: Any, y: Any, host: Any, src: Any, shape: tuple,
+                    kind: str, n_out: int, argument: str) -> Array:
+    batch = shape[0]
+    if kind not in ("int", "uint"):
+        raise DTypeError(
+            f"{argument}: class labels for {loss.name} must be integers in "
+            f"[0, {n_out}), got dtype {src.dtype}; pass integer labels "
+            f"(y.astype('int64')) or one-hot rows of shape ({batch}, {n_out})."
+        )
+    if host is not None and host.size:
+        lo, hi = int(host.min()), int(host.max())
+        if lo < 0 or hi >= n_out:
+            bad = lo if lo < 0 else hi
+            raise ShapeError(
+                f"{argument}: class label {bad} is out of range; the network has "
+                f"{n_out} outputs, so labels must lie in [0, {n_out - 1}]."
+            )
+    return be.asarray(y if be.is_native(y) else src)
 
 
 def _check_host_values(loss: Loss, T: np.ndarray, argument: str) -> None:

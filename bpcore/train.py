@@ -22,7 +22,7 @@ from ._checks import prepare_input
 from .callbacks import Callback, EarlyStopping, History
 from .errors import ConfigError, DivergenceError, ShapeError
 from .losses import Loss, get_loss
-from .targets import prepare_target
+from .targets import label_targets, labels_to_canonical, prepare_target
 from .mlp import forward
 from .model import MLP
 from .optim import GradientTransformation, Optimizer, chain, clip_by_global_norm, get_optimizer
@@ -55,12 +55,15 @@ class Trainer:
         How far the loss may grow over the first step's loss before training counts as
         diverged (default 1e4; ``None``: only non-finite values count).
     inplace : bool or None
-        Run the in-place step (:mod:`bpcore.inplace`: preallocated buffers, the same results
-        as the generic step to round-off) where the backend offers it (numpy, torch on the
-        CPU) and the optimizer is one of bpcore's named ones. ``None`` (default): whenever
-        possible; ``True``: required (a ConfigError says why not); ``False``: the generic,
-        pure step. In place, ``model.params`` and ``trainer.state`` are updated by later
-        steps: keep a snapshot with ``model.copy_params()``.
+        Reuse the training state's memory from step to step. On numpy and torch on the CPU
+        (with one of bpcore's named optimizers) that is the in-place step
+        (:mod:`bpcore.inplace`: preallocated buffers, the same results as the generic step to
+        round-off); on JAX the compiled step donates the old state's buffers to the new one.
+        ``None`` (default): whenever possible; ``True``: required (a ConfigError says why
+        not); ``False``: the generic, pure step, whose old states stay valid. In place, the
+        arrays of ``model.params`` and ``trainer.state`` are overwritten (numpy, torch) or
+        invalidated (JAX: "Array has been deleted") by later steps: keep a snapshot with
+        ``model.copy_params()`` or ``model.state_dict()``.
     """
 
     def __init__(self, model: MLP, loss: str | Loss = "softmax_cross_entropy",
@@ -88,29 +91,39 @@ class Trainer:
         self.state = init_state(model.params, self.optimizer, model.backend)
         self.stop_training = False
         self.trace_count = 0  # how many times the step was traced (once per shape on JAX)
-        self._step_fn = model.backend.jit(self._pure_step)
-        self._inplace = None
         if inplace not in (None, True, False):
             raise ConfigError(f"inplace: expected None, True or False, got {inplace!r}")
+        # A backend that compiles the step (JAX) reuses the old state's buffers for the new
+        # one (donation): the same "in place" as the mutable backends' in-place step.
+        jit_kw = {"donate_argnums": (0,)} if inplace is not False and \
+            model.backend.compiles else {}
+        self._donates = bool(jit_kw)
+        self._step_fn = model.backend.jit(self._pure_step, **jit_kw)
+        self._label_step_fn = model.backend.jit(self._pure_label_step, **jit_kw)
+        self._inplace = None
         if inplace is not False:
             from .inplace import InplaceStep, unsupported_reason
 
             why = unsupported_reason(self)
             if why is None:
                 self._inplace = InplaceStep(self, self._step_fn)
-            elif inplace:
+            elif inplace and not self._donates:
                 raise ConfigError(f"inplace=True: not possible here: {why}")
 
     @property
     def inplace(self) -> bool:
-        """Whether steps run in place (see the ``inplace`` parameter)."""
-        return self._inplace is not None
+        """Whether steps reuse the state's buffers (see the ``inplace`` parameter)."""
+        return self._inplace is not None or self._donates
 
     def _pure_step(self, state: TrainState, x: Array, T: Array):
         self.trace_count += 1  # Python side effect: runs once per compilation on JAX
         return train_step(state, (x, T), activations=self.model.activations, loss=self.loss,
                           optimizer=self.optimizer, check_finite=self.check_finite,
                           divergence_factor=self.divergence_factor)
+
+    def _pure_label_step(self, state: TrainState, x: Array, labels: Array):
+        T = labels_to_canonical(labels, self.model.sizes[-1], x.dtype)
+        return self._pure_step(state, x, T)
 
     # -- the state --------------------------------------------------------------------------
     @property
@@ -162,7 +175,21 @@ class Trainer:
         Does not wait for the device. A step the guard refuses leaves everything as it was;
         :meth:`check` reports it.
         """
-        return self.step_prepared(*self.prepare_batch(x, y))[0]
+        m = self.model
+        xb = prepare_input(m.backend, x, m.sizes[0], m.dtype)
+        labels = label_targets(self.loss, m.backend, y, m.sizes[-1], xb.shape[0])
+        if labels is None:
+            T = prepare_target(self.loss, m.backend, y, m.sizes[-1], xb.shape[0], m.dtype_name)
+            return self.step_prepared(xb, T)[0]
+        # Class labels go into the step as they are: the in-place step uses them directly,
+        # the compiled step turns them into one-hot rows inside (one call on JAX).
+        self._sync_params()
+        if self._inplace is not None and not m.backend.asynchronous:
+            self.state, metrics = self._inplace.step_labels(self.state, xb, labels)
+        else:
+            self.state, metrics = self._label_step_fn(self.state, xb, labels)
+        self.model.params = self.state.params
+        return metrics.loss
 
     def step_prepared(self, xb: Array, T: Array) -> tuple[Array, Array]:
         """``step`` on a batch from :meth:`prepare_batch`: returns ``(loss, n_correct)``."""
