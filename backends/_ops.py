@@ -73,9 +73,76 @@ class NumpyOps:
         """``mask ← [Y > 0]`` (relu's derivative, from its output; NaN gives False)."""
         self.np.greater(Y, 0, out=mask)
 
+    def add_scaled_(self, p: Any, g: Any, a: float) -> None:
+        """``p ← p + a·g``; ``g`` may be overwritten (it is scratch)."""
+        self.np.multiply(g, a, out=g)
+        self.np.add(p, g, out=p)
+
+    # -- optimizer updates, in place on flat buffers -------------------------------------------
+    # ``tmp`` is a pair of 1-d scratch buffers; the updates run in chunks of their length, so
+    # each temporary stays in cache. The same arithmetic as bpcore.optim's transformations.
+    @staticmethod
+    def _chunks(lo: int, hi: int, tmp: tuple[Any, Any]):
+        width = tmp[0].shape[0]
+        for a in range(lo, hi, width):
+            b = min(a + width, hi)
+            yield a, b, tmp[0][:b - a], tmp[1][:b - a]
+
+    def momentum_update_(self, p: Any, g: Any, v: Any, lr: float, beta: float,
+                         nesterov: bool, tmp: tuple[Any, Any]) -> None:
+        """``v ← β v + g``; ``θ ← θ - lr (g + β v if nesterov else v)``."""
+        for a, b, t, _ in self._chunks(0, p.shape[0], tmp):
+            va, ga = v[a:b], g[a:b]
+            self.mul(va, beta, va)
+            self.add(va, ga, va)
+            if nesterov:
+                self.mul(va, beta, t)
+                self.add(ga, t, t)
+                self.mul(t, -lr, t)
+            else:
+                self.mul(va, -lr, t)
+            self.add(p[a:b], t, p[a:b])
+
+    def adam_update_(self, p: Any, g: Any, m: Any, v: Any, t: float, lr: float, b1: float,
+                     b2: float, eps: float, decoupled: float, n_weights: int,
+                     tmp: tuple[Any, Any]) -> None:
+        """Adam step number ``t`` (1-based) with bias correction; AdamW's decoupled decay
+        ``decoupled`` on the first ``n_weights`` entries (the weights, not the biases).
+
+        In Adam's "efficient form" (Kingma & Ba, sec. 2): lr (m/c1) / (sqrt(v/c2) + eps) =
+        alpha m / (sqrt(v) + eps'), alpha = lr sqrt(c2) / c1, eps' = eps sqrt(c2): the same
+        update to round-off, in two fewer passes.
+        """
+        c1 = 1.0 - b1 ** t
+        c2 = 1.0 - b2 ** t
+        alpha, eps_hat = lr * c2 ** 0.5 / c1, eps * c2 ** 0.5
+        for lo, hi in ((0, n_weights), (n_weights, p.shape[0])):
+            for a, b, t1, t2 in self._chunks(lo, hi, tmp):
+                ma, va, ga, pa = m[a:b], v[a:b], g[a:b], p[a:b]
+                self.mul(ma, b1, ma)                          # m ← b1 m + (1 - b1) g
+                self.mul(ga, 1.0 - b1, t1)
+                self.add(ma, t1, ma)
+                self.mul(ga, ga, t1)                          # v ← b2 v + (1 - b2) g²
+                self.mul(t1, 1.0 - b2, t1)
+                self.mul(va, b2, va)
+                self.add(va, t1, va)
+                self.sqrt(va, t1)                             # u = -alpha m / (sqrt(v) + eps')
+                self.add(t1, eps_hat, t1)
+                self.div(ma, t1, t2)
+                self.mul(t2, -alpha, t2)
+                if decoupled and lo == 0:                     # AdamW: u - lr wd W
+                    self.mul(pa, -lr * decoupled, t1)
+                    self.add(t2, t1, t2)
+                self.add(pa, t2, pa)
+
     # -- products and reductions --------------------------------------------------------------
     def matmul(self, a: Any, b: Any, out: Any) -> None:
         self.np.matmul(a, b, out=out)
+
+    def linear(self, Y: Any, W: Any, b: Any, out: Any) -> None:
+        """``out ← Y Wᵀ + b`` (a layer's pre-activation)."""
+        self.np.matmul(Y, W.T, out=out)
+        self.np.add(out, b, out=out)
 
     def sum_rows(self, G: Any, out: Any) -> None:
         """``out ← Σ_rows G`` (the bias gradient)."""
@@ -180,6 +247,46 @@ class TorchOps(NumpyOps):
 
     def matmul(self, a, b, out):
         self.torch.matmul(a, b, out=out)
+
+    def linear(self, Y, W, b, out):
+        self.torch.addmm(b, Y, W.t(), out=out)  # one call: the bias rides on the product
+
+    def add_scaled_(self, p, g, a):
+        p.add_(g, alpha=a)
+
+    # PyTorch's fused optimizer kernels (what torch.optim runs with fused=True): one call
+    # for the whole flat buffer instead of a dozen per chunk. Same arithmetic to round-off.
+    def momentum_update_(self, p, g, v, lr, beta, nesterov, tmp):
+        self.torch._fused_sgd_([p], [g], [v], weight_decay=0.0, momentum=beta, lr=lr,
+                               dampening=0.0, nesterov=nesterov, maximize=False,
+                               is_first_step=False)
+
+    def adam_update_(self, p, g, m, v, t, lr, b1, b2, eps, decoupled, n_weights, tmp):
+        torch = self.torch
+        step = torch.full((), float(t), dtype=p.dtype)
+        kw = dict(lr=lr, beta1=b1, beta2=b2, eps=eps, amsgrad=False, maximize=False)
+        parts = [(slice(0, n_weights), decoupled), (slice(n_weights, p.shape[0]), 0.0)]
+        if not decoupled:  # one call for weights and biases alike
+            parts = [(slice(0, p.shape[0]), 0.0)]
+        for sl, wd in parts:
+            fused = torch._fused_adamw_ if wd else torch._fused_adam_
+            fused([p[sl]], [g[sl]], [m[sl]], [v[sl]], [], [step.clone()], weight_decay=wd,
+                  **kw)
+
+    def softmax_xent_labels(self, Z, labels, D):
+        """Softmax cross-entropy on integer labels in PyTorch's own kernels (fewer calls
+        than the generic composition): returns ``(value, D)`` with D written in place."""
+        torch = self.torch
+        B = Z.shape[0]
+        lse = torch.logsumexp(Z, dim=1)
+        value = (lse - Z.gather(1, labels[:, None])[:, 0]).sum() / B
+        torch.exp(Z - lse[:, None], out=D)      # softmax, as the generic exp(Z - lse)
+        neg = getattr(self, "_neg_one", None)
+        if neg is None or neg.dtype != D.dtype:
+            neg = self._neg_one = torch.full((1, 1), -1.0, dtype=D.dtype)
+        D.scatter_add_(1, labels.view(-1, 1), neg.expand(B, 1))  # D[b, y_b] -= 1
+        D.div_(B)
+        return value, D
 
     def sum_rows(self, G, out):
         self.torch.sum(G, dim=0, out=out)

@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         pass
     import bpcore
 
-    from .report import markdown_table, noise_warning, run_suite, write_json, write_report
+    from .report import (below_floor, markdown_table, noise_warning, run_suite, write_json,
+                         write_report)
 
     if args.backends:
         backends = args.backends.split(",")
@@ -188,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(result["rows"]))
     if noise_warning(result["rows"]):
         print("\n" + noise_warning(result["rows"]), file=sys.stderr)
+    if below_floor(result["rows"]):
+        print("\nWARNING: faster than the floor (not a result): "
+              + "; ".join(below_floor(result["rows"])), file=sys.stderr)
     print(f"\n{len(result['rows'])} measurements in {result['wall_s']:.0f}s "
           f"({result['status']}; {len(result['missing'])} not taken, "
           f"{len(result['failed'])} failed); wrote " + ", ".join(paths))

@@ -22,6 +22,7 @@ import numpy as np
 from .cases import ACTIVATION, LR_ADAM, LR_SGD, N_ROTATE, Case, host_params, make_batches
 
 KINDS = ("sgd", "adam", "forward", "value_and_grad")
+FIT_BATCHES = 20  # the "fit" kind (bpcore only): one epoch of this many SGD batches
 PEERS = ("torch", "jax", "sklearn")
 
 
@@ -39,6 +40,8 @@ class Runner:
     # False where results are ready when run() returns (NumPy, PyTorch on the CPU): the timer
     # then drops each output at once instead of keeping it for a final sync.
     asynchronous: bool = True
+    # How many units (training steps) one run() does: times are reported per unit.
+    per_call: int = 1
 
 
 # ---- bpcore ------------------------------------------------------------------------------
@@ -68,7 +71,7 @@ def bpcore_runner(backend: str, kind: str, case: Case, dtype: str, path: str = "
                        params=host_params(case, dtype))
     loss = bpcore.LOSSES["softmax_cross_entropy"]
     sync = lambda outs: be.synchronize(*outs)  # noqa: E731
-    opt = bpcore.optim.adam(LR_ADAM) if kind == "adam" else bpcore.optim.sgd(LR_SGD)
+    opt = bpcore.optim.adam(LR_ADAM) if kind == "adam" else bpcore.optim.sgd(LR_SGD)  # fit: SGD
     trainer = bpcore.Trainer(model, loss, opt)
     host = make_batches(case, dtype)
     data = [trainer.prepare_batch(X, y) for X, y in host]  # on device
@@ -80,9 +83,8 @@ def bpcore_runner(backend: str, kind: str, case: Case, dtype: str, path: str = "
         return Runner(run, sync, f"bpcore/{backend} Trainer.step",
                       memory=lambda: step_memory(trainer, *raw[0]), asynchronous=be.asynchronous)
     if kind in ("sgd", "adam"):
-        def run(i):
-            trainer.step_prepared(*data[i % len(data)])
-            return trainer.model.params
+        def run(i):  # the loss: the parameters are donated to the next step on JAX
+            return trainer.step_prepared(*data[i % len(data)])[0]
         return Runner(run, sync, f"bpcore/{backend}", asynchronous=be.asynchronous)
     acts = model.activations
     if kind == "forward":
@@ -93,6 +95,17 @@ def bpcore_runner(backend: str, kind: str, case: Case, dtype: str, path: str = "
         fn = be.jit(lambda p, x, t: bpcore.loss_and_grad(p, acts, loss, x, t)[:2])
         return Runner(lambda i: fn(model.params, *data[i % len(data)]), sync,
                       f"bpcore/{backend}", asynchronous=be.asynchronous)
+    if kind == "fit":  # one epoch of Trainer.fit over FIT_BATCHES batches, per batch
+        rng = np.random.default_rng(5)
+        n = FIT_BATCHES * case.batch
+        X = rng.standard_normal((n, case.sizes[0])).astype(dtype)
+        y = rng.integers(0, case.sizes[-1], n)
+
+        def run(i):
+            trainer.fit(X, y, epochs=1, batch_size=case.batch, verbose=0, seed=i)
+            return trainer.state.step
+        return Runner(run, sync, f"bpcore/{backend} fit", asynchronous=be.asynchronous,
+                      per_call=FIT_BATCHES)
     raise Unavailable(f"unknown kind {kind}")
 
 

@@ -15,9 +15,10 @@ from .timing import measure
 
 PROFILES = {
     "quick": {"cases": ("small", "mnist", "large"), "dtypes": ("float32",), "kinds": KINDS,
+              "fit": True,
               "peers": PEERS, "sweep": SWEEP_BATCHES_QUICK, "blocks": 5, "block_s": 0.06},
     "full": {"cases": ("small", "mnist", "large"), "dtypes": ("float32", "float64"),
-             "kinds": KINDS, "peers": PEERS, "sweep": SWEEP_BATCHES_FULL, "blocks": 5,
+             "kinds": KINDS, "fit": True, "peers": PEERS, "sweep": SWEEP_BATCHES_FULL, "blocks": 5,
              "block_s": 0.25},
     # One GPU run is rare and short: training steps only, the cases in the order of what they
     # decide (launch-bound small and mnist, GEMM-bound wide), the batch sweep last.
@@ -74,6 +75,8 @@ def plan(backends: Iterable[str], profile: str = "quick", gpu: bool = False,
                 tasks += [Task(case, dtype, "step", be, kind) for kind in prof["kinds"]
                           if kind in ("sgd", "adam")]
                 tasks += [Task(case, dtype, "bpcore", be, kind) for kind in prof["kinds"]]
+                if prof.get("fit"):
+                    tasks.append(Task(case, dtype, "bpcore", be, "fit"))
             tasks += [Task(case, dtype, "peer", peer, kind)
                       for peer in prof["peers"] for kind in prof["kinds"]]
     if sweep:
@@ -235,6 +238,11 @@ def add_ratios(rows: list[dict]) -> list[dict]:
         if bp:
             r["ratio_to_best_peer"] = r["time_s"] / bp[0]
             r["best_peer"] = bp[1]
+        if r["kind"] == "fit":  # fit per batch over the user's own SGD step
+            st = [q["time_s"] for q in rows if q["impl"] == "step" and q["kind"] == "sgd" and
+                  (q["case"], q["dtype"], q["backend"]) == (r["case"], r["dtype"], r["backend"])]
+            if st:
+                r["ratio_to_step"] = r["time_s"] / st[0]
         if r["impl"] != "peer":
             r["ratio_to_peers"] = {peer: r["time_s"] / t for (c, d, k, peer), t in
                                    peer_times.items()
@@ -287,7 +295,9 @@ def markdown_table(rows: list[dict], cases: Iterable[str] | None = None) -> str:
                                                    r["case"] not in cases):
             continue
         path = ("Trainer.step" if r["impl"] == "step" else
-                "prepared" if r["kind"] in ("sgd", "adam") else "-")
+                "prepared" if r["kind"] in ("sgd", "adam") else
+                f"per batch, {r['ratio_to_step']:.2f}x Trainer.step" if "ratio_to_step" in r
+                else "-")
         peers = ", ".join(f"{p} {v:.2f}" for p, v in sorted(r.get("ratio_to_peers", {}).items()))
         lines.append(
             f"| {r['case']} | {r['dtype']} | {r['backend']} | {r['kind']} | {path} | "
@@ -391,10 +401,20 @@ def write_report(result: dict, machine: dict, out: str) -> list[str]:
         noise = noise_warning(rows)
         if noise:
             f.write(f"**{noise}**\n\n")
+        below = below_floor(rows)
+        if below:
+            f.write("**Faster than the floor (a floor that is no lower bound, or noise in its "
+                    "measurement; do not read these ratios as results):** "
+                    + "; ".join(below) + "\n\n")
         f.write(machine_summary(machine) + "\n\n")
         f.write("Ratios are measured in this one run: bpcore's time per step divided by the "
-                "same backend's GEMM floor (the step's matrix products alone), and by the "
-                "fastest peer doing the same work.\n\n")
+                "same backend's GEMM floor, and by each peer doing the same work. The floor "
+                "is a lower bound on any step: on NumPy and PyTorch, which run one operation "
+                "per call, the sum of the step's matrix products each timed alone; on JAX, "
+                "whose compiled step may overlap products, the step's FLOPs at the best rate "
+                "measured on that backend (a 2048-square product or any of the step's own). "
+                "*Trainer.step* is what a user's loop calls (inputs and integer labels on the "
+                "device); *prepared* skips the boundary checks (`Trainer.step_prepared`).\n\n")
         f.write("## Summary\n\n" + summary_table(rows) + "\n\n## Every bpcore figure\n\n")
         f.write(markdown_table(rows, main_cases) + "\n\n## Peers and floors\n\n")
         f.write(peers_table(rows, main_cases) + "\n\n## Batch sweep (mnist, sgd step)\n\n")

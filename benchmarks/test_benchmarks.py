@@ -136,7 +136,10 @@ def test_report_end_to_end(tmp_path):
                  "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "results.json").read_text())
     rows = data["rows"]
-    assert {r["kind"] for r in rows if r["impl"] == "bpcore"} == set(KINDS)
+    assert {r["kind"] for r in rows if r["impl"] == "bpcore"} == set(KINDS) | {"fit"}
+    assert {r["kind"] for r in rows if r["impl"] == "step"} == {"sgd", "adam"}
+    floor = next(r for r in rows if r["impl"] == "floor")
+    assert floor["floor_method"] == "sum of products" and floor["peak_gflops"] > 0
     assert all("ratio_to_floor" in r for r in rows if r["impl"] == "bpcore")
     assert any("ratio_to_best_peer" in r for r in rows if r["impl"] == "bpcore")
     assert "blas" in data["machine"] and "cores" in data["machine"]

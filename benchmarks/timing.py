@@ -44,6 +44,7 @@ def measure(r: Runner, *, warmup: int = 2, blocks: int = 3, block_s: float = 0.1
         r.sync(list(outs)[-1:] if len(outs) > 64 else list(outs))
         per_call.append((time.perf_counter() - t0) / n)
         del outs
+    per_call = [t / r.per_call for t in per_call]
     return {"time_s": min(per_call), "median_s": statistics.median(per_call),
             "spread": (max(per_call) - min(per_call)) / min(per_call),
             "calls_per_block": n, "blocks": blocks}

@@ -214,8 +214,7 @@ class InplaceStep:
         # forward: Z^k = Y^{k-1} W^{kT} + b^k, Y^k = f^k(Z^k)
         Ys, Y = [], x
         for (W, b), act, (Z, _, _) in zip(self.params, self.activations, bufs):
-            ops.matmul(Y, W.T, Z)
-            ops.add(Z, b, Z)
+            ops.linear(Y, W, b, Z)                  # Z = Y W^T + b
             if act.name == "relu":
                 ops.relu_(Z)
                 Y = Z
@@ -225,7 +224,10 @@ class InplaceStep:
                 Y = act.forward(Z)
             Ys.append((Z, Y))
         if labels is not None:
-            value, D = self._softmax_xent_labels(Y, labels)
+            D_buf = self._xent_buffers(Y)[0]
+            fused = getattr(ops, "softmax_xent_labels", None)  # a backend's own kernel
+            value, D = (fused(Y, labels, D_buf) if fused is not None else
+                        self._softmax_xent_labels(Y, labels))
             metrics = StepMetrics(value, ops.count(ops.argmax_rows(Y) == labels, Y))
         elif self._fused_xent:
             value, D = self._softmax_xent(Y, T)
@@ -396,8 +398,7 @@ class InplaceStep:
         if not self.beta:  # u = -lr g, ||u|| = lr ||g||
             if guarded and not lr * g_norm <= self.update_limit:
                 return False
-            ops.mul(g, -lr, g)
-            ops.add(p, g, p)
+            ops.add_scaled_(p, g, -lr)              # θ ← θ - lr g
             self.p_norm += lr * g_norm
             return True
         beta, v = self.beta, self.s_flat[0]
@@ -405,17 +406,7 @@ class InplaceStep:
         bound = lr * (g_norm + beta * v_norm if self.nesterov else v_norm)
         if guarded and not (v_norm <= self.update_limit and bound <= self.update_limit):
             return False
-        for a, b, t, _ in self._chunks(0, self.n):
-            va, ga = v[a:b], g[a:b]
-            ops.mul(va, beta, va)                            # v ← β v + g
-            ops.add(va, ga, va)
-            if self.nesterov:                                # out = g + β v
-                ops.mul(va, beta, t)
-                ops.add(ga, t, t)
-                ops.mul(t, -lr, t)
-            else:
-                ops.mul(va, -lr, t)
-            ops.add(p[a:b], t, p[a:b])                       # θ ← θ - lr out
+        ops.momentum_update_(p, g, v, lr, beta, self.nesterov, (self.tmp, self.tmp2))
         self.m_norm, self.p_norm = v_norm, self.p_norm + bound
         return True
 
@@ -436,27 +427,7 @@ class InplaceStep:
             bound = lr * (m_norm / (c1 * eps) + decoupled * self.p_norm)
         if guarded and not bound <= self.update_limit:
             return False
-        # Adam's "efficient form" (Kingma & Ba, sec. 2): lr (m/c1) / (sqrt(v/c2) + eps)
-        # = alpha m / (sqrt(v) + eps'), alpha = lr sqrt(c2) / c1, eps' = eps sqrt(c2): the
-        # same update to round-off, in two fewer passes.
-        alpha, eps_hat = lr * math.sqrt(c2) / c1, eps * math.sqrt(c2)
-        for lo, hi in ((0, self.nW), (self.nW, self.n)):
-            for a, b, t1, t2 in self._chunks(lo, hi):
-                ma, va, ga, pa = m[a:b], v[a:b], g[a:b], p[a:b]
-                ops.mul(ma, b1, ma)                          # m ← b1 m + (1 - b1) g
-                ops.mul(ga, 1.0 - b1, t1)
-                ops.add(ma, t1, ma)
-                ops.mul(ga, ga, t1)                          # v ← b2 v + (1 - b2) g²
-                ops.mul(t1, 1.0 - b2, t1)
-                ops.mul(va, b2, va)
-                ops.add(va, t1, va)
-                ops.sqrt(va, t1)                             # u = -alpha m / (sqrt(v) + eps')
-                ops.add(t1, eps_hat, t1)
-                ops.div(ma, t1, t2)
-                ops.mul(t2, -alpha, t2)
-                if decoupled and lo == 0:                    # AdamW: u - lr wd W (weights)
-                    ops.mul(pa, -lr * decoupled, t1)
-                    ops.add(t2, t1, t2)
-                ops.add(pa, t2, pa)
+        ops.adam_update_(p, g, m, v, t, lr, b1, b2, eps, decoupled, self.nW,
+                         (self.tmp, self.tmp2))
         self.m_norm, self.p_norm = m_norm, self.p_norm + bound  # 2-norm bounds
         return True

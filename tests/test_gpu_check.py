@@ -185,7 +185,7 @@ def test_a_failing_measurement_is_recorded_and_the_run_goes_on(monkeypatch):
     assert list(result["failed"]) == ["small/float32/bpcore/numpy/adam"]
     assert "illegal memory access" in result["failed"]["small/float32/bpcore/numpy/adam"]
     kinds = {r["kind"] for r in result["rows"] if r["impl"] == "bpcore"}
-    assert kinds == {"sgd", "forward", "value_and_grad"}
+    assert kinds == {"sgd", "forward", "value_and_grad", "fit"}
     assert "measurements failed" in report.status_section(result)
 
 

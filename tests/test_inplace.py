@@ -232,3 +232,48 @@ def test_steady_state_step_allocates_nothing_model_sized():
     # half of one hidden activation (32 x 1024 doubles), let alone a weight matrix.
     activation = 32 * 1024 * 8
     assert peak < activation / 2, (peak, activation)
+
+
+@pytest.mark.parametrize("backend", INPLACE_BACKENDS)
+def test_mixed_activations(backend):
+    """A relu layer after a generic one and before one: the error buffers' reuse."""
+    fast, ref = _pair(backend, "momentum", sizes=(5, 12, 9, 7, 3), act=["tanh", "relu", "gelu"])
+    for i in range(5):
+        X, y = _data(9, fast.model.sizes, "softmax_cross_entropy", seed=i)
+        fast.step(X, y), ref.step(X, y)
+    _assert_same_state(fast, ref)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "jax", "torch", "array_api_strict"])
+def test_labels_and_one_hot_rows_give_the_same_step(backend):
+    """Trainer.step passes class labels into the step as they are (fused on numpy/torch,
+    one-hot inside the compiled step on JAX); one-hot rows take the canonical path."""
+    be = backend_or_skip(backend)
+    out = []
+    for as_rows in (False, True):
+        m = bpcore.MLP([6, 10, 4], backend=be, dtype="float64", seed=1)
+        tr = bpcore.Trainer(m, "softmax_cross_entropy", optim.adam(1e-2))
+        for i in range(4):
+            X, y = _data(7, m.sizes, "softmax_cross_entropy", seed=i)
+            tr.step(X, np.eye(4)[y] if as_rows else be.asarray(y))
+        out.append(tr)
+    _assert_same_state(*out)
+
+
+def test_jax_donates_the_old_state_unless_inplace_false():
+    be = backend_or_skip("jax")
+    X, y = _data(8, (6, 10, 4), "softmax_cross_entropy")
+    m = bpcore.MLP([6, 10, 4], backend=be, seed=0)
+    tr = bpcore.Trainer(m, "softmax_cross_entropy", optim.sgd(0.1))
+    assert tr.inplace
+    old = m.params[0][0]
+    snapshot = m.copy_params()
+    tr.step(X, y)
+    assert old.is_deleted()
+    np.testing.assert_array_equal(np.asarray(snapshot[0][0]), np.asarray(snapshot[0][0]))
+    m2 = bpcore.MLP([6, 10, 4], backend=be, seed=0)
+    tr2 = bpcore.Trainer(m2, "softmax_cross_entropy", optim.sgd(0.1), inplace=False)
+    old2 = m2.params[0][0]
+    tr2.step(X, y)
+    assert not tr2.inplace and not old2.is_deleted()
+    np.testing.assert_allclose(np.asarray(m.params[0][0]), np.asarray(m2.params[0][0]))
