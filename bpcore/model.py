@@ -122,10 +122,21 @@ class MLP:
         bad = shape_mismatches(named, self.sizes)
         if bad:
             raise ShapeError("params: shape mismatch: " + "; ".join(bad))
-        # Copy host arrays: the model must never share memory with the caller's data.
-        return [tuple(self.backend.asarray(np.array(a) if isinstance(a, np.ndarray) else a,
-                                           dtype=self.dtype) for a in layer)
-                for layer in params]
+        be, xp = self.backend, self.backend.xp
+        out = []
+        for k, layer in enumerate(params, start=1):
+            pair = []
+            for name, a in zip("Wb", layer):
+                arr = be.asarray(np.array(a) if isinstance(a, np.ndarray) else a, dtype=self.dtype)
+                if arr is a:  # the caller's own device array: never share memory with it (later
+                    arr = xp.asarray(arr, copy=True)  # steps update or donate the model's)
+                # Parameters are finite when they enter; the step's guard keeps them so.
+                if not bool(xp.all(xp.isfinite(arr))):
+                    raise ConfigError(f"params: {name}{k} holds NaN or inf; parameters must be "
+                                      "finite (check where they came from, or re-initialise)")
+                pair.append(arr)
+            out.append(tuple(pair))
+        return out
 
     def copy_params(self) -> Params:
         """A copy of the parameters on the device (safe against any in-place update)."""

@@ -9,8 +9,11 @@ updates applied, which the optimizer and its schedules read too.
 
 The guard refuses a step, on the device and without a host sync, when its targets are
 invalid (class labels out of range on the device, negative or non-finite targets), when the
-loss or an updated parameter is not finite (a non-finite gradient always makes one), or when the loss exceeds
-``divergence_factor`` times the first step's loss. A refused step changes nothing but the
+loss is not finite, when the update is not finite or so large (a norm above
+``sqrt(dtype max) / 2``, ~1e19 in float32) that it could overflow a parameter — a
+non-finite gradient always makes it so — or when the loss exceeds ``divergence_factor``
+times the first step's loss. Parameters are finite when they enter (the model checks them),
+so an accepted step keeps them finite. A refused step changes nothing but the
 guard, which records its number and why; from then on every step is refused, so the state
 is that of the last good step until someone reads the guard (``Trainer.check``).
 """
@@ -29,7 +32,7 @@ from .mlp import loss_grad_output
 from .optim import GradientTransformation, apply_updates
 
 __all__ = ["TrainState", "GuardState", "StepMetrics", "train_step", "init_state", "all_finite",
-           "guard_decision", "GUARD_NONFINITE", "GUARD_GREW", "GUARD_TARGETS", "DEFAULT_DIVERGENCE_FACTOR"]
+           "guard_decision", "tree_sq_norm", "where_select", "GUARD_NONFINITE", "GUARD_GREW", "GUARD_TARGETS", "DEFAULT_DIVERGENCE_FACTOR"]
 
 GUARD_NONFINITE, GUARD_GREW, GUARD_TARGETS = 1, 2, 3
 DEFAULT_DIVERGENCE_FACTOR = 1e4
@@ -89,22 +92,48 @@ def train_step(state: TrainState, batch: tuple[Array, Array], *,
     params = state.params
     value, grads, _, Y = loss_grad_output(params, activations, loss, x, T)
     updates, opt_state = optimizer.update(grads, state.opt_state, params, step=state.step)
-    new = state._replace(params=apply_updates(params, updates), opt_state=opt_state,
-                         step=state.step + 1)
     metrics = StepMetrics(value, loss.correct(Y, T))
-    if not check_finite:
-        return new, metrics
 
-    # A non-finite gradient always reaches the updated parameters (every update is
-    # elementwise in the gradient, and a clip scale of a NaN norm is NaN), so checking the
-    # parameters covers it without a pass over the gradients.
-    ok, new_guard = guard_decision(state, value, T, xp.isfinite(value) & all_finite(new.params),
+    def applied():
+        return apply_updates(params, updates), opt_state, state.step + 1
+
+    if not check_finite:
+        p, o, k = applied()
+        return state._replace(params=p, opt_state=o, step=k), metrics
+
+    # The update's squared norm decides: finite and at most max/4 (|u_i| <= sqrt(max)/2)
+    # proves every updated parameter finite, as no finite parameter can overflow by so
+    # little, and a non-finite gradient always makes it non-finite (every update is
+    # elementwise in the gradient; a clip scale of a NaN norm is NaN). One reduction over
+    # the update, and the new parameters need not exist before the decision.
+    ok, new_guard = guard_decision(state, value, T,
+                                   xp.isfinite(value) & (tree_sq_norm(updates) <= _quarter_max(value)),
                                    loss=loss, divergence_factor=divergence_factor)
-    keep = lambda a, b: xp.where(ok, a, b)  # noqa: E731
-    kept = state._replace(params=nested_map(keep, new.params, params),
-                          opt_state=nested_map(keep, new.opt_state, state.opt_state),
-                          step=keep(new.step, state.step))
-    return kept._replace(guard=new_guard), metrics
+    # (An elementwise where, fused into the update by XLA; jax.lax.cond would run one branch
+    # only, but on a GPU it reads the predicate on the host, inside the compiled step.)
+    p, o, k = where_select(ok, applied, lambda: (params, state.opt_state, state.step))
+    return state._replace(params=p, opt_state=o, step=k, guard=new_guard), metrics
+
+
+def tree_sq_norm(tree: Any) -> Array:
+    """Σ of the squares of every element of every leaf (0-d, on the device)."""
+    leaves = nested_leaves(tree)
+    xp = array_namespace(*leaves)
+    total = xp.sum(leaves[0] * leaves[0])
+    for leaf in leaves[1:]:
+        total = total + xp.sum(leaf * leaf)
+    return total
+
+
+def _quarter_max(value: Array) -> float:
+    return float(np.finfo(dtype_name(value.dtype)).max) / 4
+
+
+def where_select(ok: Array, if_ok: Any, if_not: Any) -> Any:
+    """``if_ok()`` where the 0-d boolean ``ok`` holds, else ``if_not()``: both computed, then
+    an elementwise ``where`` on every leaf."""
+    xp = array_namespace(ok)
+    return nested_map(lambda a, b: xp.where(ok, a, b), if_ok(), if_not())
 
 
 def guard_decision(state: TrainState, value: Array, T: Array, finite: Array, *, loss: Loss,
