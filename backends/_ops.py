@@ -22,6 +22,7 @@ class NumpyOps:
     """NumPy-style in-place kernels on ``module`` (``numpy``)."""
 
     name = "numpy"
+    update_scratch = True  # momentum_update_/adam_update_ need the two scratch buffers
 
     def __init__(self, module: Any):
         self.np = module
@@ -210,6 +211,7 @@ class TorchOps(NumpyOps):
     """The same kernels on PyTorch CPU tensors (no autograd)."""
 
     name = "torch"
+    update_scratch = False  # its fused kernels need none
 
     def __init__(self, torch: Any):
         self.np = None

@@ -22,7 +22,7 @@ import numpy as np
 from .cases import ACTIVATION, LR_ADAM, LR_SGD, N_ROTATE, Case, host_params, make_batches
 
 KINDS = ("sgd", "adam", "forward", "value_and_grad")
-FIT_BATCHES = 20  # the "fit" kind (bpcore only): one epoch of this many SGD batches
+FIT_BATCHES, FIT_EPOCHS = 20, 3  # the "fit" kind (bpcore only): SGD, per call
 PEERS = ("torch", "jax", "sklearn")
 
 
@@ -95,16 +95,16 @@ def bpcore_runner(backend: str, kind: str, case: Case, dtype: str, path: str = "
         fn = be.jit(lambda p, x, t: bpcore.loss_and_grad(p, acts, loss, x, t)[:2])
         return Runner(lambda i: fn(model.params, *data[i % len(data)]), sync,
                       f"bpcore/{backend}", asynchronous=be.asynchronous)
-    if kind == "fit":  # one epoch of Trainer.fit over FIT_BATCHES batches, per batch
+    if kind == "fit":  # Trainer.fit: FIT_EPOCHS epochs of FIT_BATCHES batches, per batch
         rng = np.random.default_rng(5)
         n = FIT_BATCHES * case.batch
         X = rng.standard_normal((n, case.sizes[0])).astype(dtype)
         y = rng.integers(0, case.sizes[-1], n)
 
         def run(i):  # fit reads each epoch's loss: it has waited for the device already
-            trainer.fit(X, y, epochs=1, batch_size=case.batch, verbose=0, seed=i)
+            trainer.fit(X, y, epochs=FIT_EPOCHS, batch_size=case.batch, verbose=0, seed=i)
         return Runner(run, lambda outs: None, f"bpcore/{backend} fit",
-                      asynchronous=False, per_call=FIT_BATCHES)
+                      asynchronous=False, per_call=FIT_EPOCHS * FIT_BATCHES)
     raise Unavailable(f"unknown kind {kind}")
 
 

@@ -78,14 +78,19 @@ def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 
             order = (np.random.default_rng([seed, epoch]).permutation(n) if shuffle
                      else np.arange(n))
             idx = be.asarray(order.astype(np.int64))
-            total = correct = 0.0
+            values, counts, corrects = [], [], []
             bar.start(epoch + 1, start + epochs)
             for b in range(n_batches):
-                sel = idx[b * batch_size:min((b + 1) * batch_size, n)]
-                value, c = trainer.step_prepared(xp.take(Xd, sel, axis=0),
-                                                 xp.take(Td, sel, axis=0))
-                total, correct = total + value * sel.shape[0], correct + c
+                lo, hi = b * batch_size, min((b + 1) * batch_size, n)
+                value, c = trainer.step_indexed(Xd, Td, order, idx, lo, hi)
+                values.append(value)
+                counts.append(hi - lo)
+                corrects.append(c)
                 bar.update(lambda: float(value))
+            # the epoch's sums in two device operations, not two per batch
+            total = xp.sum(xp.stack(values) * be.asarray(np.asarray(counts, dtype=np.float64),
+                                                         dtype=values[0].dtype))
+            correct = xp.sum(xp.stack(corrects))
             seen = min(n, n_batches * batch_size)
             trainer.check()  # one host sync per epoch
             trainer.end_epoch()

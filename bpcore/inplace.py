@@ -114,7 +114,11 @@ class InplaceStep:
             raise RuntimeError("in-place step: the optimizer state does not have the layout "
                                f"of {self.kind!r} (a bpcore bug)")
         self.opt_state = nested_unflatten(template, self.opt_leaves)
-        width = min(CHUNK, self.n)
+        # Scratch for updates that need a temporary (chunked, so it stays in cache): the L2
+        # weight-decay fold, and momentum/Adam where the backend has no fused kernel.
+        scratch = ((self.wd and self.kind != "adamw") or
+                   (ops.update_scratch and (self.beta or self.kind != "sgd")))
+        width = min(CHUNK, self.n) if scratch else 0
         self.tmp = ops.empty((width,), dtype)
         self.tmp2 = ops.empty((width,), dtype)
         self._batch_buffers: dict[Any, Any] = {}

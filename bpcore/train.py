@@ -98,6 +98,7 @@ class Trainer:
         jit_kw = {"donate_argnums": (0,)} if inplace is not False and \
             model.backend.compiles else {}
         self._donates = bool(jit_kw)
+        self._indexed_step_fn = model.backend.jit(self._pure_indexed_step, **jit_kw)
         self._step_fn = model.backend.jit(self._pure_step, **jit_kw)
         self._label_step_fn = model.backend.jit(self._pure_label_step, **jit_kw)
         self._inplace = None
@@ -198,6 +199,25 @@ class Trainer:
         self.state, metrics = step(self.state, xb, T)
         self.model.params = self.state.params
         return metrics.loss, metrics.correct
+
+    def step_indexed(self, Xd: Array, Td: Array, order: np.ndarray, idx: Array, lo: int,
+                     hi: int) -> tuple[Array, Array]:
+        """:meth:`step_prepared` on rows ``order[lo:hi]`` of prepared data (what :meth:`fit`
+        does per batch; ``idx`` is ``order`` on the device). Where the step is compiled (JAX)
+        the gather happens inside it, from the host indices: one call per batch."""
+        m = self.model
+        if m.backend.compiles:
+            self._sync_params()
+            self.state, metrics = self._indexed_step_fn(self.state, Xd, Td, order[lo:hi])
+            m.params = self.state.params
+            return metrics.loss, metrics.correct
+        xp = m.backend.xp
+        sel = idx[lo:hi]
+        return self.step_prepared(xp.take(Xd, sel, axis=0), xp.take(Td, sel, axis=0))
+
+    def _pure_indexed_step(self, state, Xd, Td, sel):
+        xp = self.model.backend.xp
+        return self._pure_step(state, xp.take(Xd, sel, axis=0), xp.take(Td, sel, axis=0))
 
     def check(self) -> None:
         """Raise if the guard refused a step (reads the device): :class:`DivergenceError`,
