@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated (default: every available except array_api_strict)")
     p.add_argument("--cases", default=None, help="comma-separated subset of small,mnist,large,wide")
     p.add_argument("--no-sweep", action="store_true", help="skip the batch-size sweep")
+    p.add_argument("--dtypes", default=None,
+                   help="comma-separated subset of float32,float64 (default: the profile's)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="take no new measurement after this many seconds; the report then "
                         "lists what is missing (exit status 2)")
@@ -171,12 +173,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if cases and any(c not in CASES for c in cases):
         p.error(f"unknown cases {[c for c in cases if c not in CASES]}; known: {list(CASES)}")
+    dtypes = args.dtypes.split(",") if args.dtypes else None
+    if dtypes and any(d not in ("float32", "float64") for d in dtypes):
+        p.error(f"--dtypes: expected float32 and/or float64, got {args.dtypes}")
     info = machine(args.gpu)
     info["matmul_precision"] = precision
     profile = "full" if args.full else ("gpu" if args.gpu else "quick")
     _interrupt_on_sigterm()
     result = run_suite(backends, profile, gpu=args.gpu, cases=cases, sweep=not args.no_sweep,
-                       max_seconds=args.max_seconds,
+                       max_seconds=args.max_seconds, dtypes=dtypes,
                        on_progress=lambda partial: write_json(partial, info, args.out))
     # A second Ctrl-C while the report is written would lose it: hold signals until done.
     old = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM,

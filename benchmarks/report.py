@@ -56,13 +56,14 @@ class Task:
 
 
 def plan(backends: Iterable[str], profile: str = "quick", gpu: bool = False,
-         cases: Iterable[str] | None = None, sweep: bool = True) -> list[Task]:
+         cases: Iterable[str] | None = None, sweep: bool = True,
+         dtypes: Iterable[str] | None = None) -> list[Task]:
     """Every measurement of a run, in the order they are taken (most telling first)."""
     prof = PROFILES[profile]
     case_names = list(cases or prof["cases"])
     if gpu and cases is None and "wide" not in case_names:
         case_names.append("wide")
-    dtypes = ("float32",) if gpu else prof["dtypes"]
+    dtypes = tuple(dtypes) if dtypes else ("float32",) if gpu else prof["dtypes"]
     backends = list(backends)
     tasks = []
     for name in case_names:
@@ -98,7 +99,8 @@ def plan(backends: Iterable[str], profile: str = "quick", gpu: bool = False,
 def run_suite(backends: Iterable[str], profile: str = "quick", gpu: bool = False,
               cases: Iterable[str] | None = None, sweep: bool = True, *,
               max_seconds: float | None = None,
-              on_progress: Callable[[dict], None] | None = None) -> dict:
+              on_progress: Callable[[dict], None] | None = None,
+              dtypes: Iterable[str] | None = None) -> dict:
     """Take every measurement of :func:`plan`, as many as time and the user allow.
 
     Stops early, keeping what it measured, on ``KeyboardInterrupt`` (Ctrl-C, or SIGINT /
@@ -109,7 +111,7 @@ def run_suite(backends: Iterable[str], profile: str = "quick", gpu: bool = False
     """
     prof = PROFILES[profile]
     timing = {"blocks": prof["blocks"], "block_s": prof["block_s"]}
-    tasks = plan(backends, profile, gpu, cases, sweep)
+    tasks = plan(backends, profile, gpu, cases, sweep, dtypes)
     rows: list[dict] = []
     skipped: dict[str, str] = {}
     failed: dict[str, str] = {}
@@ -430,7 +432,10 @@ def write_report(result: dict, machine: dict, out: str) -> list[str]:
                 "measured on that backend (a 2048-square product or any of the step's own). "
                 "*Trainer.step* is what a user's loop calls (inputs and integer labels on the "
                 "device); *prepared* skips the boundary checks (`Trainer.step_prepared`).\n\n")
-        f.write("## Summary\n\n" + summary_table(rows) + "\n\n## Every bpcore figure\n\n")
+        dts = sorted({r["dtype"] for r in rows if r["impl"] == "step"}) or ["float32"]
+        f.write("## Summary\n\n" + "\n\n".join(
+            (f"### {dt}\n\n" if len(dts) > 1 or dt != "float32" else "") +
+            summary_table(rows, dt) for dt in dts) + "\n\n## Every bpcore figure\n\n")
         f.write(markdown_table(rows, main_cases) + "\n\n## Peers and floors\n\n")
         f.write(peers_table(rows, main_cases) + "\n\n## Batch sweep (mnist, sgd step)\n\n")
         f.write(markdown_table([r for r in rows if "@" in r["case"]]) + "\n")
@@ -481,9 +486,11 @@ def charts(rows: list[dict], out: str, cases: list[str]) -> list[str]:
                                                for r in rows)]
     if not kinds:
         return []
+    # float32 where the run has it (the default), else the run's one dtype
+    dtype = "float32" if any(r["dtype"] == "float32" for r in rows) else rows[0]["dtype"]
     floor: dict = {}
     for r in rows:
-        if r["impl"] == "floor" and r["dtype"] == "float32":
+        if r["impl"] == "floor" and r["dtype"] == dtype:
             k = (r["case"], r["backend"])
             floor[k] = min(floor.get(k, float("inf")), r["time_s"] * 1e3)
     paths = []
@@ -491,7 +498,7 @@ def charts(rows: list[dict], out: str, cases: list[str]) -> list[str]:
     def bars(ax, kind, value, note):
         data = {}
         for r in rows:  # bpcore as users call it: Trainer.step (the "step" rows)
-            if r["kind"] == kind and r["case"] in cases and r["dtype"] == "float32" and \
+            if r["kind"] == kind and r["case"] in cases and r["dtype"] == dtype and \
                     r["impl"] != "bpcore":
                 impl = "bpcore" if r["impl"] == "step" else r["impl"]
                 data.setdefault(f"{impl}/{r['backend']}", {})[r["case"]] = r
@@ -544,9 +551,10 @@ def charts(rows: list[dict], out: str, cases: list[str]) -> list[str]:
         for ax in axes[0]:
             for h, lab in zip(*ax.get_legend_handles_labels()):
                 handles.setdefault(lab, h)
-        fig.legend(list(handles.values()), list(handles), loc="lower center",
-                   ncol=min(len(handles), 5), fontsize=8, frameon=False)
-        fig.suptitle("bpcore Trainer.step, float32" + (": time, floors, peers" if log else
+        if handles:
+            fig.legend(list(handles.values()), list(handles), loc="lower center",
+                       ncol=min(len(handles), 5), fontsize=8, frameon=False)
+        fig.suptitle(f"bpcore Trainer.step, {dtype}" + (": time, floors, peers" if log else
                                                          ": ratio to the GEMM floor"))
         fig.tight_layout(rect=(0, 0.1, 1, 1))
         p = os.path.join(out, name)

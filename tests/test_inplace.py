@@ -260,11 +260,18 @@ def test_labels_and_one_hot_rows_give_the_same_step(backend):
     _assert_same_state(*out)
 
 
-def test_jax_donates_the_old_state_unless_inplace_false():
+def test_jax_donates_the_old_state_without_the_guard_unless_inplace_false():
     be = backend_or_skip("jax")
     X, y = _data(8, (6, 10, 4), "softmax_cross_entropy")
+    guarded = bpcore.Trainer(bpcore.MLP([6, 10, 4], backend=be, seed=0),
+                             "softmax_cross_entropy", optim.sgd(0.1))
+    kept = guarded.model.params[0][0]
+    guarded.step(X, y)
+    assert not guarded.inplace and not kept.is_deleted()  # the guard needs the old state
+    with pytest.raises(ConfigError, match="check_finite=False"):
+        bpcore.Trainer(guarded.model, "softmax_cross_entropy", "sgd", inplace=True)
     m = bpcore.MLP([6, 10, 4], backend=be, seed=0)
-    tr = bpcore.Trainer(m, "softmax_cross_entropy", optim.sgd(0.1))
+    tr = bpcore.Trainer(m, "softmax_cross_entropy", optim.sgd(0.1), check_finite=False)
     assert tr.inplace
     old = m.params[0][0]
     snapshot = m.copy_params()
@@ -272,7 +279,8 @@ def test_jax_donates_the_old_state_unless_inplace_false():
     assert old.is_deleted()
     np.testing.assert_array_equal(np.asarray(snapshot[0][0]), np.asarray(snapshot[0][0]))
     m2 = bpcore.MLP([6, 10, 4], backend=be, seed=0)
-    tr2 = bpcore.Trainer(m2, "softmax_cross_entropy", optim.sgd(0.1), inplace=False)
+    tr2 = bpcore.Trainer(m2, "softmax_cross_entropy", optim.sgd(0.1), inplace=False,
+                         check_finite=False)
     old2 = m2.params[0][0]
     tr2.step(X, y)
     assert not tr2.inplace and not old2.is_deleted()
