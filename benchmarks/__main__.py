@@ -80,13 +80,22 @@ def machine(gpu: bool) -> dict:
 
 
 def _interrupt_on_sigterm() -> None:
-    """SIGTERM (``timeout``'s default signal) stops the run like Ctrl-C: report written."""
+    """SIGTERM (``timeout``'s default signal) and SIGINT stop the run: report written.
+
+    The handler raises KeyboardInterrupt, and also sets :data:`report.STOP`: Python swallows
+    an exception raised while a finalizer runs (JAX's GC callback, say: "Exception ignored
+    in ..."), and the flag then stops the run at the next measurement instead.
+    """
+    from .report import STOP
+
+    STOP.clear()
+
     def handler(signum, frame):
+        STOP.set()
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in a background job
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 OPENBLAS_KERNEL_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
@@ -156,9 +165,6 @@ def main(argv: list[str] | None = None) -> int:
         pass
     import bpcore
 
-    from .report import (below_floor, markdown_table, noise_warning, run_suite, write_json,
-                         write_report)
-
     if args.backends:
         backends = args.backends.split(",")
         unknown = [b for b in backends if b not in bpcore.backends.names()]
@@ -179,7 +185,19 @@ def main(argv: list[str] | None = None) -> int:
     info = machine(args.gpu)
     info["matmul_precision"] = precision
     profile = "full" if args.full else ("gpu" if args.gpu else "quick")
+    prev = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     _interrupt_on_sigterm()
+    try:
+        return _run_and_report(args, backends, profile, cases, dtypes, info)
+    finally:  # the caller's handlers back (main also runs in-process, under tests)
+        signal.signal(signal.SIGINT, prev[0])
+        signal.signal(signal.SIGTERM, prev[1])
+
+
+def _run_and_report(args, backends, profile, cases, dtypes, info) -> int:
+    from .report import (below_floor, markdown_table, noise_warning, run_suite, write_json,
+                         write_report)
+
     result = run_suite(backends, profile, gpu=args.gpu, cases=cases, sweep=not args.no_sweep,
                        max_seconds=args.max_seconds, dtypes=dtypes,
                        on_progress=lambda partial: write_json(partial, info, args.out))

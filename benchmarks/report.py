@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -26,6 +27,11 @@ PROFILES = {
             "kinds": ("sgd", "adam"), "peers": ("torch", "jax"), "sweep": SWEEP_BATCHES_GPU,
             "blocks": 5, "block_s": 0.05},
 }
+
+
+# Set by the CLI's signal handler: a stop request that survives a KeyboardInterrupt
+# swallowed inside a finalizer.
+STOP = threading.Event()
 
 
 def _log(msg: str) -> None:
@@ -126,6 +132,8 @@ def run_suite(backends: Iterable[str], profile: str = "quick", gpu: bool = False
 
     try:
         for task in tasks:
+            if STOP.is_set():
+                raise KeyboardInterrupt("stop requested")
             if max_seconds is not None and time.perf_counter() - t_start > max_seconds:
                 status = "out of time"
                 _log(f"time budget of {max_seconds:.0f}s spent: {len(tasks) - done} of "

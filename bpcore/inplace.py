@@ -419,7 +419,6 @@ class InplaceStep:
         b1, b2, eps, m, v = self.b1, self.b2, self.eps, self.s_flat[0], self.s_flat[1]
         t = float(step) + 1.0
         c1 = 1.0 - math.exp(t * math.log(b1)) if b1 > 0 else 1.0
-        c2 = 1.0 - math.exp(t * math.log(b2)) if b2 > 0 else 1.0
         m_norm = b1 * self.m_norm + (1.0 - b1) * g_norm
         # |m̂ / (sqrt(v̂) + eps)| <= |m̂| / eps, and AdamW adds wd·W.
         decoupled = self.wd if self.kind == "adamw" else 0.0
