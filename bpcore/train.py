@@ -117,6 +117,24 @@ class Trainer:
                             "needs check_finite=False")
                 raise ConfigError(f"inplace=True: not possible here: {why}")
 
+        self._fixed = True
+
+    # What the step is built from: compiled (JAX) or copied into the in-place step, so a
+    # later assignment would be ignored without a word. It is an error instead.
+    _FIXED = ("model", "loss", "optimizer", "base_optimizer", "clip_norm", "check_finite",
+              "divergence_factor")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._FIXED and self.__dict__.get("_fixed"):
+            raise AttributeError(
+                f"Trainer.{name} is fixed when the Trainer is built (its step is compiled or "
+                "preallocated with it). Build a new Trainer and carry the state over: "
+                f"new = bpcore.Trainer(trainer.model, ..., {name}=...); new.state = "
+                "trainer.state (the optimizer state carries over when the optimizer kind is "
+                "the same). To change the learning rate over time, use a schedule "
+                "(bpcore.optim.cosine_decay, step_decay).")
+        super().__setattr__(name, value)
+
     @property
     def inplace(self) -> bool:
         """Whether steps reuse the state's buffers (see the ``inplace`` parameter)."""

@@ -59,6 +59,14 @@ def _data(n, sizes, loss, seed=0):
     return X, y
 
 
+def _rebuild(tr, optimizer, inplace):
+    """A new Trainer on the same model with another optimizer, carrying the state over (the
+    way to change an optimizer: a Trainer's own is fixed)."""
+    new = bpcore.Trainer(tr.model, tr.loss, optimizer, inplace=inplace)
+    new.state = tr.state
+    return new
+
+
 def _host(tr):
     be = tr.model.backend
     leaves = bpcore._array.nested_leaves((tr.state.params, tr.state.opt_state))
@@ -115,14 +123,9 @@ def test_refused_steps_change_nothing(backend, bad):
     X, y = _data(16, fast.model.sizes, "softmax_cross_entropy")
     for tr in (fast, ref):
         tr.step(X, y)
-    if bad == "huge_lr":  # finite gradients, updates near the float64 maximum
-        huge = 1.79e308  # Adam's first steps move each weight by about lr
-        for tr in (fast, ref):
-            tr.base_optimizer = tr.optimizer = optim.adam(huge)
-        fast._inplace.lr = huge
-        for tr in (fast, ref):
-            tr.step(X, y)  # applied (finite) by both; the next one overflows
-        _assert_same_state(fast, ref)
+    if bad == "huge_lr":  # finite gradients, an update (~lr) that could overflow a parameter
+        fast, ref = (_rebuild(tr, optim.adam(1e200), inplace) for tr, inplace in
+                     ((fast, True), (ref, False)))
     before = _host(fast)
     Xb = X.copy()
     yb = y
@@ -198,6 +201,19 @@ def test_snapshots_do_not_change():
     for k in sd:
         np.testing.assert_array_equal(sd[k], sd0[k])
     assert not np.array_equal(cp[0][0], m.params[0][0])
+
+
+def test_a_trainers_optimizer_and_guard_are_fixed():
+    """Assigning them after construction would be ignored by a compiled or in-place step:
+    a silent wrong answer. It is an error that says what to do instead."""
+    be = backend_or_skip("numpy")
+    tr = bpcore.Trainer(bpcore.MLP([4, 8, 3], backend=be), "softmax_cross_entropy", "sgd")
+    for name, value in (("optimizer", optim.adam(1e-3)), ("base_optimizer", optim.sgd(1.0)),
+                        ("loss", "mse"), ("clip_norm", 1.0), ("check_finite", False),
+                        ("divergence_factor", None)):
+        with pytest.raises(AttributeError, match="new Trainer"):
+            setattr(tr, name, value)
+    tr.stop_training = True  # what callbacks set stays settable
 
 
 def test_inplace_true_says_why_not():
