@@ -301,3 +301,15 @@ def test_jax_donates_the_old_state_without_the_guard_unless_inplace_false():
     tr2.step(X, y)
     assert not tr2.inplace and not old2.is_deleted()
     np.testing.assert_allclose(np.asarray(m.params[0][0]), np.asarray(m2.params[0][0]))
+
+
+@pytest.mark.parametrize("backend", INPLACE_BACKENDS)
+def test_relu_kernel_keeps_nan_and_zeroes_minus_inf_as_the_generic_one(backend):
+    be = backend_or_skip(backend)
+    if be.inplace_ops is None:
+        pytest.skip(f"{backend} offers no in-place kernels here")
+    values = np.array([[np.nan, -np.inf, -1.0, -0.0, 0.0, 2.5, np.inf]], dtype=np.float32)
+    Z = be.asarray(values.copy())
+    be.inplace_ops.relu_(Z, be.inplace_ops.bool_empty(tuple(Z.shape)))
+    want = be.to_numpy(bpcore.ACTIVATIONS["relu"].forward(be.asarray(values)))
+    np.testing.assert_array_equal(be.to_numpy(Z), want)
