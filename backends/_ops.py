@@ -66,12 +66,11 @@ class NumpyOps:
     def sqrt(self, a: Any, out: Any) -> None:
         self.np.sqrt(a, out=out)
 
-    def relu_(self, Z: Any, scratch: Any) -> None:
+    def relu_(self, Z: Any) -> None:
         """``Z ← max(Z, 0)``; NaN stays NaN (as the generic ``where(Z < 0, 0, Z)``).
-        ``scratch``: a boolean buffer of Z's shape. Two passes, yet ~3x faster than
-        ``numpy.maximum`` on float32 (measured from 100x100 to 4096x256)."""
-        self.np.less(Z, 0, out=scratch)
-        self.np.copyto(Z, 0, where=scratch)
+        (``less`` + ``copyto(where=)`` looks faster on data already clipped, but is 2.5x
+        slower on real pre-activations: measured.)"""
+        self.np.maximum(Z, 0, out=Z)
 
     def gt0(self, Y: Any, mask: Any) -> None:
         """``mask ← [Y > 0]`` (relu's derivative, from its output; NaN gives False)."""
@@ -244,7 +243,7 @@ class TorchOps(NumpyOps):
     def sqrt(self, a, out):
         self.torch.sqrt(a, out=out)
 
-    def relu_(self, Z, scratch):
+    def relu_(self, Z):
         self.torch.relu_(Z)  # NaN stays NaN
 
     def gt0(self, Y, mask):

@@ -217,10 +217,10 @@ class InplaceStep:
         bufs = self._buffers(x.shape[0], self.p_flat)
         # forward: Z^k = Y^{k-1} W^{kT} + b^k, Y^k = f^k(Z^k)
         Ys, Y = [], x
-        for (W, b), act, (Z, mask, _) in zip(self.params, self.activations, bufs):
+        for (W, b), act, (Z, _, _) in zip(self.params, self.activations, bufs):
             ops.linear(Y, W, b, Z)                  # Z = Y W^T + b
             if act.name == "relu":
-                ops.relu_(Z, mask)                  # (the mask buffer as scratch here)
+                ops.relu_(Z)
                 Y = Z
             elif act.name == "identity":
                 Y = Z
