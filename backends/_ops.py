@@ -22,7 +22,7 @@ class NumpyOps:
     """NumPy-style in-place kernels on ``module`` (``numpy``)."""
 
     name = "numpy"
-    update_scratch = True  # momentum_update_/adam_update_ need the two scratch buffers
+    update_scratch = True  # axpy_/momentum_update_/adam_update_ need the two scratch buffers
 
     def __init__(self, module: Any):
         self.np = module
@@ -90,6 +90,12 @@ class NumpyOps:
         for a in range(lo, hi, width):
             b = min(a + width, hi)
             yield a, b, tmp[0][:b - a], tmp[1][:b - a]
+
+    def axpy_(self, y: Any, a: float, x: Any, tmp: tuple[Any, Any]) -> None:
+        """``y ← y + a·x`` (``x`` unchanged), e.g. the L2 fold ``g_W += wd·W``."""
+        for lo, hi, t, _ in self._chunks(0, y.shape[0], tmp):
+            self.mul(x[lo:hi], a, t)
+            self.add(y[lo:hi], t, y[lo:hi])
 
     def momentum_update_(self, p: Any, g: Any, v: Any, lr: float, beta: float,
                          nesterov: bool, tmp: tuple[Any, Any]) -> None:
@@ -213,7 +219,7 @@ class TorchOps(NumpyOps):
     """The same kernels on PyTorch CPU tensors (no autograd)."""
 
     name = "torch"
-    update_scratch = False  # its fused kernels need none
+    update_scratch = False  # its fused kernels and add_(alpha=) need none
 
     def __init__(self, torch: Any):
         self.np = None
@@ -257,6 +263,9 @@ class TorchOps(NumpyOps):
 
     def add_scaled_(self, p, g, a):
         p.add_(g, alpha=a)
+
+    def axpy_(self, y, a, x, tmp):
+        y.add_(x, alpha=a)
 
     # PyTorch's fused optimizer kernels (what torch.optim runs with fused=True): one call
     # for the whole flat buffer instead of a dozen per chunk. Same arithmetic to round-off.

@@ -147,7 +147,7 @@ def _peak_runner(backend: str, dtype: str) -> Runner:
     rng = np.random.default_rng(3)
     A, B = (be.asarray(rng.standard_normal((PEAK_N, PEAK_N), dtype=dtype)) for _ in range(2))
     fn = be.jit(lambda a, b: a @ b) if be.compiles else (lambda a, b: a @ b)
-    return Runner(lambda i: fn(A, B), lambda outs: be.synchronize(*outs), f"peak/{backend}",
+    return Runner(lambda i: fn(A, B), lambda outs: be.synchronize(*outs), f"peak/{backend}/{dtype}",
                   asynchronous=be.asynchronous)
 
 

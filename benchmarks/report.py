@@ -221,12 +221,12 @@ def measure_floor(parts: list, peak: Any, timing: dict, rounds: int = 2, *,
             "peak_gflops": peak_gflops, "best_gemm_gflops": best_rate}
 
 
-_PEAKS: dict[int, float] = {}
+_PEAKS: dict[str, float] = {}
 
 
 def _peak_time(peak: Any, timing: dict) -> float:
-    """The peak product's best time, measured once per backend and dtype in a run."""
-    key = id(peak)
+    """The peak product's best time, measured once per backend and dtype in a process."""
+    key = peak.label  # "peak/<backend>/<dtype>" (an id() could be reused by a new runner)
     if key not in _PEAKS:
         _PEAKS[key] = min(measure(peak, warmup=1, blocks=3, block_s=0.05,
                                   warmup_s=0.05)["time_s"] for _ in range(2))

@@ -116,8 +116,8 @@ class InplaceStep:
         self.opt_state = nested_unflatten(template, self.opt_leaves)
         # Scratch for updates that need a temporary (chunked, so it stays in cache): the L2
         # weight-decay fold, and momentum/Adam where the backend has no fused kernel.
-        scratch = ((self.wd and self.kind != "adamw") or
-                   (ops.update_scratch and (self.beta or self.kind != "sgd")))
+        scratch = ops.update_scratch and ((self.wd and self.kind != "adamw") or self.beta or
+                                          self.kind != "sgd")
         width = min(CHUNK, self.n) if scratch else 0
         self.tmp = ops.empty((width,), dtype)
         self.tmp2 = ops.empty((width,), dtype)
@@ -283,12 +283,7 @@ class InplaceStep:
         ops = self.ops
         D, lse, rows, scratch = self._xent_buffers(Z)
         B = Z.shape[0]
-        ops.row_max(Z, lse)                       # lse = m + log Σ exp(Z - m)
-        ops.sub(Z, lse, D)
-        ops.exp(D, D)
-        ops.row_sum(D, rows)
-        ops.log(rows, rows)
-        ops.add(lse, rows, lse)
+        self._logsumexp_rows(Z, D, lse, rows)
         ops.sub(lse, Z, scratch)                  # value = Σ T (lse - Z) / B
         ops.mul(T, scratch, scratch)
         value = ops.total(scratch) / B
@@ -307,12 +302,7 @@ class InplaceStep:
         ops = self.ops
         D, lse, rows, _ = self._xent_buffers(Z)
         B = Z.shape[0]
-        ops.row_max(Z, lse)
-        ops.sub(Z, lse, D)
-        ops.exp(D, D)
-        ops.row_sum(D, rows)
-        ops.log(rows, rows)
-        ops.add(lse, rows, lse)
+        self._logsumexp_rows(Z, D, lse, rows)
         picked = ops.pick(Z, labels)              # Z_{b, y_b}
         ops.sub(lse[:, 0], picked, picked)
         value = ops.total(picked) / B
@@ -321,6 +311,17 @@ class InplaceStep:
         ops.sub_at(D, labels, 1.0)                # D_{b, y_b} -= 1
         ops.div(D, B, D)
         return value, D
+
+    def _logsumexp_rows(self, Z: Any, work: Any, lse: Any, rows: Any) -> None:
+        """``lse ← m + log Σ exp(Z - m)`` per row, ``m`` the row's max (``work``, ``rows``:
+        scratch), as :func:`bpcore.losses._logsumexp_rows`."""
+        ops = self.ops
+        ops.row_max(Z, lse)
+        ops.sub(Z, lse, work)
+        ops.exp(work, work)
+        ops.row_sum(work, rows)
+        ops.log(rows, rows)
+        ops.add(lse, rows, lse)
 
     def _xent_buffers(self, Z: Any) -> tuple[Any, Any, Any, Any]:
         key = ("xent", Z.shape[0])
@@ -333,9 +334,11 @@ class InplaceStep:
         return bufs
 
     def _guard(self, state: TrainState, value: Any, T: Any) -> tuple[bool, Any]:
-        """:func:`bpcore.step.guard_decision` on the host (values read at no cost here), in
-        the parameters' dtype, with ``finite`` = the loss is finite (the update is proved
-        finite separately). Returns ``(ok, guard)``."""
+        """:func:`bpcore.step.guard_decision`'s rule, evaluated on the host: here the values
+        cost nothing to read, and the device version's dozen 0-d array operations cost more
+        than the small case's whole update. Same dtype arithmetic, same codes;
+        ``tests/test_inplace.py`` holds the two to the same refusals. ``finite`` is the loss
+        alone: the update is proved bounded separately. Returns ``(ok, guard)``."""
         ops, g = self.ops, state.guard
         f = ops.host_dtype(self.p_flat)
         v, ref = f(float(value)), f(float(g.ref_loss))
@@ -365,11 +368,6 @@ class InplaceStep:
         return ok, guard
 
     # -- the update -----------------------------------------------------------------------------
-    def _chunks(self, lo: int, hi: int):
-        for a in range(lo, hi, CHUNK):
-            b = min(a + CHUNK, hi)
-            yield a, b, self.tmp[:b - a], self.tmp2[:b - a]
-
     def _update(self, step: int) -> bool:
         """Apply the optimizer's update in place; False (nothing written) when the update
         cannot be proved finite without overflow (only when the guard is on)."""
@@ -377,6 +375,7 @@ class InplaceStep:
         guarded = self.check_finite
         lr = self.lr(float(step)) if callable(self.lr) else self.lr
         lr = float(lr)
+        g_sq = None
         if self.clip_norm is not None:
             g_sq = ops.dot(g, g)
             if not math.isfinite(g_sq) and guarded:
@@ -385,11 +384,12 @@ class InplaceStep:
             scale = min(self.clip_norm / max(norm, 1e-30), 1.0) if not math.isnan(norm) else math.nan
             if scale != 1.0:
                 ops.mul(g, scale, g)
+                g_sq *= scale * scale
         if self.wd and self.kind != "adamw":  # L2: add wd·W to the weights' gradient
-            for a, b, t, _ in self._chunks(0, self.nW):
-                ops.mul(p[a:b], self.wd, t)
-                ops.add(g[a:b], t, g[a:b])
-        g_sq = ops.dot(g, g) if guarded else 0.0
+            ops.axpy_(g[:self.nW], self.wd, p[:self.nW], (self.tmp, self.tmp2))
+            g_sq = None  # the folded gradient's norm is measured below
+        if g_sq is None:
+            g_sq = ops.dot(g, g) if guarded else 0.0
         if guarded and not g_sq <= self.grad_sq_limit:
             return False
         g_norm = math.sqrt(g_sq)

@@ -31,8 +31,9 @@ from .losses import Loss
 from .mlp import loss_grad_output
 from .optim import GradientTransformation, apply_updates
 
-__all__ = ["TrainState", "GuardState", "StepMetrics", "train_step", "init_state", "all_finite",
-           "guard_decision", "tree_sq_norm", "where_select", "GUARD_NONFINITE", "GUARD_GREW", "GUARD_TARGETS", "DEFAULT_DIVERGENCE_FACTOR"]
+__all__ = ["TrainState", "GuardState", "StepMetrics", "train_step", "init_state",
+           "guard_decision", "tree_sq_norm", "where_select", "GUARD_NONFINITE", "GUARD_GREW",
+           "GUARD_TARGETS", "DEFAULT_DIVERGENCE_FACTOR"]
 
 GUARD_NONFINITE, GUARD_GREW, GUARD_TARGETS = 1, 2, 3
 DEFAULT_DIVERGENCE_FACTOR = 1e4
@@ -67,16 +68,6 @@ def init_state(params: Params, optimizer: GradientTransformation, backend: Any, 
                       GuardState(i32(0), i32(0), ref), i32(epoch))
 
 
-def all_finite(tree: Any) -> Array:
-    """One 0-d boolean: every element of every leaf is finite (NaN and inf are not)."""
-    leaves = nested_leaves(tree)
-    xp = array_namespace(*leaves)
-    ok = xp.all(xp.isfinite(leaves[0]))
-    for leaf in leaves[1:]:
-        ok = ok & xp.all(xp.isfinite(leaf))
-    return ok
-
-
 def train_step(state: TrainState, batch: tuple[Array, Array], *,
                activations: Sequence[Activation], loss: Loss,
                optimizer: GradientTransformation, check_finite: bool = True,
@@ -106,8 +97,8 @@ def train_step(state: TrainState, batch: tuple[Array, Array], *,
     # little, and a non-finite gradient always makes it non-finite (every update is
     # elementwise in the gradient; a clip scale of a NaN norm is NaN). One reduction over
     # the update, and the new parameters need not exist before the decision.
-    ok, new_guard = guard_decision(state, value, T,
-                                   xp.isfinite(value) & (tree_sq_norm(updates) <= _quarter_max(value)),
+    bounded = tree_sq_norm(updates) <= _quarter_max(value)
+    ok, new_guard = guard_decision(state, value, T, xp.isfinite(value) & bounded,
                                    loss=loss, divergence_factor=divergence_factor)
     # (An elementwise where, fused into the update by XLA; jax.lax.cond would run one branch
     # only, but on a GPU it reads the predicate on the host, inside the compiled step.)
@@ -139,10 +130,11 @@ def where_select(ok: Array, if_ok: Any, if_not: Any) -> Any:
 def guard_decision(state: TrainState, value: Array, T: Array, finite: Array, *, loss: Loss,
                    divergence_factor: float | None) -> tuple[Array, GuardState]:
     """Whether the step that produced loss ``value`` on targets ``T`` may be applied, and
-    the guard after it. ``finite``: the loss and the updated parameters are finite.
+    the guard after it. ``finite``: the loss is finite and the update bounded (see
+    :func:`train_step`).
 
-    The one definition of the guard's rule, shared by the generic step and the in-place
-    step (:mod:`bpcore.inplace`), so both refuse exactly the same steps.
+    The guard's rule, on the device without a host read. The in-place step
+    (:mod:`bpcore.inplace`) evaluates the same rule on the host, where reading is free.
     """
     xp = array_namespace(value)
     guard = state.guard

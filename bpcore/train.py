@@ -208,21 +208,21 @@ class Trainer:
             return self.step_prepared(xb, T)[0]
         # Class labels go into the step as they are: the in-place step uses them directly,
         # the compiled step turns them into one-hot rows inside (one call on JAX).
-        self._sync_params()
-        if self._inplace is not None and not m.backend.asynchronous:
-            self.state, metrics = self._inplace.step_labels(self.state, xb, labels)
-        else:
-            self.state, metrics = self._label_step_fn(self.state, xb, labels)
-        self.model.params = self.state.params
-        return metrics.loss
+        fn = self._inplace.step_labels if self._inplace is not None else self._label_step_fn
+        return self._advance(fn, xb, labels).loss
 
     def step_prepared(self, xb: Array, T: Array) -> tuple[Array, Array]:
         """``step`` on a batch from :meth:`prepare_batch`: returns ``(loss, n_correct)``."""
-        self._sync_params()
-        step = self._inplace.step if self._inplace is not None else self._step_fn
-        self.state, metrics = step(self.state, xb, T)
-        self.model.params = self.state.params
+        metrics = self._advance(self._inplace.step if self._inplace is not None else
+                                self._step_fn, xb, T)
         return metrics.loss, metrics.correct
+
+    def _advance(self, step_fn: Any, *batch: Any) -> Any:
+        """Run ``step_fn(state, *batch)``, keep the new state, return its metrics."""
+        self._sync_params()
+        self.state, metrics = step_fn(self.state, *batch)
+        self.model.params = self.state.params
+        return metrics
 
     def step_indexed(self, Xd: Array, Td: Array, order: np.ndarray, idx: Array, lo: int,
                      hi: int) -> tuple[Array, Array]:
@@ -231,9 +231,7 @@ class Trainer:
         the gather happens inside it, from the host indices: one call per batch."""
         m = self.model
         if m.backend.compiles:
-            self._sync_params()
-            self.state, metrics = self._indexed_step_fn(self.state, Xd, Td, order[lo:hi])
-            m.params = self.state.params
+            metrics = self._advance(self._indexed_step_fn, Xd, Td, order[lo:hi])
             return metrics.loss, metrics.correct
         xp = m.backend.xp
         sel = idx[lo:hi]
