@@ -1,0 +1,333 @@
+"""bpcore.sklearn: scikit-learn's MLP estimators, the same fitted model on every backend.
+
+The drop-in claim is tested against the installed scikit-learn itself: the same
+hyperparameters and ``random_state`` give the same ``coefs_``, ``intercepts_`` and
+``loss_curve_`` to 1e-10 in float64, on every backend.
+"""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+
+sklearn = pytest.importorskip("sklearn")
+import scipy.sparse  # noqa: E402
+from sklearn import neural_network as sknn  # noqa: E402
+from sklearn.base import clone  # noqa: E402
+from sklearn.datasets import load_digits, make_classification, make_regression  # noqa: E402
+from sklearn.exceptions import ConvergenceWarning, NotFittedError  # noqa: E402
+from sklearn.model_selection import GridSearchCV, cross_val_score, train_test_split  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+from sklearn.utils._param_validation import InvalidParameterError  # noqa: E402
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+
+from bpcore.sklearn import MLPClassifier, MLPRegressor  # noqa: E402
+
+from .conftest import _backend_or_skip  # noqa: E402
+
+CHECK_BACKENDS = ["numpy", "jax", "torch", "cupy"]
+EXACT = 1e-10
+quiet = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+
+
+def _assert_same_fit(sk, bp, tol=EXACT):
+    assert len(sk.coefs_) == len(bp.coefs_)
+    for a, b in zip(sk.coefs_ + sk.intercepts_, bp.coefs_ + bp.intercepts_):
+        assert isinstance(b, np.ndarray) and a.shape == b.shape
+        np.testing.assert_allclose(b, a, rtol=0, atol=tol)
+    if hasattr(sk, "loss_curve_"):
+        np.testing.assert_allclose(bp.loss_curve_, sk.loss_curve_, rtol=0, atol=tol)
+    np.testing.assert_allclose(bp.loss_, sk.loss_, rtol=0, atol=tol)
+    assert (bp.n_iter_, bp.t_) == (sk.n_iter_, sk.t_)
+    for name in ("n_layers_", "n_outputs_", "out_activation_", "n_features_in_"):
+        if hasattr(sk, name):
+            assert getattr(bp, name) == getattr(sk, name), name
+    for name in ("best_loss_", "best_validation_score_"):
+        if getattr(sk, name, None) is not None:
+            np.testing.assert_allclose(getattr(bp, name), getattr(sk, name), atol=tol)
+    if getattr(sk, "validation_scores_", None) is not None:
+        np.testing.assert_allclose(bp.validation_scores_, sk.validation_scores_, atol=tol)
+
+
+def _both(est_sk, est_bp, X, y, **fit):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.filterwarnings("ignore", "Got `batch_size`", UserWarning)  # both clip it
+        return est_sk.fit(X, y, **fit), est_bp.fit(X, y, **fit)
+
+
+# ---- scikit-learn's own estimator checks, on every backend --------------------------------
+@pytest.mark.parametrize("backend_name", CHECK_BACKENDS)
+@quiet
+@parametrize_with_checks([MLPClassifier(max_iter=100), MLPRegressor(max_iter=100)])
+def test_sklearn_estimator_checks(estimator, check, backend_name):
+    """All of ``check_estimator``'s checks (max_iter=100, as scikit-learn runs its own MLPs
+    through them); none is skipped or expected to fail."""
+    _backend_or_skip(backend_name)
+    check(estimator.set_params(backend=backend_name))
+
+
+# ---- the drop-in claim: scikit-learn's fitted model to 1e-10 -------------------------------
+X3, y3 = make_classification(160, 8, n_informative=5, n_classes=3, random_state=0)
+Xr, yr = make_regression(150, 6, n_targets=2, noise=0.1, random_state=1)
+yr = yr / np.abs(yr).max()
+
+SOLVERS = {
+    "sgd-nesterov": dict(solver="sgd", momentum=0.9, nesterovs_momentum=True),
+    "sgd-momentum": dict(solver="sgd", momentum=0.8, nesterovs_momentum=False),
+    "sgd-invscaling": dict(solver="sgd", momentum=0.5, learning_rate="invscaling",
+                           power_t=0.3),
+    "adam": dict(solver="adam", beta_1=0.8, beta_2=0.99, epsilon=1e-7),
+    "lbfgs": dict(solver="lbfgs"),
+}
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS))
+@pytest.mark.parametrize("task", ["binary", "multiclass", "regressor", "multioutput"])
+def test_same_fit_as_sklearn(backend, solver, task):
+    _skip_float64_unavailable(backend)
+    common = dict(hidden_layer_sizes=(12, 7), activation="tanh", alpha=3e-3, max_iter=6,
+                  random_state=3, batch_size=25, learning_rate_init=0.03, **SOLVERS[solver])
+    if task in ("binary", "multiclass"):
+        y = (y3 > 0).astype(int) if task == "binary" else y3
+        sk, bp = _both(sknn.MLPClassifier(**common),
+                       MLPClassifier(backend=backend.name, **common), X3, y)
+        np.testing.assert_allclose(bp.predict_proba(X3), sk.predict_proba(X3), atol=EXACT)
+        np.testing.assert_array_equal(bp.predict(X3), sk.predict(X3))
+    else:
+        y = yr[:, 0] if task == "regressor" else yr
+        sk, bp = _both(sknn.MLPRegressor(**common), MLPRegressor(backend=backend.name, **common),
+                       Xr, y)
+        np.testing.assert_allclose(bp.predict(Xr), sk.predict(Xr), atol=EXACT)
+    _assert_same_fit(sk, bp)
+
+
+def _skip_float64_unavailable(backend):
+    if backend.float64_error():
+        pytest.skip(backend.float64_error())
+
+
+@pytest.mark.parametrize("activation", ["identity", "logistic", "relu"])
+@pytest.mark.parametrize("extra", [
+    dict(sample_weight=True),
+    dict(early_stopping=True, validation_fraction=0.2, n_iter_no_change=2, max_iter=12),
+    dict(learning_rate="adaptive", n_iter_no_change=1, tol=10.0, solver="sgd", max_iter=8),
+    dict(shuffle=False, batch_size=1000),
+    dict(loss="poisson"),
+])
+def test_same_fit_as_sklearn_options(activation, extra):
+    """Sample weights, early stopping (validation split, best weights restored), the
+    adaptive learning rate, no shuffling with a clipped batch size, the Poisson loss."""
+    extra = dict(extra)
+    fit = {}
+    if extra.pop("sample_weight", False):
+        fit["sample_weight"] = np.random.default_rng(0).uniform(0.1, 3.0, len(X3))
+    poisson = extra.pop("loss", None) == "poisson"
+    common = dict(hidden_layer_sizes=(10,), activation=activation, alpha=1e-2, max_iter=5,
+                  random_state=7, batch_size=32, learning_rate_init=0.02, momentum=0.9)
+    common.update(extra)
+    if poisson:
+        y = np.random.default_rng(1).poisson(np.exp(0.3 * X3[:, 0]))
+        sk, bp = _both(sknn.MLPRegressor(loss="poisson", **common),
+                       MLPRegressor(loss="poisson", **common), X3, y, **fit)
+        assert bp.out_activation_ == "exp"
+    else:
+        sk, bp = _both(sknn.MLPClassifier(**common), MLPClassifier(**common), X3, y3, **fit)
+    _assert_same_fit(sk, bp)
+
+
+def test_partial_fit_matches_sklearn_with_string_labels(backend):
+    _skip_float64_unavailable(backend)
+    labels = np.array(["cat", "dog", "eel"])[y3]
+    common = dict(hidden_layer_sizes=(9,), solver="sgd", random_state=0, alpha=1e-3,
+                  learning_rate_init=0.05)
+    sk, bp = sknn.MLPClassifier(**common), MLPClassifier(backend=backend.name, **common)
+    for i in range(0, len(X3), 40):
+        kw = dict(classes=np.array(["cat", "dog", "eel", "fox"])) if i == 0 else {}
+        sk.partial_fit(X3[i:i + 40], labels[i:i + 40], **kw)
+        bp.partial_fit(X3[i:i + 40], labels[i:i + 40], **kw)
+    _assert_same_fit(sk, bp)
+    assert list(bp.classes_) == ["cat", "dog", "eel", "fox"]
+    assert bp.predict(X3[:5]).dtype == sk.predict(X3[:5]).dtype
+    np.testing.assert_array_equal(bp.predict(X3), sk.predict(X3))
+
+
+def test_multilabel_and_sparse_inputs():
+    Y = np.stack([y3 == 0, y3 == 1, X3[:, 0] > 0], axis=1).astype(int)
+    common = dict(hidden_layer_sizes=(8,), max_iter=4, random_state=0, batch_size=40)
+    sk, bp = _both(sknn.MLPClassifier(**common), MLPClassifier(**common), X3, Y)
+    _assert_same_fit(sk, bp)
+    assert bp.predict(X3).shape == Y.shape and bp.out_activation_ == "logistic"
+    # sparse X (matrix and array, csr and csc) fits the model dense X fits
+    for make in (scipy.sparse.csr_matrix, scipy.sparse.csc_array):
+        for solver in ("adam", "lbfgs"):
+            Xs = make(np.where(np.abs(X3) > 0.8, X3, 0.0))
+            _, dense = _both(sknn.MLPClassifier(solver=solver, **common),
+                             MLPClassifier(solver=solver, **common), Xs.toarray(), y3)
+            sk, sparse = _both(sknn.MLPClassifier(solver=solver, **common),
+                               MLPClassifier(solver=solver, **common), Xs, y3)
+            _assert_same_fit(sk, sparse)
+            _assert_same_fit(dense, sparse, tol=1e-12)
+            np.testing.assert_allclose(sparse.predict_proba(Xs), dense.predict_proba(Xs))
+
+
+def test_from_sklearn_continues_where_sklearn_stopped(backend):
+    """A fitted scikit-learn model moved over keeps training exactly as scikit-learn would:
+    weights, counters and the optimizer's moments travel."""
+    _skip_float64_unavailable(backend)
+    for solver in ("sgd", "adam"):
+        sk = sknn.MLPClassifier(hidden_layer_sizes=(10,), solver=solver, random_state=0,
+                                max_iter=3, learning_rate_init=0.05)
+        with pytest.warns(ConvergenceWarning):
+            sk.fit(X3, y3)
+        bp = MLPClassifier.from_sklearn(sk, backend=backend.name)
+        assert bp.backend == backend.name and bp.get_params()["max_iter"] == 3
+        np.testing.assert_array_equal(bp.predict(X3), sk.predict(X3))
+        for _ in range(3):
+            sk.partial_fit(X3, y3)
+            bp.partial_fit(X3, y3)
+        _assert_same_fit(sk, bp)
+    with pytest.raises(TypeError, match="fitted sklearn MLPRegressor"):
+        MLPRegressor.from_sklearn(sk)
+
+
+def test_warm_start_from_assigned_weights():
+    """coefs_/intercepts_ are the truth: assigned weights are what fit continues from."""
+    common = dict(hidden_layer_sizes=(6,), max_iter=3, random_state=0, warm_start=True)
+    sk, bp = _both(sknn.MLPClassifier(**common), MLPClassifier(**common), X3, y3)
+    rng = np.random.default_rng(5)
+    new = [rng.standard_normal(c.shape) * 0.1 for c in sk.coefs_]
+    sk.coefs_, bp.coefs_ = [c.copy() for c in new], [c.copy() for c in new]
+    sk.intercepts_[0][:] = 0.5
+    bp.intercepts_[0][:] = 0.5  # modified in place: seen too
+    _both(sk, bp, X3, y3)
+    _assert_same_fit(sk, bp)
+
+
+# ---- everything a pipeline user does --------------------------------------------------------
+@pytest.mark.parametrize("backend_name", ["numpy", "jax", "torch", "cupy"])
+def test_pickle_clone_pipeline_and_search(backend_name):
+    be = _backend_or_skip(backend_name)
+    _skip_float64_unavailable(be)
+    clf = MLPClassifier(hidden_layer_sizes=(8,), max_iter=30, random_state=0,
+                        backend=backend_name)
+    with pytest.warns(ConvergenceWarning):
+        clf.fit(X3, y3)
+    blob = pickle.dumps(clf)
+    back = pickle.loads(blob)
+    for a in back._optimizer["state"][0] + back._optimizer["state"][1]:
+        assert type(a[0]) is np.ndarray and type(a[1]) is np.ndarray  # host arrays: unpickles where the backend is absent
+    np.testing.assert_array_equal(back.predict_proba(X3), clf.predict_proba(X3))
+    for est in (clf, back):  # both continue identically
+        est.partial_fit(X3, y3)
+    np.testing.assert_array_equal(back.coefs_[0], clf.coefs_[0])
+    assert clone(clf).get_params() == clf.get_params() and not hasattr(clone(clf), "coefs_")
+    settings = dict(hidden_layer_sizes=(8,), max_iter=150, random_state=0,
+                    learning_rate_init=0.01)
+    pipe = make_pipeline(StandardScaler(), MLPClassifier(backend=backend_name, **settings))
+    sk_pipe = make_pipeline(StandardScaler(), sknn.MLPClassifier(**settings))
+    grid = {"mlpclassifier__alpha": [1e-4, 1.0]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        scores = cross_val_score(pipe, X3, y3, cv=3)
+        search = GridSearchCV(pipe, grid, cv=2).fit(X3, y3)
+        sk_search = GridSearchCV(sk_pipe, grid, cv=2).fit(X3, y3)
+        np.testing.assert_allclose(scores, cross_val_score(sk_pipe, X3, y3, cv=3))
+    assert np.all(scores > 0.6), scores  # chance is 1/3
+    np.testing.assert_allclose(search.cv_results_["mean_test_score"],
+                               sk_search.cv_results_["mean_test_score"])
+    assert search.best_params_ == sk_search.best_params_
+
+
+def test_inputs_from_pandas_and_other_array_libraries():
+    pd = pytest.importorskip("pandas")
+    torch = pytest.importorskip("torch")
+    df = pd.DataFrame(X3, columns=[f"f{i}" for i in range(X3.shape[1])])
+    reg = MLPRegressor(hidden_layer_sizes=(5,), max_iter=3, random_state=0)
+    with pytest.warns(ConvergenceWarning):
+        reg.fit(df, pd.Series(0.5 * X3[:, 1]))
+    assert list(reg.feature_names_in_) == list(df.columns)
+    with pytest.warns(UserWarning, match="feature names"):
+        reg.predict(X3)  # as scikit-learn: fitted with names, predicted without
+    with pytest.warns(UserWarning, match="feature names"):
+        out = reg.predict(torch.from_numpy(X3.copy()))
+    assert isinstance(out, np.ndarray) and out.shape == (len(X3),)
+    np.testing.assert_array_equal(out, reg.predict(df))
+
+
+# ---- errors and warnings: scikit-learn's, for the same misuse -------------------------------
+def test_same_errors_as_sklearn():
+    for Est, Sk in ((MLPClassifier, sknn.MLPClassifier), (MLPRegressor, sknn.MLPRegressor)):
+        for bad in (dict(solver="newton"), dict(alpha=-1.0), dict(max_iter=0),
+                    dict(momentum=1.5), dict(batch_size="big")):
+            with pytest.raises(InvalidParameterError) as ours:
+                Est(**bad).fit(X3, y3)
+            with pytest.raises(InvalidParameterError) as theirs:
+                Sk(**bad).fit(X3, y3)
+            assert str(ours.value) == str(theirs.value)
+        with pytest.raises(NotFittedError):
+            Est().predict(X3)
+        with pytest.raises(ValueError, match="hidden_layer_sizes must be > 0"):
+            Est(hidden_layer_sizes=(4, 0)).fit(X3, y3)
+        fitted = Est(hidden_layer_sizes=(3,), max_iter=1)
+        with pytest.warns(ConvergenceWarning, match="Maximum iterations"):
+            fitted.fit(X3, y3)
+        with pytest.raises(ValueError, match="features"):
+            fitted.predict(X3[:, :5])
+    for Est in (MLPClassifier, sknn.MLPClassifier):  # scikit-learn's available_if message
+        with pytest.raises(AttributeError, match="has no attribute 'partial_fit'") as e:
+            Est(solver="lbfgs").partial_fit(X3, y3, classes=[0, 1, 2])
+        assert "not stochastic" in str(e.value.__cause__)
+    with pytest.raises(ValueError, match="classes must be passed on the first call"):
+        MLPClassifier().partial_fit(X3, y3)
+    with pytest.raises(ValueError, match="early_stopping"):
+        MLPClassifier(early_stopping=True).partial_fit(X3, y3, classes=[0, 1, 2])
+    with pytest.raises(InvalidParameterError, match="'dtype'"):
+        MLPClassifier(dtype="float16").fit(X3, y3)
+    with pytest.raises(ImportError, match="nonexistent"):
+        MLPClassifier(backend="nonexistent").fit(X3, y3)
+
+
+def test_lbfgs_convergence_warning_and_max_fun():
+    for kw in (dict(max_iter=2), dict(max_fun=3)):
+        with pytest.warns(ConvergenceWarning, match="lbfgs failed to converge") as ours:
+            bp = MLPClassifier(solver="lbfgs", random_state=0, **kw).fit(X3, y3)
+        with pytest.warns(ConvergenceWarning) as theirs:
+            sk = sknn.MLPClassifier(solver="lbfgs", random_state=0, **kw).fit(X3, y3)
+        assert str(ours[0].message) == str(theirs[0].message)
+        _assert_same_fit(sk, bp)
+
+
+def test_diverging_fit_raises_and_keeps_the_last_good_weights():
+    """scikit-learn raises after storing non-finite weights; bpcore refuses the first
+    non-finite step, raises scikit-learn's ValueError, and keeps the weights before it."""
+    Xbig = X3 * 1e150
+    clf = MLPClassifier(solver="sgd", learning_rate_init=1e6, momentum=0.0, max_iter=5,
+                        random_state=0, hidden_layer_sizes=(5,))
+    with pytest.raises(ValueError, match="non-finite parameter weights"):
+        clf.fit(Xbig, y3)
+    assert all(np.isfinite(a).all() for a in clf.coefs_ + clf.intercepts_)
+    with pytest.raises(ValueError, match="non-finite"), np.errstate(all="ignore"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # overflow, then "did not converge", then the error
+        sknn.MLPClassifier(solver="sgd", learning_rate_init=1e6, momentum=0.0, max_iter=5,
+                           random_state=0, hidden_layer_sizes=(5,)).fit(Xbig, y3)
+
+
+# ---- accuracy on a real dataset, on every backend, in float32 -------------------------------
+@pytest.mark.slow
+def test_digits_accuracy_within_one_point_of_sklearn(backend):
+    X, y = load_digits(return_X_y=True)
+    X = (X / 16.0).astype(np.float32)
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.3, random_state=0)
+    common = dict(hidden_layer_sizes=(64,), max_iter=40, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        ref = sknn.MLPClassifier(**common).fit(Xtr, ytr).score(Xte, yte)
+        ours = MLPClassifier(backend=backend.name, dtype="float32", **common).fit(Xtr, ytr)
+    assert ours.coefs_[0].dtype == np.float32
+    assert abs(ours.score(Xte, yte) - ref) <= 0.01, (ours.score(Xte, yte), ref)
