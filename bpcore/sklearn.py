@@ -210,10 +210,14 @@ def _adam_update(grads, state, params, h: _Hyper):
     return u, (ms, vs)
 
 
-def _make_step(acts, loss: Loss, solver: str, nesterov: bool):
+def _make_step(acts, loss: Loss, solver: str, nesterov: bool, select_on_host: bool):
     """One guarded stochastic step: ``(params, opt, bad, x, Y, sw, h) -> (params, opt, bad,
     loss)``. ``bad`` (0-d bool) turns true at the first step whose loss or update is not
-    finite; that step and every later one leave parameters and optimizer state as they were."""
+    finite; that step and every later one leave parameters and optimizer state as they were.
+
+    ``select_on_host``: for backends whose values are read without waiting for a device
+    (NumPy, PyTorch on the CPU), the guard's decision is read and the old or new arrays
+    returned; elsewhere (JAX, CUDA) an elementwise ``where`` decides on the device."""
 
     def step(params, opt, bad, x, Y, sw, h):
         xp = array_namespace(x)
@@ -226,6 +230,10 @@ def _make_step(acts, loss: Loss, solver: str, nesterov: bool):
         # bpcore's guard rule (bpcore.step): a finite loss and Σu² <= max/4, which proves
         # every updated parameter finite (a non-finite gradient makes Σu² NaN)
         ok = xp.isfinite(value) & (tree_sq_norm(u) <= _quarter_max(value)) & ~bad
+        if select_on_host:
+            if not bool(ok):
+                return params, opt, ~ok, value
+            return [(W + uW, b + ub) for (W, b), (uW, ub) in zip(params, u)], new_opt, ~ok, value
         new_params = [(W + uW, b + ub) for (W, b), (uW, ub) in zip(params, u)]
         params, opt = where_select(ok, lambda: (new_params, new_opt), lambda: (params, opt))
         return params, opt, ~ok, value
@@ -300,11 +308,12 @@ class _BaseMLP(BaseEstimator):
 
     # -- parameters between host and device -------------------------------------------------
     def _device_params(self, be: Backend, dtype: str) -> Params:
-        """``coefs_``/``intercepts_`` (the truth) as bpcore's ``[(W, b)]`` on the backend:
-        W = coefᵀ, a view on NumPy, so the forward product is scikit-learn's own."""
+        """``coefs_``/``intercepts_`` (the truth) as bpcore's ``[(W, b)]`` on the backend,
+        ``W = coefᵀ`` in C order (the layout every update keeps: a transposed view would make
+        each elementwise update a strided pass)."""
         out = []
         for c, b in zip(self.coefs_, self.intercepts_):
-            W = be.asarray(np.ascontiguousarray(np.asarray(c, dtype=dtype)).T)
+            W = be.asarray(np.ascontiguousarray(np.asarray(c, dtype=dtype).T))
             out.append((W, be.asarray(np.asarray(b, dtype=dtype))))
         return out
 
@@ -475,7 +484,8 @@ class _BaseMLP(BaseEstimator):
                  bool(self.nesterovs_momentum)),
             lambda: _make_step(_acts(self.activation, len(params) + 1),
                                _LOSSES[self.out_activation_], self.solver,
-                               bool(self.nesterovs_momentum)))
+                               bool(self.nesterovs_momentum),
+                               select_on_host=not (be.compiles or be.asynchronous)))
         bad = be.asarray(np.zeros((), dtype=bool))
         index_dtype = np.int32 if n_samples < 2**31 else np.int64
         state = opt["state"]
