@@ -138,6 +138,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (which pick OpenBLAS's kernel): "
                         "keep this shell's (default), unset them for this run, or both: this "
                         "run as is, then a second one without them into OUT/openblas-env-unset")
+    p.add_argument("--estimators", action="store_true",
+                   help="instead of the step suite: fit time of bpcore.sklearn's MLPClassifier/"
+                        "MLPRegressor against scikit-learn's, per backend (cases: "
+                        "digits-adam, mnist-adam, regression-sgd, digits-lbfgs; dtypes "
+                        "float32,float64 unless --dtypes)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="--estimators: timed fits per implementation (the fastest counts)")
     p.add_argument("--out", default="results", help="folder for JSON, Markdown and PNGs")
     args = p.parse_args(argv)
     if args.openblas_env != "keep":
@@ -174,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         backends = [b for b in bpcore.backends.available() if b != "array_api_strict"]
     if args.gpu:
         backends = [b for b in backends if b != "numpy"]
+    if args.estimators:
+        from . import estimators
+
+        backends = [b for b in backends if b != "array_api_strict"]
+        return estimators.main(args, backends, machine(args.gpu))
     cases = args.cases.split(",") if args.cases else None
     from .cases import CASES
 

@@ -149,3 +149,23 @@ def test_report_end_to_end(tmp_path):
     except ImportError:
         return
     assert (tmp_path / "time_per_step.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_estimators_benchmark_runs_and_reports(tmp_path):
+    """``bpcore bench --estimators`` end to end on its smallest case, one round: every row
+    has its ratio to scikit-learn, and in float64 the fitted model is scikit-learn's."""
+    pytest.importorskip("sklearn")
+    from . import estimators
+
+    result = estimators.run(["digits-adam"], ["numpy", "torch"], ["float64"], rounds=1,
+                            log=lambda *_: None)
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert set(rows) == {"sklearn", "numpy", "torch"} or "torch" in str(result["skipped"])
+    for r in rows.values():
+        assert r["time_s"] > 0 and np.isfinite(r["vs_sklearn"]) and r["n_iter"] == 20
+        assert r["max_coef_diff"] < 1e-10
+        assert r["score"] == rows["sklearn"]["score"]
+    paths = estimators.write(result, {"cpu": "test"}, str(tmp_path))
+    with open(paths[1]) as f:
+        text = f.read()
+    assert "bpcore.sklearn (numpy)" in text and "× scikit-learn" in text

@@ -1,0 +1,170 @@
+"""``bpcore bench --estimators``: ``bpcore.sklearn`` against scikit-learn's own MLP estimators.
+
+The same estimator settings and ``random_state`` on both sides, so both fit the same model
+(in float64 to rounding: the report shows the largest coefficient difference). Every fit
+runs all ``max_iter`` epochs (``tol=0``), so both do the same work. Each implementation fits
+once untimed (JAX compiles then; that first fit's time is reported on its own), then
+``rounds`` times, interleaved with the others; the fastest fit counts. Ratios are bpcore's
+time over scikit-learn's, measured in this one run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FitCase:
+    name: str
+    estimator: str          # "classifier" or "regressor"
+    settings: tuple         # estimator parameters, as (name, value) pairs
+    data: str               # "digits", "mnist-like" or "regression"
+    note: str
+
+
+CASES = {
+    "digits-adam": FitCase("digits-adam", "classifier",
+                           (("hidden_layer_sizes", (100,)), ("max_iter", 20)),
+                           "digits", "8x8 digits (1,257 training rows), 100 hidden, adam, "
+                                     "batch 200, 20 epochs"),
+    "mnist-adam": FitCase("mnist-adam", "classifier",
+                          (("hidden_layer_sizes", (256,)), ("max_iter", 3)),
+                          "mnist-like", "10,000 x 784 synthetic, 10 classes, 256 hidden, adam, "
+                                        "batch 200, 3 epochs"),
+    "regression-sgd": FitCase("regression-sgd", "regressor",
+                              (("hidden_layer_sizes", (128, 64)), ("max_iter", 3),
+                               ("solver", "sgd"), ("learning_rate_init", 0.01)),
+                              "regression", "20,000 x 100, 2 targets, 128-64 hidden, sgd "
+                                            "(Nesterov 0.9), batch 200, 3 epochs"),
+    "digits-lbfgs": FitCase("digits-lbfgs", "classifier",
+                            (("hidden_layer_sizes", (100,)), ("max_iter", 30),
+                             ("solver", "lbfgs")),
+                            "digits", "8x8 digits, 100 hidden, L-BFGS-B, 30 iterations"),
+}
+
+
+def _data(name: str, dtype: str):
+    from sklearn.datasets import load_digits, make_classification, make_regression
+    from sklearn.model_selection import train_test_split
+
+    if name == "digits":
+        X, y = load_digits(return_X_y=True)
+        X = X / 16.0
+    elif name == "mnist-like":
+        X, y = make_classification(12000, 784, n_informative=40, n_classes=10,
+                                   class_sep=3.0, random_state=0)
+    else:
+        X, y = make_regression(24000, 100, n_targets=2, noise=1.0, random_state=0)
+        y = y / np.abs(y).max()
+    Xtr, Xte, ytr, yte = train_test_split(X.astype(dtype), y, test_size=1 / 6 if
+                                          name != "digits" else 0.3, random_state=0)
+    return Xtr, Xte, ytr, yte
+
+
+def _estimator(impl: str, case: FitCase, dtype: str):
+    settings = dict(case.settings, random_state=0, tol=0.0, n_iter_no_change=10**6)
+    if impl == "sklearn":
+        from sklearn import neural_network as nn
+
+        Est = nn.MLPClassifier if case.estimator == "classifier" else nn.MLPRegressor
+        return Est(**settings)
+    from bpcore.sklearn import MLPClassifier, MLPRegressor
+
+    Est = MLPClassifier if case.estimator == "classifier" else MLPRegressor
+    return Est(backend=impl, dtype=dtype, **settings)
+
+
+def _fit(est, X, y) -> float:
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        t0 = time.perf_counter()
+        est.fit(X, y)
+        return time.perf_counter() - t0
+
+
+def run(cases: list[str], backends: list[str], dtypes: list[str], rounds: int = 3,
+        log=print) -> dict:
+    """Measure every case × dtype × implementation; returns ``{"rows": [...], ...}``."""
+    rows, skipped = [], {}
+    impls = ["sklearn"] + list(backends)
+    for dtype in dtypes:
+        for name in cases:
+            case = CASES[name]
+            Xtr, Xte, ytr, yte = _data(case.data, dtype)
+            ests, first, best = {}, {}, {}
+            for impl in impls:
+                try:
+                    ests[impl] = _estimator(impl, case, dtype)
+                    first[impl] = _fit(ests[impl], Xtr, ytr)
+                except Exception as e:  # a backend that cannot run here, or float64 on it
+                    skipped[f"{name}/{dtype}/{impl}"] = f"{type(e).__name__}: {e}"[:300]
+                    ests.pop(impl, None)
+            for _ in range(rounds):
+                for impl, est in ests.items():
+                    best[impl] = min(best.get(impl, np.inf), _fit(est, Xtr, ytr))
+            ref = ests.get("sklearn")
+            for impl, est in ests.items():
+                row = {"case": name, "dtype": dtype, "impl": impl, "time_s": best[impl],
+                       "first_fit_s": first[impl], "score": float(est.score(Xte, yte)),
+                       "n_iter": int(est.n_iter_)}
+                if ref is not None:
+                    row["vs_sklearn"] = best[impl] / best["sklearn"]
+                    row["max_coef_diff"] = max(float(np.abs(np.asarray(a, np.float64) - b).max())
+                                               for a, b in zip(est.coefs_, ref.coefs_))
+                rows.append(row)
+                log(f"{name:15s} {dtype} {impl:8s} {best[impl] * 1e3:9.1f} ms  "
+                    f"x{row.get('vs_sklearn', float('nan')):.2f}  score {row['score']:.4f}")
+    return {"rows": rows, "skipped": skipped, "rounds": rounds}
+
+
+def markdown(result: dict) -> str:
+    lines = ["| case | dtype | implementation | fit time | × scikit-learn | first fit | "
+             "test score | max \\|Δcoef\\| vs scikit-learn |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        impl = "scikit-learn" if r["impl"] == "sklearn" else f"bpcore.sklearn ({r['impl']})"
+        lines.append(f"| {r['case']} | {r['dtype']} | {impl} | {r['time_s'] * 1e3:.1f} ms | "
+                     f"{r.get('vs_sklearn', float('nan')):.2f} | {r['first_fit_s'] * 1e3:.0f} ms | "
+                     f"{r['score']:.4f} | {r.get('max_coef_diff', float('nan')):.1e} |")
+    return "\n".join(lines)
+
+
+def write(result: dict, machine: dict, out: str) -> list[str]:
+    from .report import machine_summary
+
+    os.makedirs(out, exist_ok=True)
+    pj, pm = os.path.join(out, "estimators.json"), os.path.join(out, "estimators.md")
+    with open(pj + ".tmp", "w") as f:
+        json.dump({"machine": machine, **result}, f, indent=1)
+    os.replace(pj + ".tmp", pj)
+    with open(pm, "w") as f:
+        f.write("# bpcore.sklearn against scikit-learn: fit time\n\n" + (__doc__ or "")
+                .split("\n", 2)[2].strip() + "\n\n" + machine_summary(machine) + "\n\n")
+        f.write("\n".join(f"- **{c.name}**: {c.note}" for c in CASES.values()
+                          if any(r["case"] == c.name for r in result["rows"])) + "\n\n")
+        f.write(markdown(result) + "\n")
+        if result["skipped"]:
+            f.write("\n## Not run here\n\n" + "\n".join(
+                f"- {k}: {v}" for k, v in sorted(result["skipped"].items())) + "\n")
+    return [pj, pm]
+
+
+def main(args: Any, backends: list[str], info: dict) -> int:
+    cases = args.cases.split(",") if args.cases else list(CASES)
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        raise SystemExit(f"bpcore bench --estimators: unknown cases {unknown}; known: "
+                         f"{list(CASES)}")
+    dtypes = args.dtypes.split(",") if args.dtypes else ["float32", "float64"]
+    result = run(cases, backends, dtypes, rounds=args.rounds)
+    paths = write(result, info, args.out)
+    print("\n" + markdown(result) + "\n\nwrote " + ", ".join(paths))
+    return 0
