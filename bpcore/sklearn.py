@@ -29,6 +29,7 @@ included.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, NamedTuple
 
@@ -60,6 +61,7 @@ from . import backends as _backends
 from ._array import Params, array_namespace, nested_map
 from .activations import get_activation
 from .backends._base import Backend, cpu_array_to_numpy, on_cpu
+from .errors import BackendUnavailableError, DTypeError
 from .losses import Loss
 from .mlp import forward, loss_grad_output
 from .step import _quarter_max, tree_sq_norm, where_select
@@ -299,7 +301,32 @@ class _BaseMLP(BaseEstimator):
         return self.dtype or ("float32" if np.dtype(X_dtype) == np.float32 else "float64")
 
     def _backend(self) -> Backend:
-        return _backends.get(self.backend)
+        try:
+            return _backends.get(self.backend)
+        except BackendUnavailableError as e:
+            fitted = " (its fitted weights are NumPy arrays: set_params(backend='numpy') " \
+                     "predicts and keeps training on the CPU)" if hasattr(self, "coefs_") else ""
+            raise BackendUnavailableError(f"{type(self).__name__}: {e}{fitted}") from None
+
+    def _check_dtype(self, be: Backend, dtype: str) -> None:
+        try:
+            be.dtype(dtype)
+        except DTypeError as e:
+            raise DTypeError(f"{type(self).__name__}(backend={be.name!r}, dtype={self.dtype!r}) "
+                             f"computes in {dtype} here (dtype=None follows X's dtype, as "
+                             f"scikit-learn does): {e}") from None
+
+    def _check_weights(self, layer_units: list[int]) -> None:
+        """Weights set from outside (warm start, partial_fit) must fit the layers."""
+        want = [(a, b) for a, b in zip(layer_units[:-1], layer_units[1:])]
+        got_c = [tuple(np.shape(c)) for c in self.coefs_]
+        got_b = [tuple(np.shape(b)) for b in self.intercepts_]
+        if got_c != want or got_b != [(b,) for _, b in want]:
+            raise ValueError(
+                f"{type(self).__name__}: coefs_ {got_c} and intercepts_ {got_b} do not fit "
+                f"the layers {layer_units} (inputs, hidden_layer_sizes, outputs): expected "
+                f"coefs_ {want} (n_in, n_out) and intercepts_ {[(b,) for _, b in want]}. "
+                "Fit without warm_start to start afresh, or set weights of these shapes.")
 
     def _hyper(self, lr: float) -> _Hyper:
         return _Hyper(float(lr), float(self.alpha), float(self.momentum), float(self.beta_1),
@@ -366,9 +393,11 @@ class _BaseMLP(BaseEstimator):
         self._random_state = check_random_state(self.random_state)
         if first_pass:
             self._initialize(y, layer_units, X.dtype)
+        else:
+            self._check_weights(layer_units)
         be = self._backend()
         dtype = self._dtype_for(X.dtype)
-        be.dtype(dtype)  # a clear error now (float64 on JAX without x64, say)
+        self._check_dtype(be, dtype)  # a clear error now (float64 on JAX without x64, say)
         params = self._device_params(be, dtype)
         if self.solver in _STOCHASTIC:
             params = self._fit_stochastic(be, dtype, params, X, y, sample_weight,
@@ -741,14 +770,13 @@ class _BaseMLP(BaseEstimator):
         check_is_fitted(estimator)
         est = cls(**{**{k: v for k, v in estimator.get_params().items()
                         if k in cls().get_params()}, **params})
+        # copies: training the new estimator never changes the old one (loss_curve_ grows)
         for k, v in vars(estimator).items():
-            if k.endswith("_") and not k.startswith("__") and k != "_optimizer":
-                setattr(est, k, v)
-        est.coefs_ = [np.array(c, copy=True) for c in estimator.coefs_]
-        est.intercepts_ = [np.array(b, copy=True) for b in estimator.intercepts_]
+            if k.endswith("_") and not k.startswith("__"):
+                setattr(est, k, copy.deepcopy(v))
         for k in ("_label_binarizer", "_no_improvement_count"):
             if hasattr(estimator, k):
-                setattr(est, k, getattr(estimator, k))
+                setattr(est, k, copy.deepcopy(getattr(estimator, k)))
         sk_opt = getattr(estimator, "_optimizer", None)
         if sk_opt is not None and est.solver in _STOCHASTIC:
             n = len(estimator.coefs_)

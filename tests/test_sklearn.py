@@ -185,6 +185,7 @@ def test_from_sklearn_continues_where_sklearn_stopped(backend):
         with pytest.warns(ConvergenceWarning):
             sk.fit(X3, y3)
         bp = MLPClassifier.from_sklearn(sk, backend=backend.name)
+        assert bp.loss_curve_ is not sk.loss_curve_ and bp.coefs_[0] is not sk.coefs_[0]
         assert bp.backend == backend.name and bp.get_params()["max_iter"] == 3
         np.testing.assert_array_equal(bp.predict(X3), sk.predict(X3))
         for _ in range(3):
@@ -331,3 +332,49 @@ def test_digits_accuracy_within_one_point_of_sklearn(backend):
         ours = MLPClassifier(backend=backend.name, dtype="float32", **common).fit(Xtr, ytr)
     assert ours.coefs_[0].dtype == np.float32
     assert abs(ours.score(Xte, yte) - ref) <= 0.01, (ours.score(Xte, yte), ref)
+
+
+def test_clear_errors_for_what_scikit_learn_leaves_to_a_traceback():
+    """Weights that do not fit the layers, and a fitted model moved to a machine without its
+    backend, are explained; scikit-learn would fail inside a matrix product."""
+    clf = MLPClassifier(hidden_layer_sizes=(4,), max_iter=2, random_state=0, warm_start=True)
+    with pytest.warns(ConvergenceWarning):
+        clf.fit(X3, y3)
+    clf.coefs_[0] = np.zeros((3, 4))
+    with pytest.raises(ValueError, match=r"coefs_ \[\(3, 4\), \(4, 3\)\].*expected coefs_ "
+                                         r"\[\(8, 4\), \(4, 3\)\]"):
+        clf.fit(X3, y3)
+    try:
+        import bpcore
+
+        bpcore.backends.get("cupy")
+        pytest.skip("CuPy is usable here")
+    except ImportError:
+        pass
+    fitted = MLPClassifier(hidden_layer_sizes=(4,), max_iter=2, random_state=0)
+    with pytest.warns(ConvergenceWarning):
+        fitted.fit(X3, y3)
+    fitted.set_params(backend="cupy")
+    with pytest.raises(ImportError, match=r"set_params\(backend='numpy'\)"):
+        fitted.predict(X3)
+    assert fitted.set_params(backend="numpy").predict(X3).shape == y3.shape
+
+
+def test_float64_on_jax_without_x64_says_what_to_do():
+    """JAX computes in float32 unless 64-bit mode is on: float64 X (scikit-learn's default)
+    with dtype=None is then an error that names both ways out, never a silent float32 fit."""
+    pytest.importorskip("jax")
+    import subprocess
+    import sys
+
+    code = ("import numpy as np\n"
+            "from bpcore.sklearn import MLPClassifier\n"
+            "try:\n"
+            "    MLPClassifier(backend='jax').fit(np.zeros((4, 2)), [0, 1, 0, 1])\n"
+            "except TypeError as e:\n"
+            "    print(e)\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "JAX_ENABLE_X64"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert "MLPClassifier(backend='jax', dtype=None) computes in float64" in out.stdout, out
+    assert "jax_enable_x64" in out.stdout and "dtype='float32'" in out.stdout
