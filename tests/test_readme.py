@@ -42,3 +42,39 @@ def test_the_example_runs_as_printed(name):
     assert r.returncode == 0, r.stderr
     acc, check = r.stdout.strip().split(" ", 1)
     assert float(acc) > 0.9 and check.startswith("gradcheck passed"), r.stdout
+
+
+def _dropin_blocks() -> tuple[str, str]:
+    section = README.split("## scikit-learn drop-in", 1)[1].split("\n## ", 1)[0]
+    ours, theirs = re.findall(r"```python\n(.*?)```", section, re.S)[:2]
+    return ours, theirs
+
+
+def _run(code: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "BPCORE_"))}
+    r = subprocess.run([sys.executable, "-W", "ignore::UserWarning", "-c", code],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_the_sklearn_dropin_is_five_lines_and_one_import_apart():
+    ours, theirs = _dropin_blocks()
+    assert len(ours.strip().splitlines()) == len(theirs.strip().splitlines()) == 5
+    differ = [(a, b) for a, b in zip(ours.splitlines(), theirs.splitlines()) if a != b]
+    assert len(differ) == 2  # the import, and backend= / dtype= on the constructor
+    assert "bpcore.sklearn" in differ[0][0] and 'backend="jax"' in differ[1][0]
+
+
+@pytest.mark.parametrize("name", ["numpy", "jax", "torch", "cupy"])
+def test_the_sklearn_dropin_runs_and_scores_as_sklearn(name):
+    """The drop-in, as printed, on each backend, scores within one point of the scikit-learn
+    code it replaces."""
+    pytest.importorskip("sklearn")
+    if name not in backends.available():
+        pytest.skip(backends.reasons().get(name, name))
+    ours, theirs = _dropin_blocks()
+    code = ours.replace('backend="jax"', f'backend="{name}"', 1)
+    ref = float(_run(f"import warnings; warnings.simplefilter('ignore')\n{theirs}"))
+    got = float(_run(f"import warnings; warnings.simplefilter('ignore')\n{code}"))
+    assert ref > 0.85 and abs(got - ref) <= 0.01, (got, ref)
