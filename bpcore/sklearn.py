@@ -261,6 +261,21 @@ def _make_value_and_grad(acts, loss: Loss):
 _COMPILED: dict[Any, Any] = {}
 
 
+def _bucket(n: int) -> int:
+    """``n`` rounded up to a multiple of 2^(bits(n) - 4): sizes within ~12% share it."""
+    q = 1 << max(0, int(n).bit_length() - 4)
+    return -(-int(n) // q) * q
+
+
+def _padded(a: np.ndarray, rows: int) -> np.ndarray:
+    """``a`` with zero rows appended up to ``rows``."""
+    if a.shape[0] >= rows:
+        return a
+    out = np.zeros((rows,) + a.shape[1:], dtype=a.dtype)
+    out[:a.shape[0]] = a
+    return out
+
+
 def _compiled(be: Backend, key: tuple, build):
     """Compiled functions shared by every estimator with the same structure (so a
     ``partial_fit`` loop or a grid search compiles once per backend and shape)."""
@@ -356,8 +371,11 @@ class _BaseMLP(BaseEstimator):
         out = []
         for i in range(0, X.shape[0], _PREDICT_CHUNK):
             xb = X[i:i + _PREDICT_CHUNK]
-            xb = xb.toarray() if scipy.sparse.issparse(xb) else xb
-            out.append(be.to_numpy(fwd(params, be.asarray(np.asarray(xb, dtype=dtype)))))
+            xb = np.asarray(xb.toarray() if scipy.sparse.issparse(xb) else xb, dtype=dtype)
+            n = xb.shape[0]
+            if be.compiles:  # a few compiled shapes for any number of rows
+                xb = _padded(xb, _bucket(n))
+            out.append(be.to_numpy(fwd(params, be.asarray(xb)))[:n])
         return np.concatenate(out) if out else np.empty((0, params[-1][1].shape[0]), dtype)
 
     def _forward_pass_fast(self, X: Any, check_input: bool = True,
@@ -503,11 +521,16 @@ class _BaseMLP(BaseEstimator):
 
         # The data go to the device once; each batch is gathered there, inside the compiled
         # step. Sparse X is densified one batch at a time on the host instead.
+        # On a compiling backend (JAX) every batch is padded to the full batch size with a
+        # zero row of weight 0, and the data to a nearby bucket size: one compiled step serves
+        # the last batch and every data size within ~12% (a grid search's folds, say).
         sparse = scipy.sparse.issparse(X_train)
-        Yd = be.asarray(self._targets(y_train, dtype))
-        SWd = be.asarray(np.ones((n_samples, 1), dtype) if sw_train is None else
-                         np.asarray(sw_train, dtype=dtype).reshape(-1, 1))
-        Xd = None if sparse else be.asarray(np.asarray(X_train, dtype=dtype))
+        pad = be.compiles
+        rows = _bucket(n_samples + 1) if pad else n_samples
+        Yd = be.asarray(_padded(self._targets(y_train, dtype), rows))
+        SWd = be.asarray(_padded(np.ones((n_samples, 1), dtype) if sw_train is None else
+                                 np.asarray(sw_train, dtype=dtype).reshape(-1, 1), rows))
+        Xd = None if sparse else be.asarray(_padded(np.asarray(X_train, dtype=dtype), rows))
         step, step_indexed = _compiled(
             be, ("step", self.activation, len(params) + 1, self.out_activation_, self.solver,
                  bool(self.nesterovs_momentum)),
@@ -528,8 +551,12 @@ class _BaseMLP(BaseEstimator):
                 for batch_slice in gen_batches(n_samples, batch_size):
                     idx = sample_idx[batch_slice]
                     h = self._hyper(self._learning_rate_for_step(opt))
+                    real = len(idx)
+                    if pad and real < batch_size:  # n_samples: the zero row of weight 0
+                        idx = np.concatenate([idx, np.full(batch_size - real, n_samples)])
                     if sparse:
-                        xb = be.asarray(np.asarray(X_train[idx].toarray(), dtype=dtype))
+                        xb = np.asarray(X_train[idx[:real]].toarray(), dtype=dtype)
+                        xb = be.asarray(_padded(xb, len(idx)))
                         ib = be.asarray(idx.astype(index_dtype))
                         params, state, bad, v = step(
                             params, state, bad, xb, be.xp.take(Yd, ib, axis=0),
@@ -657,9 +684,10 @@ class _BaseMLP(BaseEstimator):
         if scipy.sparse.issparse(X):
             chunks = [(X[i:i + _BATCH_DENSE], be.asarray(Yh[i:i + _BATCH_DENSE]),
                        be.asarray(sw[i:i + _BATCH_DENSE])) for i in range(0, n, _BATCH_DENSE)]
-        else:
-            chunks = [(be.asarray(np.asarray(X, dtype=dtype)), be.asarray(Yh),
-                       be.asarray(sw))]
+        else:  # padded rows have weight 0 (one compiled shape for nearby data sizes)
+            rows = _bucket(n) if be.compiles else n
+            chunks = [(be.asarray(_padded(np.asarray(X, dtype=dtype), rows)),
+                       be.asarray(_padded(Yh, rows)), be.asarray(_padded(sw, rows)))]
         shapes = [(a, b) for a, b in zip(layer_units[:-1], layer_units[1:])]
         sizes = [a * b for a, b in shapes] + [b for _, b in shapes]
         offsets = np.cumsum([0] + sizes)

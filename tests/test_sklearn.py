@@ -378,3 +378,25 @@ def test_float64_on_jax_without_x64_says_what_to_do():
                          env=env, timeout=120)
     assert "MLPClassifier(backend='jax', dtype=None) computes in float64" in out.stdout, out
     assert "jax_enable_x64" in out.stdout and "dtype='float32'" in out.stdout
+
+
+def test_jax_compiles_one_step_for_nearby_data_sizes_and_the_last_batch():
+    """A grid search's folds differ in size by a few rows, and most epochs end with a short
+    batch: on JAX each would otherwise be a new compilation (about a second each)."""
+    jax = pytest.importorskip("jax")
+    import bpcore.sklearn as bsk
+
+    bsk._COMPILED.clear()
+    common = dict(hidden_layer_sizes=(5,), max_iter=2, batch_size=32, random_state=0,
+                  backend="jax")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for n in (150, 151, 157):  # 150 = 4 x 32 + 22: a short last batch
+            MLPClassifier(**common).fit(X3[:n], y3[:n]).predict(X3[:n])
+    steps = [fns[1] for key, fns in bsk._COMPILED.items() if "step" in key]
+    assert len(steps) == 1
+    if not hasattr(steps[0], "_cache_size"):
+        pytest.skip(f"jax {jax.__version__} does not expose a jit cache size")
+    assert steps[0]._cache_size() == 1
+    forward = [fns[0] for key, fns in bsk._COMPILED.items() if "forward" in key]
+    assert forward[0]._cache_size() == 1
