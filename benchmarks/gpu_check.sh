@@ -17,7 +17,9 @@
 #   2. tests (GPU_CHECK_TEST_LIMIT, default 230 s; GPU_CHECK_PER_TEST, default 60 s each;
 #      they took 164 s on an H100, 120 s of it JAX's eager dispatch and compiles):
 #      every test that exercises cupy, jax or torch (BPCORE_TESTS=gpu), the cross-backend
-#      ones first; no -x; a GPU test that would skip fails instead (BPCORE_REQUIRE_GPU=1).
+#      ones first; bpcore.sklearn's last, and scikit-learn's estimator checks (hundreds of
+#      small fits) after them, CuPy's first, so a limit that cuts them short costs no other
+#      test; no -x; a GPU test that would skip fails instead (BPCORE_REQUIRE_GPU=1).
 #   3. benchmark (GPU_CHECK_BENCH_LIMIT, default 150 s): `python -m benchmarks --gpu`, which
 #      takes no new measurement after GPU_CHECK_BENCH_BUDGET seconds (default: the limit
 #      less 25 s) and writes a partial report if stopped.

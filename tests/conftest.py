@@ -56,11 +56,15 @@ def _gpu_rank(item) -> int | None:
         return 0
     if item.get_closest_marker("gpu"):
         return 1
-    spec = getattr(item, "callspec", None)
+    last = item.get_closest_marker("gpu_last")  # after the rest: a test limit that cuts them
+    spec = getattr(item, "callspec", None)      # short costs nothing else
     named = {v for k, v in (spec.params.items() if spec else ()) if k in ("backend",
                                                                           "backend_name")}
+    if last and last.kwargs.get("per_backend"):  # the broadest last, CuPy's first
+        name = next(iter(named & set(GPU_CAPABLE)), None)
+        return 4 + GPU_CAPABLE.index(name) if name else None
     if named & set(GPU_CAPABLE) or any(b in item.originalname for b in GPU_CAPABLE):
-        return 2
+        return 3 if last else 2
     return None
 
 

@@ -232,6 +232,14 @@ def test_gpu_selection_keeps_every_gpu_test_cross_backend_first():
     assert all(any(b in t for b in ("cupy", "jax", "torch")) for t in rest_ids), [
         t for t in rest_ids if not any(b in t for b in ("cupy", "jax", "torch"))]
     assert not any("test_docs" in t or "test_gpu_check" in t for t in ids)
+    # scikit-learn's estimator checks (hundreds of small fits) come after everything else,
+    # CuPy's first: a test limit that cuts them short costs nothing else
+    checks = [i for i, t in enumerate(ids) if "test_sklearn_estimator_checks" in t]
+    assert checks and checks == list(range(len(ids) - len(checks), len(ids)))
+    sk = [i for i, t in enumerate(ids) if "test_sklearn.py" in t]  # and bpcore.sklearn's own
+    assert sk == list(range(len(ids) - len(sk), len(ids)))          # tests just before them
+    order = [next(b for b in ("cupy", "jax", "torch") if f"-{b}]" in ids[i]) for i in checks]
+    assert order == sorted(order, key=("cupy", "jax", "torch").index)
 
 
 def test_unknown_selection_is_a_usage_error():

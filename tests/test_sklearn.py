@@ -29,6 +29,9 @@ from bpcore.sklearn import MLPClassifier, MLPRegressor  # noqa: E402
 
 from .conftest import _backend_or_skip  # noqa: E402
 
+# In the GPU check (BPCORE_TESTS=gpu) these tests run after every other GPU test.
+pytestmark = pytest.mark.gpu_last
+
 CHECK_BACKENDS = ["numpy", "jax", "torch", "cupy"]
 EXACT = 1e-10
 quiet = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -61,6 +64,7 @@ def _both(est_sk, est_bp, X, y, **fit):
 
 
 # ---- scikit-learn's own estimator checks, on every backend --------------------------------
+@pytest.mark.gpu_last(per_backend=True)
 @pytest.mark.parametrize("backend_name", CHECK_BACKENDS)
 @quiet
 @parametrize_with_checks([MLPClassifier(max_iter=100), MLPRegressor(max_iter=100)])
