@@ -261,6 +261,10 @@ def _make_value_and_grad(acts, loss: Loss):
 _COMPILED: dict[Any, Any] = {}
 
 
+class _Diverged(ValueError):
+    """scikit-learn's ValueError for non-finite weights (a fit that keeps its progress)."""
+
+
 def _bucket(n: int) -> int:
     """``n`` rounded up to a multiple of 2^(bits(n) - 4): sizes within ~12% share it."""
     q = 1 << max(0, int(n).bit_length() - 4)
@@ -400,12 +404,29 @@ class _BaseMLP(BaseEstimator):
         if np.any(np.array(hidden) <= 0):
             raise ValueError("hidden_layer_sizes must be > 0, got %s." % hidden)
         first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
+        # A call that fails leaves the estimator as it was (unfitted stays unfitted, a fitted
+        # model keeps its weights and counters), except for a diverged fit, which keeps the
+        # progress up to the last good step, as documented.
+        before = {k: copy.copy(v) for k, v in vars(self).items()}
+        try:
+            return self._fit_checked(X, y, sample_weight, incremental, first_pass, hidden)
+        except _Diverged:
+            raise
+        except BaseException:
+            vars(self).clear()
+            vars(self).update(before)
+            raise
+
+    def _fit_checked(self, X, y, sample_weight, incremental, first_pass, hidden):
         X, y = self._validate_input(_host(X), _host(y), incremental, reset=first_pass)
         n_features = X.shape[1]
         if sample_weight is not None:
             sample_weight = _check_sample_weight(_host(sample_weight), X)
         if y.ndim == 1:
             y = y.reshape((-1, 1))
+        be = self._backend()
+        dtype = self._dtype_for(X.dtype)
+        self._check_dtype(be, dtype)  # a clear error now (float64 on JAX without x64, say)
         self.n_outputs_ = y.shape[1]
         layer_units = [n_features] + hidden + [self.n_outputs_]
         self._random_state = check_random_state(self.random_state)
@@ -413,9 +434,6 @@ class _BaseMLP(BaseEstimator):
             self._initialize(y, layer_units, X.dtype)
         else:
             self._check_weights(layer_units)
-        be = self._backend()
-        dtype = self._dtype_for(X.dtype)
-        self._check_dtype(be, dtype)  # a clear error now (float64 on JAX without x64, say)
         params = self._device_params(be, dtype)
         if self.solver in _STOCHASTIC:
             params = self._fit_stochastic(be, dtype, params, X, y, sample_weight,
@@ -424,8 +442,8 @@ class _BaseMLP(BaseEstimator):
             params = self._fit_lbfgs(be, dtype, params, X, y, sample_weight, layer_units)
         self._store_params(be, params)
         if not all(np.isfinite(w).all() for w in self.coefs_ + self.intercepts_):
-            raise ValueError("Solver produced non-finite parameter weights. The input data may"
-                             " contain large values and need to be preprocessed.")
+            raise _Diverged("Solver produced non-finite parameter weights. The input data "
+                            "may contain large values and need to be preprocessed.")
         return self
 
     def _initialize(self, y, layer_units, dtype):
@@ -572,7 +590,7 @@ class _BaseMLP(BaseEstimator):
                 if host[-1]:
                     opt["state"] = state
                     self._store_params(be, params)
-                    raise ValueError(
+                    raise _Diverged(
                         "Solver produced non-finite parameter weights. The input data may "
                         "contain large values and need to be preprocessed. (bpcore refused "
                         f"the first step with a non-finite loss or update, in epoch "

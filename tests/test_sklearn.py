@@ -7,6 +7,7 @@ hyperparameters and ``random_state`` give the same ``coefs_``, ``intercepts_`` a
 
 from __future__ import annotations
 
+import copy
 import pickle
 import warnings
 
@@ -404,3 +405,37 @@ def test_jax_compiles_one_step_for_nearby_data_sizes_and_the_last_batch():
     assert steps[0]._cache_size() == 1
     forward = [fns[0] for key, fns in bsk._COMPILED.items() if "forward" in key]
     assert forward[0]._cache_size() == 1
+
+
+def test_a_failed_call_leaves_the_estimator_as_it_was():
+    """An error after validation (here: a backend that cannot run) must not leave a model
+    that looks fitted with untrained weights, nor advance a fitted model's counters."""
+    try:
+        import bpcore
+
+        bpcore.backends.get("cupy")
+        pytest.skip("CuPy is usable here")
+    except ImportError:
+        pass
+    fresh = MLPClassifier(backend="cupy")
+    with pytest.raises(ImportError):
+        fresh.fit(X3, y3)
+    assert not hasattr(fresh, "coefs_") and not hasattr(fresh, "classes_")
+    with pytest.raises(NotFittedError):
+        fresh.predict(X3)
+    fitted = MLPClassifier(hidden_layer_sizes=(4,), solver="sgd", random_state=0)
+    fitted.partial_fit(X3, y3, classes=[0, 1, 2])
+    state = {k: (np.copy(v) if isinstance(v, np.ndarray) else copy.deepcopy(v))
+             for k, v in vars(fitted).items() if k.endswith("_")}
+    with pytest.raises(ImportError):
+        fitted.set_params(backend="cupy").partial_fit(X3, y3)
+    fitted.set_params(backend="numpy")
+    for k, v in state.items():
+        got = getattr(fitted, k)
+        if isinstance(v, list) and v and isinstance(v[0], np.ndarray):
+            for a, b in zip(got, v):
+                np.testing.assert_array_equal(a, b)
+        elif isinstance(v, np.ndarray):
+            np.testing.assert_array_equal(got, v)
+        else:
+            assert got == v, k
