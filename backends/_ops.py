@@ -199,6 +199,10 @@ class NumpyOps:
         """How many of the booleans ``hit`` are true, as a 0-d value of ``like``'s dtype."""
         return like.dtype.type(self.np.count_nonzero(hit))
 
+    def host_view(self, a: Any) -> Any:
+        """``a`` as a NumPy array sharing its memory (for MPI, which takes host buffers)."""
+        return a
+
     def scalar(self, value: Any, like: Any) -> Any:
         """A 0-d array holding ``value``, of ``like``'s dtype (or int32 for an int)."""
         if isinstance(value, int):
@@ -336,6 +340,9 @@ class TorchOps(NumpyOps):
 
     def count(self, hit, like):
         return self.torch.sum(hit).to(like.dtype)
+
+    def host_view(self, a):
+        return a.numpy()  # a CPU tensor: the same memory
 
     def scalar(self, value, like):
         dtype = self.torch.int32 if isinstance(value, int) else like.dtype

@@ -43,6 +43,7 @@ def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 
     loss, be = trainer.loss, trainer.model.backend
     xp = be.xp
     Xd, Td = trainer.prepare_batch(X, y)
+    Xd, Td = trainer.place_data(Xd, Td)
     Vd = None
     if validation_split is not None:
         if validation_data is not None:
@@ -88,11 +89,15 @@ def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 
                 corrects.append(c)
                 bar.update(lambda: float(value))
             # the epoch's sums in two device operations, not two per batch
-            total = xp.sum(xp.stack(values) * be.asarray(np.asarray(counts, dtype=np.float64),
-                                                         dtype=values[0].dtype))
+            weights = be.asarray(np.asarray(counts, dtype=np.float64), dtype=values[0].dtype)
+            if trainer.parallel is not None and trainer.parallel.kind == "jax":
+                weights = trainer.parallel.replicate([weights])[0]  # where the losses are
+            total = xp.sum(xp.stack(values) * weights)
             correct = xp.sum(xp.stack(corrects))
             seen = min(n, n_batches * batch_size)
             trainer.check()  # one host sync per epoch
+            if trainer.parallel is not None:  # the workers' parameters: still the same bits
+                trainer.parallel.check_identical(trainer.state.params)
             trainer.end_epoch()
             logs = {"loss": float(total) / seen}
             if loss.has_accuracy:

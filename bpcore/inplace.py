@@ -75,6 +75,8 @@ class InplaceStep:
         self.divergence_factor = trainer.divergence_factor
         self.clip_norm = trainer.clip_norm
         self.generic_step = generic_step
+        self.reducer = trainer.parallel if getattr(trainer.parallel, "kind", None) == "mpi" \
+            else None
         spec = dict(trainer.base_optimizer_spec)
         self.kind = spec["name"]
         lr = spec["lr"]
@@ -265,9 +267,17 @@ class InplaceStep:
                 ops.matmul(G, W, D_prev)
                 D = D_prev
 
+        targets_ok = None
+        if self.reducer is not None:  # data-parallel (MPI): the global batch's gradient
+            targets_ok = T is None or self._targets_ok(T)
+            value, correct, targets_ok = self.reducer.reduce_flat_(
+                self.ops.host_view(self.g_flat), value, metrics.correct, targets_ok)
+            metrics = StepMetrics(self.ops.scalar(value, self.p_flat),
+                                  self.ops.scalar(correct, self.p_flat))
         step = state.step
         if self.check_finite:
-            ok, guard = self._guard(state, value, T)  # T None: labels, checked at the boundary
+            # T None: labels, checked at the boundary
+            ok, guard = self._guard(state, value, T, targets_ok)
             if not ok:  # refused before anything was written
                 self._out = state._replace(guard=guard)
                 return self._out, metrics
@@ -333,7 +343,15 @@ class InplaceStep:
                                                e((B, 1), Z.dtype), e((B, C), Z.dtype))
         return bufs
 
-    def _guard(self, state: TrainState, value: Any, T: Any) -> tuple[bool, Any]:
+    def _targets_ok(self, T: Any) -> bool:
+        lo, hi = float(T.min()), float(T.max())  # NaN compares False: invalid
+        kind = self.loss.targets
+        return (lo >= 0 and hi < math.inf if kind == "classes" else
+                lo >= 0 and hi <= 1 if kind == "binary" else
+                lo > -math.inf and hi < math.inf)
+
+    def _guard(self, state: TrainState, value: Any, T: Any, targets_ok: bool | None = None
+               ) -> tuple[bool, Any]:
         """:func:`bpcore.step.guard_decision`'s rule, evaluated on the host: here the values
         cost nothing to read, and the device version's dozen 0-d array operations cost more
         than the small case's whole update. Same dtype arithmetic, same codes;
@@ -345,14 +363,8 @@ class InplaceStep:
         new_ref = np.isnan(ref)
         if new_ref:
             ref = v
-        if T is None:  # labels, range-checked on the host at the boundary
-            targets_ok = True
-        else:
-            lo, hi = float(T.min()), float(T.max())  # NaN compares False: invalid
-            kind = self.loss.targets
-            targets_ok = (lo >= 0 and hi < math.inf if kind == "classes" else
-                          lo >= 0 and hi <= 1 if kind == "binary" else
-                          lo > -math.inf and hi < math.inf)
+        if targets_ok is None:  # T None: labels, range-checked on the host at the boundary
+            targets_ok = T is None or self._targets_ok(T)
         factor = self.divergence_factor
         grew = bool(factor) and bool(v > factor * ref) and bool(ref > 0)
         bad = int(g.bad_step)

@@ -71,19 +71,25 @@ def init_state(params: Params, optimizer: GradientTransformation, backend: Any, 
 def train_step(state: TrainState, batch: tuple[Array, Array], *,
                activations: Sequence[Activation], loss: Loss,
                optimizer: GradientTransformation, check_finite: bool = True,
-               divergence_factor: float | None = DEFAULT_DIVERGENCE_FACTOR
-               ) -> tuple[TrainState, StepMetrics]:
+               divergence_factor: float | None = DEFAULT_DIVERGENCE_FACTOR,
+               reduce: Any = None) -> tuple[TrainState, StepMetrics]:
     """One guarded step of gradient descent (any optimizer) on ``batch = (x, T)``.
 
     ``T`` is in the loss's canonical form (``Trainer.prepare_batch`` makes it). With
     ``check_finite=False`` there is no guard: every step is applied as computed.
+    ``reduce(value, correct, targets_ok, grads) -> (value, correct, targets_ok, grads)``, for
+    data-parallel training over MPI (:mod:`bpcore.parallel`), turns this worker's loss,
+    counts and gradients into the global batch's before the update and the guard see them.
     """
     x, T = batch
     xp = array_namespace(x)
     params = state.params
     value, grads, _, Y = loss_grad_output(params, activations, loss, x, T)
+    correct, targets_ok = loss.correct(Y, T), loss.targets_valid(T)
+    if reduce is not None:
+        value, correct, targets_ok, grads = reduce(value, correct, targets_ok, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, params, step=state.step)
-    metrics = StepMetrics(value, loss.correct(Y, T))
+    metrics = StepMetrics(value, correct)
 
     def applied():
         return apply_updates(params, updates), opt_state, state.step + 1
@@ -99,7 +105,8 @@ def train_step(state: TrainState, batch: tuple[Array, Array], *,
     # the update, and the new parameters need not exist before the decision.
     bounded = tree_sq_norm(updates) <= _quarter_max(value)
     ok, new_guard = guard_decision(state, value, T, xp.isfinite(value) & bounded,
-                                   loss=loss, divergence_factor=divergence_factor)
+                                   loss=loss, divergence_factor=divergence_factor,
+                                   targets_ok=targets_ok)
     # (An elementwise where, fused into the update by XLA; jax.lax.cond would run one branch
     # only, but on a GPU it reads the predicate on the host, inside the compiled step.)
     p, o, k = where_select(ok, applied, lambda: (params, state.opt_state, state.step))
@@ -128,10 +135,12 @@ def where_select(ok: Array, if_ok: Any, if_not: Any) -> Any:
 
 
 def guard_decision(state: TrainState, value: Array, T: Array, finite: Array, *, loss: Loss,
-                   divergence_factor: float | None) -> tuple[Array, GuardState]:
+                   divergence_factor: float | None, targets_ok: Array | None = None
+                   ) -> tuple[Array, GuardState]:
     """Whether the step that produced loss ``value`` on targets ``T`` may be applied, and
     the guard after it. ``finite``: the loss is finite and the update bounded (see
-    :func:`train_step`).
+    :func:`train_step`). ``targets_ok``: whether the targets are valid, when known already
+    (every worker's, in data-parallel training); by default ``loss.targets_valid(T)``.
 
     The guard's rule, on the device without a host read. The in-place step
     (:mod:`bpcore.inplace`) evaluates the same rule on the host, where reading is free.
@@ -139,7 +148,8 @@ def guard_decision(state: TrainState, value: Array, T: Array, finite: Array, *, 
     xp = array_namespace(value)
     guard = state.guard
     ref = xp.where(xp.isnan(guard.ref_loss), value, guard.ref_loss)  # NaN: not yet set
-    targets_ok = loss.targets_valid(T)
+    if targets_ok is None:
+        targets_ok = loss.targets_valid(T)
     grew = ((value > divergence_factor * ref) & (ref > 0) if divergence_factor else
             xp.zeros((), dtype=xp.bool, device=array_device(value)))
     was_bad = guard.bad_step != 0

@@ -65,13 +65,20 @@ class Trainer:
         arrays of ``model.params`` and ``trainer.state`` are overwritten (numpy, torch) or
         invalidated (JAX: "Array has been deleted") by later steps: keep a snapshot with
         ``model.copy_params()`` or ``model.state_dict()``.
+    data_parallel : bool
+        Split every global batch across workers (:mod:`bpcore.parallel`): on the jax backend
+        across all JAX devices (sharding, one compiled step); on the others across the ranks
+        of ``mpiexec -n N`` (mpi4py: one Allreduce per step). ``step(x, y)`` takes the global
+        batch on every worker, ``fit(X, y)`` gives each worker its slice of each global batch;
+        either way a step is the same as one worker's on the whole batch. With one device, or
+        not under ``mpiexec``, nothing changes.
     """
 
     def __init__(self, model: MLP, loss: str | Loss = "softmax_cross_entropy",
                  optimizer: Any = "sgd", *, clip_norm: float | None = None,
                  check_finite: bool = True,
                  divergence_factor: float | None = DEFAULT_DIVERGENCE_FACTOR,
-                 inplace: bool | None = None):
+                 inplace: bool | None = None, data_parallel: bool = False):
         if not isinstance(model, MLP):
             raise TypeError(f"model: expected a bpcore.MLP, got {type(model).__name__}")
         if divergence_factor is not None and (
@@ -89,7 +96,20 @@ class Trainer:
         self.divergence_factor = None if divergence_factor is None else float(divergence_factor)
         self.optimizer = (self.base_optimizer if clip_norm is None else
                           chain(clip_by_global_norm(clip_norm), self.base_optimizer))
+        from . import parallel as _parallel
+
+        self.parallel = _parallel.setup(model.backend, data_parallel)
+        self.data_parallel = bool(data_parallel)
+        if self.parallel is not None:
+            # Every worker starts from the same bits: rank 0's (MPI), or one replicated array
+            # (JAX).
+            model.params = (self.parallel.broadcast(model.params) if self.parallel.kind == "mpi"
+                            else self.parallel.replicate(model.params))
         self.state = init_state(model.params, self.optimizer, model.backend)
+        jit_out = {}
+        if self._sharded:
+            self.state = self.parallel.replicate(self.state)
+            jit_out = {"out_shardings": self.parallel.replicated}
         self.stop_training = False
         self.trace_count = 0  # how many times the step was traced (once per shape on JAX)
         if inplace not in (None, True, False):
@@ -101,6 +121,7 @@ class Trainer:
         jit_kw = {"donate_argnums": (0,)} if inplace is not False and \
             model.backend.compiles and not check_finite else {}
         self._donates = bool(jit_kw)
+        jit_kw.update(jit_out)
         self._indexed_step_fn = model.backend.jit(self._pure_indexed_step, **jit_kw)
         self._step_fn = model.backend.jit(self._pure_step, **jit_kw)
         self._label_step_fn = model.backend.jit(self._pure_label_step, **jit_kw)
@@ -122,7 +143,7 @@ class Trainer:
     # What the step is built from: compiled (JAX) or copied into the in-place step, so a
     # later assignment would be ignored without a word. It is an error instead.
     _FIXED = ("model", "loss", "optimizer", "base_optimizer", "clip_norm", "check_finite",
-              "divergence_factor")
+              "divergence_factor", "data_parallel", "parallel")
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self._FIXED and self.__dict__.get("_fixed"):
@@ -142,9 +163,18 @@ class Trainer:
 
     def _pure_step(self, state: TrainState, x: Array, T: Array):
         self.trace_count += 1  # Python side effect: runs once per compilation on JAX
+        reduce = self.parallel.reduce_tree if self._mpi else None
         return train_step(state, (x, T), activations=self.model.activations, loss=self.loss,
                           optimizer=self.optimizer, check_finite=self.check_finite,
-                          divergence_factor=self.divergence_factor)
+                          divergence_factor=self.divergence_factor, reduce=reduce)
+
+    @property
+    def _mpi(self) -> bool:
+        return self.parallel is not None and self.parallel.kind == "mpi"
+
+    @property
+    def _sharded(self) -> bool:
+        return self.parallel is not None and self.parallel.kind == "jax"
 
     def _pure_label_step(self, state: TrainState, x: Array, labels: Array):
         T = labels_to_canonical(labels, self.model.sizes[-1], x.dtype)
@@ -194,25 +224,71 @@ class Trainer:
         T = prepare_target(self.loss, m.backend, y, m.sizes[-1], xb.shape[0], m.dtype_name)
         return xb, T
 
-    def step(self, x: Any, y: Any) -> Array:
+    def step(self, x: Any, y: Any, *, local: bool = False) -> Array:
         """One forward/backward/update on ``(x, y)``; returns the loss (0-d, on the device).
 
         Does not wait for the device. A step the guard refuses leaves everything as it was;
         :meth:`check` reports it.
+
+        With ``data_parallel``, ``(x, y)`` is the global batch, the same on every worker, and
+        each worker computes on its own slice. ``local=True``: ``(x, y)`` is this worker's own
+        part of the global batch (MPI rank, or JAX process), for data that no single host
+        holds whole; the global batch is the parts of all workers together.
         """
         m = self.model
+        if self._mpi:
+            x, y = self._rank_slice(x, y, local)
+        elif local and self._sharded and self.parallel.multi_process:
+            return self._step_process_local(x, y)
         xb = prepare_input(m.backend, x, m.sizes[0], m.dtype)
         labels = label_targets(self.loss, m.backend, y, m.sizes[-1], xb.shape[0])
+        if self._sharded:
+            xb = self.parallel.shard_batch(xb)
+            labels = None if labels is None else self.parallel.shard_batch(labels)
         if labels is None:
             T = prepare_target(self.loss, m.backend, y, m.sizes[-1], xb.shape[0], m.dtype_name)
-            return self.step_prepared(xb, T)[0]
+            if self._sharded:
+                T = self.parallel.shard_batch(T)
+            return self._advance(self._inplace.step if self._inplace is not None else
+                                 self._step_fn, xb, T).loss
         # Class labels go into the step as they are: the in-place step uses them directly,
         # the compiled step turns them into one-hot rows inside (one call on JAX).
         fn = self._inplace.step_labels if self._inplace is not None else self._label_step_fn
         return self._advance(fn, xb, labels).loss
 
+    def _rank_slice(self, x: Any, y: Any, local: bool) -> tuple[Any, Any]:
+        """This MPI rank's rows of the global batch ``(x, y)``, and their count as its
+        weight. A rank left without rows (a global batch smaller than the number of ranks)
+        computes on a stand-in row with weight 0: it still joins the step's Allreduce."""
+        if not hasattr(x, "shape"):
+            x = np.asarray(x)
+        if not hasattr(y, "shape"):
+            y = np.asarray(y)
+        n = int(x.shape[0]) if len(x.shape) else 0
+        if local:
+            self.parallel.n_local = float(n)
+            return x, y
+        lo, hi = self.parallel.local_rows(n)
+        self.parallel.n_local = float(hi - lo)
+        if hi == lo:
+            lo, hi = 0, 1
+        return x[lo:hi, ...], y[lo:hi, ...]
+
+    def _step_process_local(self, x: Any, y: Any) -> Array:
+        """JAX over several processes: the global batch is every process's rows together."""
+        m = self.model
+        jax, rows = self.parallel.jax, self.parallel.rows
+        xh = np.asarray(x, dtype=m.dtype_name)
+        xb = jax.make_array_from_process_local_data(rows, xh)
+        T = prepare_target(self.loss, m.backend, y, m.sizes[-1], xh.shape[0], m.dtype_name)
+        T = jax.make_array_from_process_local_data(rows, np.asarray(T))
+        return self._advance(self._step_fn, xb, T).loss
+
     def step_prepared(self, xb: Array, T: Array) -> tuple[Array, Array]:
-        """``step`` on a batch from :meth:`prepare_batch`: returns ``(loss, n_correct)``."""
+        """:meth:`step` on a batch from :meth:`prepare_batch`: returns ``(loss, n_correct)``.
+        With MPI data parallelism the batch is this rank's part of the global batch."""
+        if self._mpi:
+            self.parallel.n_local = float(xb.shape[0])
         metrics = self._advance(self._inplace.step if self._inplace is not None else
                                 self._step_fn, xb, T)
         return metrics.loss, metrics.correct
@@ -230,16 +306,37 @@ class Trainer:
         does per batch; ``idx`` is ``order`` on the device). Where the step is compiled (JAX)
         the gather happens inside it, from the host indices: one call per batch."""
         m = self.model
+        n_local = None
+        if self._mpi:  # this rank's part of the global batch order[lo:hi]
+            a, b = self.parallel.local_rows(hi - lo)
+            n_local = float(b - a)
+            lo, hi = (lo + a, lo + b) if b > a else (lo, lo + 1)  # (weight 0: a stand-in)
         if m.backend.compiles:
             metrics = self._advance(self._indexed_step_fn, Xd, Td, order[lo:hi])
             return metrics.loss, metrics.correct
         xp = m.backend.xp
         sel = idx[lo:hi]
-        return self.step_prepared(xp.take(Xd, sel, axis=0), xp.take(Td, sel, axis=0))
+        xb, Tb = xp.take(Xd, sel, axis=0), xp.take(Td, sel, axis=0)
+        if n_local is not None:
+            self.parallel.n_local = n_local
+            metrics = self._advance(self._inplace.step if self._inplace is not None else
+                                    self._step_fn, xb, Tb)
+            return metrics.loss, metrics.correct
+        return self.step_prepared(xb, Tb)
 
     def _pure_indexed_step(self, state, Xd, Td, sel):
         xp = self.model.backend.xp
-        return self._pure_step(state, xp.take(Xd, sel, axis=0), xp.take(Td, sel, axis=0))
+        xb, Tb = xp.take(Xd, sel, axis=0), xp.take(Td, sel, axis=0)
+        if self._sharded:  # XLA splits the gathered batch across the devices
+            xb, Tb = self.parallel.constrain(xb), self.parallel.constrain(Tb)
+        return self._pure_step(state, xb, Tb)
+
+    def place_data(self, Xd: Array, Td: Array) -> tuple[Array, Array]:
+        """Where :meth:`fit` keeps its prepared data: on every JAX device with sharding (each
+        batch is gathered, then split, inside the step); as it is otherwise."""
+        if self._sharded:
+            return self.parallel.replicate((Xd, Td))
+        return Xd, Td
 
     def check(self) -> None:
         """Raise if the guard refused a step (reads the device): :class:`DivergenceError`,
@@ -280,19 +377,28 @@ class Trainer:
         from .checkpoint import save_state
 
         self._sync_params()
-        save_state(path, self, metadata=metadata, preprocessing=preprocessing)
+        if self.parallel is None:
+            save_state(path, self, metadata=metadata, preprocessing=preprocessing)
+            return
+        # Data parallel: one writer (rank / process 0), and every worker returns once the file
+        # is there, or raises if rank 0's save failed (the others would otherwise go on).
+        self.parallel.on_rank0("save", lambda: save_state(path, self, metadata=metadata,
+                                                            preprocessing=preprocessing))
 
     @classmethod
     def resume(cls, path: Any, backend: Any = "numpy",
-               optimizer: GradientTransformation | None = None) -> "Trainer":
-        """A Trainer that continues exactly where the one saved at ``path`` stopped."""
+               optimizer: GradientTransformation | None = None, *,
+               data_parallel: bool = False) -> "Trainer":
+        """A Trainer that continues exactly where the one saved at ``path`` stopped (on any
+        number of workers: a checkpoint does not depend on how many wrote it)."""
         from .checkpoint import load_checkpoint
 
-        return cls.from_checkpoint(load_checkpoint(path, backend=backend), optimizer)
+        return cls.from_checkpoint(load_checkpoint(path, backend=backend), optimizer,
+                                   data_parallel=data_parallel)
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Any, optimizer: GradientTransformation | None = None
-                        ) -> "Trainer":
+    def from_checkpoint(cls, ckpt: Any, optimizer: GradientTransformation | None = None, *,
+                        data_parallel: bool = False) -> "Trainer":
         """:meth:`resume` from an already loaded :class:`~bpcore.checkpoint.Checkpoint`."""
         from .errors import CheckpointError
 
@@ -306,8 +412,11 @@ class Trainer:
             raise CheckpointError(f"resume: {e}") from None
         trainer = cls(ckpt.model, config.loss, opt, clip_norm=config.clip_norm,
                       check_finite=config.check_finite,
-                      divergence_factor=config.divergence_factor)
+                      divergence_factor=config.divergence_factor, data_parallel=data_parallel)
         trainer.state = ckpt.restore_state(trainer.state)
+        if trainer._sharded:
+            trainer.state = trainer.parallel.replicate(trainer.state)
+            trainer.model.params = trainer.state.params
         return trainer
 
     # -- evaluation -------------------------------------------------------------------------

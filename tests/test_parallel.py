@@ -1,0 +1,206 @@
+"""Data-parallel training: N workers train to the parameters one process reaches on the same
+global batches (JAX sharding over 4 simulated devices; numpy and torch under
+``mpiexec -n 2``), checkpoints by one rank, and no hang when a rank dies."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import bpcore
+from bpcore.parallel import mpi_world_size, split_rows
+
+WORKER = Path(__file__).with_name("dp_worker.py")
+BIN = Path(sys.executable).parent
+MPIEXEC = shutil.which("mpiexec", path=str(BIN)) or shutil.which("mpiexec")
+try:
+    import mpi4py  # noqa: F401  (only imported: MPI itself starts in the workers)
+    HAVE_MPI4PY = True
+except ImportError:
+    HAVE_MPI4PY = False
+needs_mpi = pytest.mark.skipif(
+    MPIEXEC is None or not HAVE_MPI4PY,
+    reason="no mpiexec or mpi4py: pip install \"bpcore[mpi]\" (the mpich wheel ships mpiexec)")
+TOL = {"float64": 1e-10, "float32": 1e-5}
+
+
+def _env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("JAX_", "BPCORE_", "XLA_", "PMI_", "OMPI_", "PMIX_"))}
+    env.update(extra)
+    return env
+
+
+def _python(args: list[str], env: dict | None = None, timeout: float = 300):
+    return subprocess.run([sys.executable, str(WORKER), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env or _env())
+
+
+def _mpirun(n: int, args: list[str], timeout: float = 300):
+    return subprocess.run([MPIEXEC, "-n", str(n), sys.executable, str(WORKER), *args],
+                          capture_output=True, text=True, timeout=timeout, env=_env())
+
+
+def _load(path: str) -> dict:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _assert_close(ref: dict, got: dict, tol: float) -> None:
+    for k, v in ref.items():
+        if v.dtype.kind == "f":
+            np.testing.assert_allclose(got[k], v, rtol=0, atol=tol, err_msg=k)
+
+
+# ---- the pieces -----------------------------------------------------------------------------
+def test_rows_are_split_evenly_and_disjointly():
+    for n in (0, 1, 7, 10, 101):
+        for parts in (1, 2, 3, 4):
+            spans = [split_rows(n, parts, r) for r in range(parts)]
+            assert spans[0][0] == 0 and spans[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+            sizes = [hi - lo for lo, hi in spans]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_without_a_launcher_data_parallel_changes_nothing(rng):
+    """Not under mpiexec (and JAX with one device): the same Trainer, bit for bit."""
+    assert mpi_world_size() is None
+    X, y = rng.standard_normal((37, 5)), rng.integers(0, 3, 37)
+    runs = []
+    for dp in (False, True):
+        model = bpcore.MLP([5, 8, 3], backend="numpy", dtype="float64", seed=0)
+        trainer = bpcore.Trainer(model, "softmax_cross_entropy", "adam", data_parallel=dp)
+        assert trainer.parallel is None and trainer.data_parallel is dp
+        trainer.step(X[:9], y[:9])
+        trainer.fit(X, y, epochs=2, batch_size=8, verbose=0)
+        runs.append(model.state_dict())
+    for k in runs[0]:
+        np.testing.assert_array_equal(runs[0][k], runs[1][k])
+    with pytest.raises(bpcore.errors.ConfigError, match="data_parallel"):
+        bpcore.Trainer(bpcore.MLP([5, 3]), data_parallel="yes")
+    with pytest.raises(AttributeError, match="fixed"):
+        bpcore.Trainer(bpcore.MLP([5, 3])).data_parallel = True
+
+
+# ---- JAX: one compiled step over 4 devices ------------------------------------------------------
+@pytest.mark.parametrize("dtype,optimizer", [("float64", "momentum"), ("float64", "adam"),
+                                             ("float32", "adam")])
+def test_jax_sharded_over_4_devices_trains_as_one_device(tmp_path, dtype, optimizer):
+    pytest.importorskip("jax")
+    out = str(tmp_path / "jax")
+    r = _python(["--backend", "jax", "--jax-devices", "--dtype", dtype, "--optimizer", optimizer,
+                 "--out", out], env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref, dp = _load(out + ".ref.npz"), _load(out + ".dp.npz")
+    assert str(dp["parallel"]) == "JAX sharding over 4 devices in 1 process(es)"
+    assert str(ref["parallel"]) == ""
+    _assert_close(ref, dp, TOL[dtype])
+
+
+def test_jax_step_is_split_across_the_devices(tmp_path):
+    """The batch really is split (and the all-reduce is inside the compiled step)."""
+    pytest.importorskip("jax")
+    code = (
+        "import jax\n"
+        "jax.config.update('jax_enable_x64', True)\n"
+        "import numpy as np, bpcore\n"
+        "m = bpcore.MLP([6, 8, 3], backend='jax', dtype='float64')\n"
+        "t = bpcore.Trainer(m, 'softmax_cross_entropy', 'sgd', data_parallel=True)\n"
+        "xb = t.parallel.shard_batch(jax.numpy.zeros((8, 6)))\n"
+        "lab = t.parallel.shard_batch(jax.numpy.zeros(8, dtype=jax.numpy.int32))\n"
+        "hlo = t._label_step_fn.lower(t.state, xb, lab).compile().as_text()\n"
+        "print(len(xb.sharding.device_set), 'all-reduce' in hlo, "
+        "t.state.params[0][0].sharding.is_fully_replicated)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["4", "True", "True"]
+
+
+# ---- MPI: numpy and torch under mpiexec -n 2 -------------------------------------------------
+CASES = [
+    ["--dtype", "float64", "--optimizer", "momentum"],                    # the in-place step
+    ["--dtype", "float64", "--optimizer", "adam", "--inplace", "off"],    # the generic step
+    ["--dtype", "float32", "--optimizer", "adam"],
+    ["--backend", "torch", "--dtype", "float64", "--optimizer", "adam"],
+]
+
+
+@needs_mpi
+@pytest.mark.parametrize("args", CASES, ids=lambda a: "-".join(x.strip("-") for x in a))
+def test_mpi_two_ranks_train_as_one_process(tmp_path, args):
+    if "torch" in args:
+        pytest.importorskip("torch")
+    ref, dp = str(tmp_path / "ref"), str(tmp_path / "dp")
+    r = _python([*args, "--out", ref])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _mpirun(2, [*args, "--out", dp])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    one, rank0, rank1 = (_load(ref + ".rank0.npz"), _load(dp + ".rank0.npz"),
+                         _load(dp + ".rank1.npz"))
+    assert str(rank0["parallel"]) == "MPI, rank 0 of 2" and str(one["parallel"]) == ""
+    _assert_close(one, rank0, TOL["float32" if "float32" in args else "float64"])
+    for k in rank0:  # the ranks stay bitwise identical
+        if k != "parallel":
+            np.testing.assert_array_equal(rank0[k], rank1[k], err_msg=k)
+
+
+@needs_mpi
+def test_checkpoint_written_once_resumes_on_any_number_of_workers(tmp_path):
+    ckpt = str(tmp_path / "run.safetensors")
+    r = _mpirun(2, ["--epochs", "2", "--ckpt", ckpt, "--out", str(tmp_path / "a")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path)) == ["a.rank0.npz", "a.rank1.npz", "run.safetensors"]
+    saved = bpcore.load_checkpoint(ckpt)
+    final = _load(str(tmp_path / "a.rank0.npz"))
+    for k, v in saved.model.state_dict().items():
+        np.testing.assert_array_equal(v, final[k])
+    # resume for 2 more epochs on 1 process, on 2 ranks, and on 3 ranks: the same model
+    results = []
+    for n in (1, 2, 3):
+        out = str(tmp_path / f"r{n}")
+        args = ["--resume", ckpt, "--epochs", "2", "--out", out]
+        r = _python(args) if n == 1 else _mpirun(n, args)
+        assert r.returncode == 0, r.stderr[-3000:]
+        results.append(_load(out + ".rank0.npz"))
+    for other in results[1:]:
+        _assert_close(results[0], other, 1e-10)
+
+
+@needs_mpi
+def test_the_guard_stops_every_rank_at_the_same_step(tmp_path):
+    """A NaN in a row only rank 1 computes on: rank 0's step is refused too, at the same
+    step, and both raise DivergenceError."""
+    out = str(tmp_path / "nan")
+    r = _mpirun(2, ["--nan-row", "60", "--steps", "0", "--out", out])
+    assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-3000:]
+    msgs = [Path(f"{out}.rank{k}.diverged").read_text() for k in (0, 1)]
+    assert msgs[0] == msgs[1] and "diverged at step" in msgs[0]
+
+
+@needs_mpi
+@pytest.mark.parametrize("how", ["kill", "raise"])
+def test_a_rank_that_dies_ends_the_run_within_seconds(tmp_path, how):
+    """SIGKILL on rank 1 (mpiexec ends the others) or an exception on rank 1 (bpcore's
+    excepthook calls MPI_Abort): no hang, a non-zero exit, and the last checkpoint loads."""
+    ckpt = str(tmp_path / "run.safetensors")
+    args = ["--epochs", "50", "--ckpt", ckpt, "--at-epoch", "3", "--out", str(tmp_path / "x"),
+            f"--{how}-rank", "1"]
+    t0 = time.monotonic()
+    r = _mpirun(2, args, timeout=120)
+    took = time.monotonic() - t0
+    assert r.returncode != 0 and took < 60, (r.returncode, took)
+    if how == "raise":
+        assert "fails on purpose" in r.stderr and "aborting every rank" in r.stderr
+    last = bpcore.load_checkpoint(ckpt)
+    assert last.config.loss == "softmax_cross_entropy" and last.epoch == 3
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
