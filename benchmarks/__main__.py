@@ -143,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
                         "MLPRegressor against scikit-learn's, per backend (cases: "
                         "digits-adam, mnist-adam, regression-sgd, digits-lbfgs; dtypes "
                         "float32,float64 unless --dtypes)")
+    p.add_argument("--scaling", action="store_true",
+                   help="instead of the step suite: data-parallel scaling efficiency of "
+                        "Trainer.step with data_parallel=True, JAX sharding over 1/2/4 devices "
+                        "and numpy over mpiexec -n 1/2 (writes scaling.md/json)")
     p.add_argument("--rounds", type=int, default=3,
                    help="--estimators: timed fits per implementation (the fastest counts)")
     p.add_argument("--out", default="results", help="folder for JSON, Markdown and PNGs")
@@ -181,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         backends = [b for b in bpcore.backends.available() if b != "array_api_strict"]
     if args.gpu:
         backends = [b for b in backends if b != "numpy"]
+    if args.scaling:
+        from . import scaling
+
+        return scaling.main(args, machine(args.gpu), gpu=args.gpu)
     if args.estimators:
         from . import estimators
 

@@ -169,3 +169,23 @@ def test_estimators_benchmark_runs_and_reports(tmp_path):
     with open(paths[1]) as f:
         text = f.read()
     assert "bpcore.sklearn (numpy)" in text and "× scikit-learn" in text
+
+
+def test_scaling_benchmark_runs_and_reports(tmp_path):
+    """``bpcore bench --scaling`` end to end, briefly: both engines, 1 and 2 workers, each
+    row with its efficiency (a value, never a threshold: this machine is shared)."""
+    from . import scaling
+
+    engines = ["jax", "mpi"]
+    result = scaling.run(engines, {"jax": [1, 2], "mpi": [1, 2]}, seconds=0.2,
+                         log=lambda *_: None)
+    got = {(r["engine"], r["workers"]) for r in result["rows"]}
+    expected = {(e, n) for e in engines for n in (1, 2)}
+    missing = expected - got
+    assert not missing or all(f"{e}/{n}" in result["skipped"] for e, n in missing), result
+    for r in result["rows"]:
+        assert r["step_s"] > 0 and np.isfinite(r["efficiency"])
+        assert (r["efficiency"] == 1.0) == (r["workers"] == 1)
+    paths = scaling.write(result, {"cpu": "test"}, str(tmp_path))
+    with open(paths[1]) as f:
+        assert "| efficiency |" in f.read()

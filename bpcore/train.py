@@ -260,11 +260,13 @@ class Trainer:
         """This MPI rank's rows of the global batch ``(x, y)``, and their count as its
         weight. A rank left without rows (a global batch smaller than the number of ranks)
         computes on a stand-in row with weight 0: it still joins the step's Allreduce."""
-        if not hasattr(x, "shape"):
-            x = np.asarray(x)
-        if not hasattr(y, "shape"):
-            y = np.asarray(y)
+        # (anything that is not an array, a pandas table say, as NumPy: rows are sliced)
+        x = x if hasattr(x, "__dlpack__") or isinstance(x, np.ndarray) else np.asarray(x)
+        y = y if hasattr(y, "__dlpack__") or isinstance(y, np.ndarray) else np.asarray(y)
         n = int(x.shape[0]) if len(x.shape) else 0
+        if len(y.shape) == 0 or int(y.shape[0]) != n:  # the same error on every rank
+            raise ShapeError(f"y: expected {n} rows (one per row of x), got shape "
+                             f"{tuple(y.shape)}")
         if local:
             self.parallel.n_local = float(n)
             return x, y
