@@ -150,6 +150,19 @@ def _mpi() -> Any:
     return MPI
 
 
+def _cuda_aware(MPI: Any) -> bool:
+    """Whether device buffers may go to MPI directly: MPI's own answer where mpi4py offers
+    the query (Open MPI's ``MPIX_Query_cuda_support``), else ``BPCORE_MPI_CUDA_AWARE=1``, set by
+    whoever knows their MPI is CUDA-aware. Otherwise the step's buffer goes through the host."""
+    query = getattr(MPI, "Query_cuda_support", None)
+    if query is not None:
+        try:
+            return bool(query())
+        except NotImplementedError:
+            pass
+    return os.environ.get("BPCORE_MPI_CUDA_AWARE") == "1"
+
+
 _HOOKED = False
 
 
@@ -186,11 +199,7 @@ class MPIReducer:
         self.backend = backend
         self.n_local = 1.0        # this rank's rows in the current step (0: a stand-in row)
         self._buf: np.ndarray | None = None
-        on_gpu = backend.dlpack_device[0] != 1
-        try:
-            self.cuda_aware = bool(on_gpu and MPI.Query_cuda_support())
-        except (AttributeError, NotImplementedError):  # an MPI without the MPIX query
-            self.cuda_aware = False
+        self.cuda_aware = backend.dlpack_device[0] != 1 and _cuda_aware(MPI)
         _abort_on_uncaught_exception(self.comm)
 
     def describe(self) -> str:
