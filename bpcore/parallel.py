@@ -63,6 +63,14 @@ def setup(backend: Any, data_parallel: bool) -> Any:
         raise ConfigError(f"data_parallel: expected True or False, got {data_parallel!r}")
     if backend.name == "jax":
         sharding = JaxSharding()
+        ranks = mpi_world_size()
+        if ranks and ranks > 1 and sharding.size == 1:
+            raise ConfigError(
+                f"data_parallel=True on the jax backend under an MPI launcher ({ranks} ranks), "
+                "but JAX sees one process: each rank would train alone on the whole batch. "
+                "Call jax.distributed.initialize() before anything else uses JAX (then JAX "
+                "spans every rank's devices), or use the numpy/torch/cupy backend, which splits "
+                "batches over MPI ranks.")
         return sharding if sharding.n_devices > 1 else None
     size = mpi_world_size()
     if size is None:

@@ -98,7 +98,8 @@ def test_jax_sharded_over_4_devices_trains_as_one_device(tmp_path, dtype, optimi
     pytest.importorskip("jax")
     out = str(tmp_path / "jax")
     r = _python(["--backend", "jax", "--jax-devices", "--dtype", dtype, "--optimizer", optimizer,
-                 "--out", out], env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+                 "--out", out], env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                                         JAX_PLATFORMS="cpu"))
     assert r.returncode == 0, r.stderr[-3000:]
     ref, dp = _load(out + ".ref.npz"), _load(out + ".dp.npz")
     assert str(dp["parallel"]) == "JAX sharding over 4 devices in 1 process(es)"
@@ -121,7 +122,8 @@ def test_jax_step_is_split_across_the_devices(tmp_path):
         "print(len(xb.sharding.device_set), 'all-reduce' in hlo, "
         "t.state.params[0][0].sharding.is_fully_replicated)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=300, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+                       timeout=300, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                                             JAX_PLATFORMS="cpu"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split() == ["4", "True", "True"]
 
@@ -204,3 +206,51 @@ def test_a_rank_that_dies_ends_the_run_within_seconds(tmp_path, how):
     last = bpcore.load_checkpoint(ckpt)
     assert last.config.loss == "softmax_cross_entropy" and last.epoch == 3
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+LOCAL_PARTS = """
+import sys, numpy as np, bpcore
+rng = np.random.default_rng(0)
+X, y = rng.standard_normal((10, 4)), rng.integers(0, 2, 10)
+m = bpcore.MLP([4, 8, 2], "tanh", dtype="float64", seed=0)
+t = bpcore.Trainer(m, "softmax_cross_entropy", "adam", data_parallel=True)
+r = t.parallel.rank if t.parallel else None
+for _ in range(3):
+    if r is None:
+        loss = t.step(X, y)                       # one process: the whole batch
+    else:                                          # each rank: its own rows only (7 and 3)
+        part = slice(0, 7) if r == 0 else slice(7, 10)
+        loss = t.step(X[part], y[part], local=True)
+if not r:
+    np.savez(sys.argv[1], loss=float(loss), **m.state_dict())
+"""
+
+
+@needs_mpi
+def test_each_rank_feeding_only_its_own_part(tmp_path):
+    """``step(x_part, y_part, local=True)``: parts of different sizes, weighted by rows, make
+    the step one process takes on the whole batch."""
+    ref, dp = str(tmp_path / "ref.npz"), str(tmp_path / "dp.npz")
+    r = subprocess.run([sys.executable, "-c", LOCAL_PARTS, ref], capture_output=True,
+                       text=True, timeout=120, env=_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", LOCAL_PARTS, dp],
+                       capture_output=True, text=True, timeout=120, env=_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    _assert_close(_load(ref), _load(dp), 1e-12)
+
+
+@needs_mpi
+def test_jax_under_mpiexec_without_distributed_init_is_an_error():
+    """Each rank would otherwise train alone, silently: the error says what to do."""
+    pytest.importorskip("jax")
+    code = ("import bpcore\n"
+            "try:\n"
+            "    bpcore.Trainer(bpcore.MLP([3, 2], backend='jax'), data_parallel=True)\n"
+            "except bpcore.errors.ConfigError as e:\n"
+            "    print('ERR', e)\n")
+    r = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", code], capture_output=True,
+                       text=True, timeout=120, env=_env(JAX_PLATFORMS="cpu"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("ERR")]
+    assert len(lines) == 2 and "jax.distributed.initialize()" in lines[0]
