@@ -140,6 +140,11 @@ if [ $DRY = 0 ] && [ "${GPU_CHECK_SKIP_INSTALL:-0}" != 1 ]; then
     echo "== installing ${wheels[0]}"
     $PY -m pip install -q --no-index --no-deps "${wheels[0]}" || finish 4
   fi
+  if ! $PY -c "import mpi4py" 2>/dev/null && ls .whl/mpi4py-*.whl .whl/mpich-*.whl >/dev/null 2>&1; then
+    echo "== installing MPI (mpich, mpi4py) from .whl/ for the data-parallel GPU tests"
+    $PY -m pip install -q --no-index --no-deps .whl/mpich-*.whl .whl/mpi4py-*.whl \
+      || echo "(MPI not installed: the data-parallel MPI tests will skip)"
+  fi
   echo "== installing bpcore (no dependencies)"
   $PY -m pip install -q --no-deps --no-build-isolation -e . || finish 4
 fi

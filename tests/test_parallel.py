@@ -254,3 +254,28 @@ def test_jax_under_mpiexec_without_distributed_init_is_an_error():
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("ERR")]
     assert len(lines) == 2 and "jax.distributed.initialize()" in lines[0]
+
+
+@pytest.mark.parametrize("backend_name", ["cupy", "torch"])
+def test_mpi_on_gpu_backends_train_as_one_process(tmp_path, backend_name):
+    """CuPy and PyTorch under mpiexec: the generic step's flat buffer through the host (or
+    the GPU, with a CUDA-aware MPI). On a GPU machine this runs on CUDA; here, torch on the
+    CPU with inplace=False covers the same code."""
+    from .conftest import _backend_or_skip
+
+    _backend_or_skip(backend_name)
+    if MPIEXEC is None or not HAVE_MPI4PY:
+        pytest.skip("no mpiexec or mpi4py (benchmarks/fetch_gpu_wheels.sh fetches them)")
+    args = ["--backend", backend_name, "--dtype", "float64", "--optimizer", "adam",
+            "--inplace", "off", "--epochs", "2"]
+    ref, dp = str(tmp_path / "ref"), str(tmp_path / "dp")
+    r = _python([*args, "--out", ref])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _mpirun(2, [*args, "--out", dp])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    one, rank0, rank1 = (_load(ref + ".rank0.npz"), _load(dp + ".rank0.npz"),
+                         _load(dp + ".rank1.npz"))
+    _assert_close(one, rank0, 1e-10)
+    for k in rank0:
+        if k != "parallel":
+            np.testing.assert_array_equal(rank0[k], rank1[k], err_msg=k)
