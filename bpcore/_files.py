@@ -17,6 +17,7 @@ import os
 import secrets
 import socket
 import stat
+import time
 import struct
 from typing import Any, Callable
 
@@ -114,7 +115,12 @@ def read_consistent(path: str, read: Callable[[Any, str], tuple[dict, str]]) -> 
     on the very file that safetensors read, even while another process replaces ``path``.
     """
     where = f"load {path!r}"
-    for _ in range(5):  # another process may replace the file while we read it: read again
+    # Another process may replace the file while we read it: read again, after a pause that
+    # grows (1 ms, 2 ms, ... 50 ms; about 2 s in all), so a reader racing busy writers on a
+    # loaded machine still gets one whole file.
+    for attempt in range(50):
+        if attempt:
+            time.sleep(min(0.05, 0.001 * 2 ** (attempt - 1)))
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
         except FileNotFoundError:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -185,10 +186,14 @@ def _abort_on_uncaught_exception(comm: Any) -> None:
     previous = sys.excepthook
 
     def hook(kind, value, tb):  # (SystemExit never comes here; Ctrl-C does)
-        previous(kind, value, tb)
+        # What happened first, in one line, then the traceback: MPI_Abort ends the launcher's
+        # forwarding of output, so give it a moment to pass everything on.
         sys.stderr.write(f"bpcore: rank {comm.Get_rank()} of {comm.Get_size()} ended with "
-                         f"{kind.__name__}; aborting every rank (MPI_Abort)\n")
+                         f"{kind.__name__}: {value}; aborting every rank (MPI_Abort)\n")
         sys.stderr.flush()
+        previous(kind, value, tb)
+        sys.stderr.flush()
+        time.sleep(0.5)
         comm.Abort(1)
 
     sys.excepthook = hook

@@ -276,10 +276,16 @@ def test_two_concurrent_writers_always_leave_a_loadable_file(tmp_path):
     """)
     procs = [subprocess.Popen([sys.executable, "-c", code, str(k)], cwd=ROOT) for k in (1, 2)]
     loads = 0
-    while any(p.poll() is None for p in procs):
-        bpcore.load_checkpoint(path)  # never torn: always one writer's whole file
-        loads += 1
-    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    try:
+        while any(p.poll() is None for p in procs):
+            bpcore.load_checkpoint(path)  # never torn: always one writer's whole file
+            loads += 1
+        assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    finally:  # a failure above must not leave the writers running into later tests
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=30)
     assert bpcore.load_checkpoint(path).metadata["i"] == 49 and loads > 0
     assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")] == []
 
