@@ -33,6 +33,19 @@ def _split(Xd: Any, Td: Any, fraction: Any) -> tuple[tuple[Any, Any], tuple[Any,
     return (Xd[:n - n_val, ...], Td[:n - n_val, ...]), (Xd[n - n_val:, ...], Td[n - n_val:, ...])
 
 
+def _fingerprint(a: Any) -> str:
+    """A digest of host data (NumPy or anything NumPy reads without a device copy); ``"-"``
+    for data on a device, whose shape alone is compared."""
+    import hashlib
+
+    if not isinstance(a, np.ndarray):
+        if hasattr(a, "__dlpack__") or not hasattr(a, "__array__"):
+            return "-"
+        a = np.asarray(a)
+    return hashlib.blake2b(np.ascontiguousarray(a).view(np.uint8).reshape(-1).data,
+                           digest_size=12).hexdigest() if a.dtype != object else "-"
+
+
 def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 128, *,
         validation_data: tuple[Any, Any] | None = None, validation_split: float | None = None,
         shuffle: bool = True, seed: int | None = 0, callbacks: Sequence[Callback] = (),
@@ -63,7 +76,14 @@ def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 
         raise ConfigError(f"fit: batch_size={batch_size} with drop_last=True leaves no batch "
                           f"from {n} samples")
     if seed is None:  # unseeded: fresh entropy for this call (not reproducible)
+        if trainer.parallel is not None:
+            raise ConfigError("fit: with data_parallel, pass a seed: every worker must draw "
+                              "the same batches")
         seed = int(np.random.SeedSequence().entropy % 2 ** 63)
+    if trainer.parallel is not None:  # every worker the same batches, or a clear error
+        trainer.parallel.check_same("fit", (  # rows, features, batching, X and y digests
+            n, tuple(Xd.shape[1:]), batch_size, epochs, seed, bool(shuffle), bool(drop_last),
+            _fingerprint(X), _fingerprint(y)))
     history = History()
     trainer.stop_training = False
     trainer.metric_names = {"loss", "time"} | ({"accuracy"} if loss.has_accuracy else set())

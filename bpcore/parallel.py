@@ -140,10 +140,12 @@ class JaxSharding:
         """Replicated arrays are one array to JAX: nothing can drift apart."""
 
     def on_rank0(self, name: str, fn: Any) -> None:
-        """``fn()`` in process 0 only; every process returns when it is done."""
+        """``fn()`` in process 0 only (no collective: calling it on process 0 alone is fine)."""
         if self.rank == 0:
             fn()
-        self.barrier(f"bpcore.{name}")
+
+    def check_same(self, what: str, settings: tuple) -> None:
+        """One controller per process sees its own arguments; JAX checks shapes itself."""
 
 
 # ---- MPI ------------------------------------------------------------------------------------
@@ -305,17 +307,22 @@ class MPIReducer:
         self.comm.Barrier()
 
     def on_rank0(self, name: str, fn: Any) -> None:
-        """``fn()`` on rank 0 only; every rank returns once it is done, or raises if it
-        failed (so no rank trains on as if the checkpoint had been written)."""
-        error = None
+        """``fn()`` on rank 0 only. No collective: ``if rank == 0: trainer.save(...)``, the
+        habit of other frameworks, must not leave rank 0 waiting for the others. A failure
+        raises on rank 0 (uncaught, it ends every rank: see the exception hook)."""
         if self.rank == 0:
-            try:
-                fn()
-            except Exception as e:  # reported to every rank, then raised here
-                error = e
-        msg = self.comm.bcast(None if error is None else f"{type(error).__name__}: {error}",
-                              root=0)
-        if error is not None:
-            raise error
-        if msg is not None:
-            raise RuntimeError(f"data_parallel: rank 0's {name} failed: {msg}")
+            fn()
+
+    def check_same(self, what: str, settings: tuple) -> None:
+        """Raise on every rank at once unless every rank passed the same ``settings`` (one
+        collective): ranks that disagree on the number of batches would otherwise wait for
+        each other in mismatched collectives forever."""
+        everyone = self.comm.allgather(settings)
+        if any(s != everyone[0] for s in everyone):
+            rows = "; ".join(f"rank {r}: {s}" for r, s in enumerate(everyone))
+            raise ConfigError(
+                f"data_parallel: the ranks called {what} with different data or settings. "
+                f"{what} takes the whole dataset, the same on every rank, and splits each "
+                "global batch itself; for data that each rank holds only part of, call "
+                "trainer.step(x_part, y_part, local=True) in your own loop. What each rank "
+                f"passed: {rows}.")

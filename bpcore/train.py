@@ -382,8 +382,8 @@ class Trainer:
         if self.parallel is None:
             save_state(path, self, metadata=metadata, preprocessing=preprocessing)
             return
-        # Data parallel: one writer (rank / process 0), and every worker returns once the file
-        # is there, or raises if rank 0's save failed (the others would otherwise go on).
+        # Data parallel: one writer, rank (or process) 0; the others return at once. Call it on
+        # every rank or on rank 0 alone: either works (it is no collective).
         self.parallel.on_rank0("save", lambda: save_state(path, self, metadata=metadata,
                                                             preprocessing=preprocessing))
 
