@@ -76,6 +76,9 @@ class Backend:
     # values are read without waiting for a device: the capability behind bpcore's in-place
     # training step (:mod:`bpcore.inplace`). None: the generic, allocating path only.
     inplace_ops: Any = field(default=None, repr=False)
+    # ``place_like(x, like)``: ``x`` placed where ``like`` lives, when that is more than this
+    # backend's one device (JAX parameters replicated by data-parallel training); else ``x``.
+    place_like: Callable[[Any, Any], Any] = field(default=lambda x, like: x, repr=False)
     version: str = ""
 
     # -- dtypes -------------------------------------------------------------------------

@@ -18,7 +18,8 @@ def make() -> Backend:
                           'Install it with: pip install "bpcore[jax]"') from None
     import numpy as np
 
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]  # this process's first (jax.devices()[0] after
+    #                                  jax.distributed.initialize() may be another host's)
     dl = (1, 0) if device.platform == "cpu" else (2, int(device.id))
 
     def from_host(a):
@@ -43,6 +44,21 @@ def make() -> Backend:
             jax.effects_barrier()
             (jnp.zeros((), device=device) + 0).block_until_ready()
 
+    def to_numpy(x):
+        if not x.is_fully_addressable and x.is_fully_replicated:
+            x = x.addressable_data(0)  # a replicated array spanning processes: our copy
+        return np.asarray(x)
+
+    def place_like(x, like):
+        sharding = getattr(like, "sharding", None)
+        if sharding is None or len(sharding.device_set) <= 1 or \
+                getattr(x, "sharding", None) == sharding:
+            return x
+        if sharding.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        host = np.asarray(x)  # across processes: each supplies its devices' pieces
+        return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
+
     def x64_error():
         if jax.config.jax_enable_x64:
             return None
@@ -60,7 +76,8 @@ def make() -> Backend:
         is_native=lambda x: isinstance(x, jax.Array),
         from_host=from_host,
         native_to_device=native_to_device,
-        to_numpy=lambda x: np.asarray(x),
+        to_numpy=to_numpy,
+        place_like=place_like,
         dlpack_device=dl,
         from_dlpack=lambda x: jax.device_put(jnp.from_dlpack(x), device),
         synchronize=synchronize,

@@ -55,8 +55,7 @@ def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 
     batch_size = whole_number("fit: batch_size", batch_size, 1)
     loss, be = trainer.loss, trainer.model.backend
     xp = be.xp
-    Xd, Td = trainer.prepare_batch(X, y)
-    Xd, Td = trainer.place_data(Xd, Td)
+    Xd, Td = trainer.prepare_batch(X, y)  # (with JAX sharding: on every device)
     Vd = None
     if validation_split is not None:
         if validation_data is not None:
@@ -109,10 +108,8 @@ def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 
                 corrects.append(c)
                 bar.update(lambda: float(value))
             # the epoch's sums in two device operations, not two per batch
-            weights = be.asarray(np.asarray(counts, dtype=np.float64), dtype=values[0].dtype)
-            if trainer.parallel is not None and trainer.parallel.kind == "jax":
-                weights = trainer.parallel.replicate([weights])[0]  # where the losses are
-            total = xp.sum(xp.stack(values) * weights)
+            total = xp.sum(xp.stack(values) * be.asarray(np.asarray(counts, dtype=np.float64),
+                                                         dtype=values[0].dtype))
             correct = xp.sum(xp.stack(corrects))
             seen = min(n, n_batches * batch_size)
             trainer.check()  # one host sync per epoch

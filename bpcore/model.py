@@ -100,6 +100,7 @@ class MLP:
     def __call__(self, x: Any) -> Array:
         """Forward pass: ``(batch, n_0)`` -> ``(batch, n_K)`` on this model's backend."""
         x = prepare_input(self.backend, x, self.sizes[0], self.dtype)
+        x = self.backend.place_like(x, self.params[0][0])
         return self._forward_fn()(self.params, x)
 
     def _forward_fn(self):
@@ -173,6 +174,7 @@ class MLP:
     # -- predictions, as NumPy ---------------------------------------------------------------
     def _outputs(self, X: Any, batch_size: int) -> np.ndarray:
         x = prepare_input(self.backend, X, self.sizes[0], self.dtype)
+        x = self.backend.place_like(x, self.params[0][0])
         fn = self._forward_fn()
         n = x.shape[0]
         return np.concatenate([self.backend.to_numpy(fn(self.params, x[i:min(i + batch_size, n),

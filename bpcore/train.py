@@ -196,12 +196,12 @@ class Trainer:
     @property
     def steps(self) -> int:
         """Updates applied so far (reads a device counter)."""
-        return int(self.state.step)
+        return int(self._local(self.state.step))
 
     @property
     def epoch(self) -> int:
         """Completed epochs of :meth:`fit` (reads a device counter)."""
-        return int(self.state.epoch)
+        return int(self._local(self.state.epoch))
 
     def end_epoch(self) -> None:
         self.state = self.state._replace(epoch=self.state.epoch + 1)
@@ -222,7 +222,19 @@ class Trainer:
         m = self.model
         xb = prepare_input(m.backend, x, m.sizes[0], m.dtype)
         T = prepare_target(self.loss, m.backend, y, m.sizes[-1], xb.shape[0], m.dtype_name)
+        if self._sharded:  # on every device, where the replicated parameters are
+            xb, T = self.parallel.replicate((xb, T))
         return xb, T
+
+    def _local(self, tree: Any) -> Any:
+        """Results of a sharded step as this process's own arrays (a replicated value's
+        local copy), so ``float(loss)`` works in every process of a multi-process run."""
+        if not self._sharded:
+            return tree
+        from ._array import nested_map
+
+        return nested_map(lambda a: a.addressable_data(0) if hasattr(a, "addressable_data")
+                          else a, tree)
 
     def step(self, x: Any, y: Any, *, local: bool = False) -> Array:
         """One forward/backward/update on ``(x, y)``; returns the loss (0-d, on the device).
@@ -300,7 +312,7 @@ class Trainer:
         self._sync_params()
         self.state, metrics = step_fn(self.state, *batch)
         self.model.params = self.state.params
-        return metrics
+        return self._local(metrics)
 
     def step_indexed(self, Xd: Array, Td: Array, order: np.ndarray, idx: Array, lo: int,
                      hi: int) -> tuple[Array, Array]:
@@ -333,20 +345,14 @@ class Trainer:
             xb, Tb = self.parallel.constrain(xb), self.parallel.constrain(Tb)
         return self._pure_step(state, xb, Tb)
 
-    def place_data(self, Xd: Array, Td: Array) -> tuple[Array, Array]:
-        """Where :meth:`fit` keeps its prepared data: on every JAX device with sharding (each
-        batch is gathered, then split, inside the step); as it is otherwise."""
-        if self._sharded:
-            return self.parallel.replicate((Xd, Td))
-        return Xd, Td
-
     def check(self) -> None:
         """Raise if the guard refused a step (reads the device): :class:`DivergenceError`,
         or :class:`ShapeError` for invalid targets."""
-        bad = int(self.state.guard.bad_step)
+        guard = self._local(self.state.guard)
+        bad = int(guard.bad_step)
         if not bad:
             return
-        reason = int(self.state.guard.reason)
+        reason = int(guard.reason)
         kept = (f"The parameters and optimizer state are those after step {bad - 1}, the last "
                 "good one (every later step was refused).")
         if reason == GUARD_TARGETS:
@@ -358,7 +364,7 @@ class Trainer:
         if reason == GUARD_GREW:
             raise DivergenceError(
                 f"training diverged at step {bad}: its loss grew past {self.divergence_factor:g}"
-                f" times the first step's loss ({float(self.state.guard.ref_loss):.4g}). {kept}"
+                f" times the first step's loss ({float(guard.ref_loss):.4g}). {kept}"
                 " Lower the learning rate or clip gradients (clip_norm=...); "
                 "divergence_factor=None turns this limit off.")
         raise DivergenceError(
@@ -436,7 +442,7 @@ class Trainer:
     def check_targets(self, T: Array, argument: str = "y") -> None:
         """Raise :class:`ShapeError` if prepared targets are invalid (reads one flag: labels
         that were on the device are checked here, host ones already were)."""
-        if not bool(self.loss.targets_valid(T)):
+        if not bool(self._local(self.loss.targets_valid(T))):
             raise ShapeError(f"{argument}: invalid targets (a class label outside [0, "
                              f"{self.model.sizes[-1] - 1}] on the device, or a negative or "
                              "non-finite target)")
@@ -452,7 +458,7 @@ class Trainer:
         total = correct = 0.0
         for i in range(0, n, batch_size):
             j = min(i + batch_size, n)  # the standard leaves out-of-bounds slice stops undefined
-            value, c = fn(m.params, Xd[i:j, ...], Td[i:j, ...])
+            value, c = self._local(fn(m.params, Xd[i:j, ...], Td[i:j, ...]))
             total, correct = total + value, correct + c
         return total, correct
 

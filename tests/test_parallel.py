@@ -311,3 +311,60 @@ def test_natural_mistakes_neither_hang_nor_pass_silently(tmp_path):
     assert "different data or settings" in errs[0] and "local=True" in errs[0]
     assert "rank 0: (20, (4,), 5, 1, 0" in errs[0] and "rank 1: (21, (4,), 5, 1, 0" in errs[0]
     assert bpcore.load_checkpoint(ckpt).step == 0
+
+
+JAX_PROCESSES = """
+import sys
+import jax
+pid, n, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+if n > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=n,
+                               process_id=pid)
+jax.config.update("jax_enable_x64", True)
+import numpy as np, bpcore
+rng = np.random.default_rng(0)
+X, y = rng.standard_normal((40, 6)), rng.integers(0, 3, 40)
+m = bpcore.MLP([6, 16, 3], "tanh", backend="jax", dtype="float64", seed=1)
+t = bpcore.Trainer(m, "softmax_cross_entropy", "adam", data_parallel=n > 1)
+losses = [float(t.step(X[:8], y[:8])) for _ in range(2)]
+# each process its own half of a global batch of 8 (local=True), or one process all of it
+part = slice(8 + 4 * pid, 12 + 4 * pid) if n > 1 else slice(8, 16)
+losses.append(float(t.step(X[part], y[part], local=True)))
+t.fit(X, y, epochs=2, batch_size=8, verbose=0, validation_data=(X[:10], y[:10]))
+losses.append(t.evaluate(X, y)["loss"])
+if pid == 0:
+    np.savez(out, losses=np.asarray(losses), pred=m.predict_proba(X[:5]), **m.state_dict())
+"""
+
+
+def test_jax_across_two_processes_trains_as_one(tmp_path):
+    """``jax.distributed.initialize()`` on two CPU processes (gloo collectives): the same
+    code, ``step``, ``step(local=True)``, ``fit`` with validation, ``evaluate`` and
+    ``predict`` give one process's results."""
+    jax = pytest.importorskip("jax")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    ref, dp = str(tmp_path / "ref.npz"), str(tmp_path / "dp.npz")
+    env = _env(JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", JAX_PROCESSES, "0", "1", port, ref],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    procs = [subprocess.Popen([sys.executable, "-c", JAX_PROCESSES, str(k), "2", port, dp],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for k in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+    if any("gloo" in err.lower() and "not" in err.lower() and "support" in err.lower()
+           for _, err in outs):
+        pytest.skip(f"this jaxlib {jax.__version__} has no gloo CPU collectives")
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    _assert_close(_load(ref), _load(dp), 1e-10)
