@@ -562,7 +562,7 @@ class _BaseMLP(BaseEstimator):
         best = params
         try:
             self.n_iter_ = 0
-            for it in range(self.max_iter):
+            for _ in range(self.max_iter):
                 if self.shuffle:
                     sample_idx = _sk_shuffle(sample_idx, random_state=self._random_state)
                 values, sizes = [], []

@@ -83,7 +83,7 @@ def main() -> int:
             rank = getattr(trainer.parallel, "rank", 0)
             with open(f"{a.out}.rank{rank}.diverged", "w") as f:
                 f.write(str(e))
-            raise SystemExit(3)
+            raise SystemExit(3) from None
         out = {k: np.asarray(v) for k, v in model.state_dict().items()}
         out["step_losses"] = np.asarray(losses)
         out["fit_losses"] = np.asarray(hist["loss"])
