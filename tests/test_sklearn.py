@@ -71,7 +71,11 @@ def _both(est_sk, est_bp, X, y, **fit):
 @parametrize_with_checks([MLPClassifier(max_iter=100), MLPRegressor(max_iter=100)])
 def test_sklearn_estimator_checks(estimator, check, backend_name):
     """All of ``check_estimator``'s checks (max_iter=100, as scikit-learn runs its own MLPs
-    through them); none is skipped or expected to fail."""
+    through them); none is expected to fail, and we skip none. Three skip themselves, on
+    scikit-learn's side, as they do for scikit-learn's own MLPs:
+    ``check_array_api_input`` (both estimators: it runs only with ``SCIPY_ARRAY_API=1``) and
+    ``check_classifiers_multilabel_output_format_decision_function`` (the MLP has no
+    ``decision_function``)."""
     _backend_or_skip(backend_name)
     check(estimator.set_params(backend=backend_name))
 
