@@ -143,6 +143,24 @@ class Backend:
     def __repr__(self) -> str:
         return f"Backend(name={self.name!r}, device={self.device!r})"
 
+    # A Backend is an immutable handle on a library: copies are the same object, and a pickle
+    # stores its registry name (an estimator's ``backend=`` parameter survives ``clone`` and
+    # ``pickle``; the unpickling process gets its own backend of that name).
+    def __copy__(self) -> "Backend":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "Backend":
+        return self
+
+    def __reduce__(self):
+        return (_backend_named, (self.name,))
+
+
+def _backend_named(name: str) -> "Backend":
+    from bpcore import backends
+
+    return backends.get(name)
+
 
 def numpy_errstate_jit(fn: Callable, **_: Any) -> Callable:
     """``jit`` for NumPy-based backends: the function as it is, without NumPy's overflow and

@@ -443,3 +443,16 @@ def test_a_failed_call_leaves_the_estimator_as_it_was():
             np.testing.assert_array_equal(got, v)
         else:
             assert got == v, k
+
+
+def test_a_backend_object_as_the_parameter_survives_clone_and_pickle():
+    import bpcore
+
+    be = bpcore.backends.get("numpy")
+    clf = MLPClassifier(hidden_layer_sizes=(4,), max_iter=2, random_state=0, backend=be)
+    with pytest.warns(ConvergenceWarning):
+        clf.fit(X3, y3)
+    assert clone(clf).backend is be  # a Backend is copied as itself
+    back = pickle.loads(pickle.dumps(clf))  # and pickled by its registry name
+    assert back.backend is be
+    np.testing.assert_array_equal(back.predict_proba(X3), clf.predict_proba(X3))
