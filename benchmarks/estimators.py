@@ -10,8 +10,6 @@ time over scikit-learn's, measured in this one run.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -138,23 +136,14 @@ def markdown(result: dict) -> str:
 
 
 def write(result: dict, machine: dict, out: str) -> list[str]:
-    from .report import machine_summary
+    from .report import write_side_report
 
-    os.makedirs(out, exist_ok=True)
-    pj, pm = os.path.join(out, "estimators.json"), os.path.join(out, "estimators.md")
-    with open(pj + ".tmp", "w") as f:
-        json.dump({"machine": machine, **result}, f, indent=1)
-    os.replace(pj + ".tmp", pj)
-    with open(pm, "w") as f:
-        f.write("# bpcore.sklearn against scikit-learn: fit time\n\n" + (__doc__ or "")
-                .split("\n", 2)[2].strip() + "\n\n" + machine_summary(machine) + "\n\n")
-        f.write("\n".join(f"- **{c.name}**: {c.note}" for c in CASES.values()
-                          if any(r["case"] == c.name for r in result["rows"])) + "\n\n")
-        f.write(markdown(result) + "\n")
-        if result["skipped"]:
-            f.write("\n## Not run here\n\n" + "\n".join(
-                f"- {k}: {v}" for k, v in sorted(result["skipped"].items())) + "\n")
-    return [pj, pm]
+    cases = "\n".join(f"- **{c.name}**: {c.note}" for c in CASES.values()
+                      if any(r["case"] == c.name for r in result["rows"]))
+    return write_side_report(result, machine, out, "estimators",
+                             "bpcore.sklearn against scikit-learn: fit time",
+                             (__doc__ or "").split("\n", 2)[2].strip(),
+                             cases + "\n\n" + markdown(result))
 
 
 def main(args: Any, backends: list[str], info: dict) -> int:

@@ -382,10 +382,10 @@ def peers_table(rows: list[dict], cases: Iterable[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_json(result: dict, machine: dict, out: str) -> str:
-    """``results.json``, replaced atomically (a reader never sees half a file)."""
+def write_json(result: dict, machine: dict, out: str, name: str = "results.json") -> str:
+    """``out/name`` (``results.json``), replaced atomically (a reader never sees half a file)."""
     os.makedirs(out, exist_ok=True)
-    p = os.path.join(out, "results.json")
+    p = os.path.join(out, name)
     with open(p + ".tmp", "w") as f:
         json.dump({"machine": machine, **result}, f, indent=1)
     os.replace(p + ".tmp", p)
@@ -453,6 +453,20 @@ def write_report(result: dict, machine: dict, out: str) -> list[str]:
     paths.append(p)
     paths += charts(rows, out, main_cases)
     return paths
+
+
+def write_side_report(result: dict, machine: dict, out: str, stem: str, title: str,
+                      intro: str, body: str) -> list[str]:
+    """``stem.json`` and ``stem.md`` for a report beside the step suite's (``--estimators``,
+    ``--scaling``): the title, what is measured, the machine, the tables, what did not run."""
+    pj = write_json(result, machine, out, f"{stem}.json")
+    pm = os.path.join(out, f"{stem}.md")
+    with open(pm, "w") as f:
+        f.write(f"# {title}\n\n{intro}\n\n{machine_summary(machine)}\n\n{body}\n")
+        if result.get("skipped"):
+            f.write("\n## Not run here\n\n" + "\n".join(
+                f"- {k}: {v}" for k, v in sorted(result["skipped"].items())) + "\n")
+    return [pj, pm]
 
 
 def machine_summary(m: dict) -> str:

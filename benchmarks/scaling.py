@@ -143,21 +143,11 @@ def markdown(result: dict) -> str:
 
 
 def write(result: dict, machine: dict, out: str) -> list[str]:
-    from .report import machine_summary
+    from .report import write_side_report
 
-    os.makedirs(out, exist_ok=True)
-    pj, pm = os.path.join(out, "scaling.json"), os.path.join(out, "scaling.md")
-    with open(pj + ".tmp", "w") as f:
-        json.dump({"machine": machine, **result}, f, indent=1)
-    os.replace(pj + ".tmp", pj)
-    with open(pm, "w") as f:
-        f.write("# Data-parallel scaling\n\n" + (__doc__ or "").split("\n", 2)[2].strip() +
-                "\n\n" + machine_summary(machine) + f" {result['cores']} cores seen.\n\n")
-        f.write(markdown(result) + "\n")
-        if result["skipped"]:
-            f.write("\n## Not run\n\n" + "\n".join(
-                f"- {k}: {v}" for k, v in sorted(result["skipped"].items())) + "\n")
-    return [pj, pm]
+    return write_side_report(result, machine, out, "scaling", "Data-parallel scaling",
+                             (__doc__ or "").split("\n", 2)[2].strip(),
+                             f"{result['cores']} cores seen.\n\n" + markdown(result))
 
 
 def main(args: Any, info: dict, gpu: bool = False) -> int:

@@ -130,12 +130,6 @@ class JaxSharding:
             return a
         return self.jax.lax.with_sharding_constraint(a, self.rows)
 
-    def barrier(self, name: str) -> None:
-        if self.multi_process:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(name)
-
     def check_identical(self, params: Params) -> None:
         """Replicated arrays are one array to JAX: nothing can drift apart."""
 
@@ -302,9 +296,6 @@ class MPIReducer:
                 "data_parallel: the ranks' parameters differ (hashes by rank: "
                 f"{digests}). Every rank must run the same program on the same data: the same "
                 "global batches in the same order, the same optimizer and settings.")
-
-    def barrier(self, name: str) -> None:
-        self.comm.Barrier()
 
     def on_rank0(self, name: str, fn: Any) -> None:
         """``fn()`` on rank 0 only. No collective: ``if rank == 0: trainer.save(...)``, the

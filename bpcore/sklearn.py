@@ -249,13 +249,8 @@ def _make_step(acts, loss: Loss, solver: str, nesterov: bool, select_on_host: bo
 
 
 def _make_value_and_grad(acts, loss: Loss):
-    def sums(params, x, Y, sw):
-        return _grad_sums(params, acts, loss, x, Y, sw)
-
-    def finish(value, grads, params, S, alpha):
-        return _finish(value, grads, params, S, alpha)
-
-    return sums, finish
+    """Full-batch (L-BFGS) pieces: per-chunk sums, and :func:`_finish` over their total."""
+    return (lambda params, x, Y, sw: _grad_sums(params, acts, loss, x, Y, sw)), _finish
 
 
 _COMPILED: dict[Any, Any] = {}
@@ -316,6 +311,12 @@ class _BaseMLP(BaseEstimator):
     bpcore's compiled step."""
 
     # -- settings ------------------------------------------------------------------------
+    def _keep_arguments(self, arguments: dict) -> None:
+        """What scikit-learn's ``__init__`` does, and only that: each argument stored under its
+        own name (``get_params`` reads them back through the signature)."""
+        for name in self._get_param_names():
+            setattr(self, name, arguments[name])
+
     def _dtype_for(self, X_dtype: Any) -> str:
         return self.dtype or ("float32" if np.dtype(X_dtype) == np.float32 else "float64")
 
@@ -871,31 +872,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                  nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
                  beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, max_fun=15000,
                  backend="numpy", dtype=None):
-        self.hidden_layer_sizes = hidden_layer_sizes
-        self.activation = activation
-        self.solver = solver
-        self.alpha = alpha
-        self.batch_size = batch_size
-        self.learning_rate = learning_rate
-        self.learning_rate_init = learning_rate_init
-        self.power_t = power_t
-        self.max_iter = max_iter
-        self.shuffle = shuffle
-        self.random_state = random_state
-        self.tol = tol
-        self.verbose = verbose
-        self.warm_start = warm_start
-        self.momentum = momentum
-        self.nesterovs_momentum = nesterovs_momentum
-        self.early_stopping = early_stopping
-        self.validation_fraction = validation_fraction
-        self.beta_1 = beta_1
-        self.beta_2 = beta_2
-        self.epsilon = epsilon
-        self.n_iter_no_change = n_iter_no_change
-        self.max_fun = max_fun
-        self.backend = backend
-        self.dtype = dtype
+        self._keep_arguments(locals())
 
     loss = "log_loss"  # fixed, as in scikit-learn (not a parameter of the classifier)
 
@@ -985,32 +962,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
                  nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
                  beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, max_fun=15000,
                  backend="numpy", dtype=None):
-        self.loss = loss
-        self.hidden_layer_sizes = hidden_layer_sizes
-        self.activation = activation
-        self.solver = solver
-        self.alpha = alpha
-        self.batch_size = batch_size
-        self.learning_rate = learning_rate
-        self.learning_rate_init = learning_rate_init
-        self.power_t = power_t
-        self.max_iter = max_iter
-        self.shuffle = shuffle
-        self.random_state = random_state
-        self.tol = tol
-        self.verbose = verbose
-        self.warm_start = warm_start
-        self.momentum = momentum
-        self.nesterovs_momentum = nesterovs_momentum
-        self.early_stopping = early_stopping
-        self.validation_fraction = validation_fraction
-        self.beta_1 = beta_1
-        self.beta_2 = beta_2
-        self.epsilon = epsilon
-        self.n_iter_no_change = n_iter_no_change
-        self.max_fun = max_fun
-        self.backend = backend
-        self.dtype = dtype
+        self._keep_arguments(locals())
 
     def _validate_input(self, X, y, incremental, reset):
         X, y = validate_data(self, X, y, accept_sparse=["csr", "csc"], multi_output=True,

@@ -169,6 +169,11 @@ class Trainer:
                           divergence_factor=self.divergence_factor, reduce=reduce)
 
     @property
+    def _prepared_step(self) -> Any:
+        """The step on canonical targets: the in-place one where it runs, else the compiled."""
+        return self._inplace.step if self._inplace is not None else self._step_fn
+
+    @property
     def _mpi(self) -> bool:
         return self.parallel is not None and self.parallel.kind == "mpi"
 
@@ -261,8 +266,7 @@ class Trainer:
             T = prepare_target(self.loss, m.backend, y, m.sizes[-1], xb.shape[0], m.dtype_name)
             if self._sharded:
                 T = self.parallel.shard_batch(T)
-            return self._advance(self._inplace.step if self._inplace is not None else
-                                 self._step_fn, xb, T).loss
+            return self._advance(self._prepared_step, xb, T).loss
         # Class labels go into the step as they are: the in-place step uses them directly,
         # the compiled step turns them into one-hot rows inside (one call on JAX).
         fn = self._inplace.step_labels if self._inplace is not None else self._label_step_fn
@@ -303,8 +307,7 @@ class Trainer:
         With MPI data parallelism the batch is this rank's part of the global batch."""
         if self._mpi:
             self.parallel.n_local = float(xb.shape[0])
-        metrics = self._advance(self._inplace.step if self._inplace is not None else
-                                self._step_fn, xb, T)
+        metrics = self._advance(self._prepared_step, xb, T)
         return metrics.loss, metrics.correct
 
     def _advance(self, step_fn: Any, *batch: Any) -> Any:
@@ -333,8 +336,7 @@ class Trainer:
         xb, Tb = xp.take(Xd, sel, axis=0), xp.take(Td, sel, axis=0)
         if n_local is not None:
             self.parallel.n_local = n_local
-            metrics = self._advance(self._inplace.step if self._inplace is not None else
-                                    self._step_fn, xb, Tb)
+            metrics = self._advance(self._prepared_step, xb, Tb)
             return metrics.loss, metrics.correct
         return self.step_prepared(xb, Tb)
 

@@ -59,6 +59,17 @@ def _assert_close(ref: dict, got: dict, tol: float) -> None:
             np.testing.assert_allclose(got[k], v, rtol=0, atol=tol, err_msg=k)
 
 
+def _one_process_and_two_ranks(tmp_path, args: list[str]) -> tuple[dict, dict, dict]:
+    """The worker's results: run plainly (the reference), then as ranks 0 and 1 of
+    ``mpiexec -n 2``."""
+    ref, dp = str(tmp_path / "ref"), str(tmp_path / "dp")
+    r = _python([*args, "--out", ref])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _mpirun(2, [*args, "--out", dp])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return (_load(ref + ".rank0.npz"), _load(dp + ".rank0.npz"), _load(dp + ".rank1.npz"))
+
+
 # ---- the pieces -----------------------------------------------------------------------------
 def test_rows_are_split_evenly_and_disjointly():
     for n in (0, 1, 7, 10, 101):
@@ -141,13 +152,7 @@ CASES = [
 def test_mpi_two_ranks_train_as_one_process(tmp_path, args):
     if "torch" in args:
         pytest.importorskip("torch")
-    ref, dp = str(tmp_path / "ref"), str(tmp_path / "dp")
-    r = _python([*args, "--out", ref])
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = _mpirun(2, [*args, "--out", dp])
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    one, rank0, rank1 = (_load(ref + ".rank0.npz"), _load(dp + ".rank0.npz"),
-                         _load(dp + ".rank1.npz"))
+    one, rank0, rank1 = _one_process_and_two_ranks(tmp_path, args)
     assert str(rank0["parallel"]) == "MPI, rank 0 of 2" and str(one["parallel"]) == ""
     _assert_close(one, rank0, TOL["float32" if "float32" in args else "float64"])
     for k in rank0:  # the ranks stay bitwise identical
@@ -266,13 +271,7 @@ def test_mpi_on_gpu_backends_train_as_one_process(tmp_path, backend_name):
         pytest.skip("no mpiexec or mpi4py (benchmarks/fetch_gpu_wheels.sh fetches them)")
     args = ["--backend", backend_name, "--dtype", "float64", "--optimizer", "adam",
             "--inplace", "off", "--epochs", "2"]
-    ref, dp = str(tmp_path / "ref"), str(tmp_path / "dp")
-    r = _python([*args, "--out", ref])
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = _mpirun(2, [*args, "--out", dp])
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    one, rank0, rank1 = (_load(ref + ".rank0.npz"), _load(dp + ".rank0.npz"),
-                         _load(dp + ".rank1.npz"))
+    one, rank0, rank1 = _one_process_and_two_ranks(tmp_path, args)
     _assert_close(one, rank0, 1e-10)
     for k in rank0:
         if k != "parallel":
