@@ -969,6 +969,11 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
                              y_numeric=True, dtype=(np.float64, np.float32), reset=reset)
         if y.ndim == 2 and y.shape[1] == 1:
             y = column_or_1d(y, warn=True)
+        # scikit-learn's MLPRegressor trains on, with a NaN loss_curve_, where the Poisson
+        # deviance is undefined; its Poisson estimators refuse, with this message. So do we.
+        if self.loss == "poisson" and np.any(y < 0):
+            raise ValueError("Some value(s) of y are negative which is not allowed for "
+                             "Poisson regression.")
         return X, y
 
     def _predict_from(self, y_pred: np.ndarray) -> np.ndarray:

@@ -456,3 +456,17 @@ def test_a_backend_object_as_the_parameter_survives_clone_and_pickle():
     back = pickle.loads(pickle.dumps(clf))  # and pickled by its registry name
     assert back.backend is be
     np.testing.assert_array_equal(back.predict_proba(X3), clf.predict_proba(X3))
+
+
+def test_poisson_refuses_negative_targets():
+    """scikit-learn's MLPRegressor fits on with a NaN loss_curve_; a loss computed as if the
+    targets were counts would look fine and mean nothing. Refused, with the message of
+    scikit-learn's Poisson estimators; a fitted model is left as it was."""
+    reg = MLPRegressor(loss="poisson", hidden_layer_sizes=(3,), max_iter=2, random_state=0)
+    with pytest.warns(ConvergenceWarning):
+        reg.fit(X3, np.abs(X3[:, 0]))
+    before = [c.copy() for c in reg.coefs_]
+    with pytest.raises(ValueError, match="negative which is not allowed for Poisson"):
+        reg.fit(X3, X3[:, 0])
+    for a, b in zip(reg.coefs_, before):
+        np.testing.assert_array_equal(a, b)
