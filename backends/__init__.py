@@ -103,6 +103,7 @@ def get(name: str | Backend = "numpy") -> Backend:
     if not isinstance(name, str) or name not in _factories:
         raise BackendUnavailableError(
             f"backend: unknown name {name!r}; expected one of {sorted(_factories)}"
+            f"{_did_you_mean(name)}"
         )
     with _lock:
         if name in _made:
@@ -127,6 +128,45 @@ def get(name: str | Backend = "numpy") -> Backend:
     return be
 
 
+# Names people type for a backend, and what they mean here.
+_ALIASES = {"pytorch": "torch", "np": "numpy", "jnp": "jax", "jaxlib": "jax",
+            "cuda": "cupy' (CuPy on an NVIDIA GPU), or 'torch' with tensors on a CUDA device",
+            "gpu": "cupy' or 'jax' or 'torch' (each runs on an NVIDIA GPU when it has one)",
+            "array-api-strict": "array_api_strict", "strict": "array_api_strict"}
+
+
+def _did_you_mean(name: object) -> str:
+    import difflib
+
+    if not isinstance(name, str):
+        return ""
+    key = name.strip().lower()
+    if key in _factories:
+        return f"; did you mean {key!r}? (names are lower case)"
+    if key in _ALIASES:
+        return f"; did you mean '{_ALIASES[key]}'?"
+    close = difflib.get_close_matches(key, list(_factories), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _probe(name: str) -> bool | None:
+    """Whether a built-in backend can be made here, told without importing its library
+    (importing jax and torch takes seconds): its package is installed, and for CuPy an NVIDIA
+    driver is there. None: no cheap answer (a plug-in): ask ``get``."""
+    import importlib.util
+
+    if name not in _BUILTIN:
+        return None
+    if importlib.util.find_spec(name) is None or importlib.util.find_spec(
+            "array_api_compat") is None:
+        return False
+    if name == "cupy":
+        import ctypes.util
+
+        return None if ctypes.util.find_library("cuda") else False  # driver: import to see
+    return True
+
+
 def reasons() -> dict[str, str]:
     """For every registered backend that is *not* usable here, why not."""
     out = {}
@@ -139,12 +179,21 @@ def reasons() -> dict[str, str]:
 
 
 def available() -> list[str]:
-    """Names of the backends usable on this machine, in registry order."""
+    """Names of the backends usable on this machine, in registry order. Built-ins are probed
+    without importing their libraries where that tells (an installed CPU library works);
+    ``get(name)`` or :func:`reasons` import them and say why one fails."""
     ok = []
     for n in names():
-        try:
-            get(n)
-        except BackendUnavailableError:
-            continue
-        ok.append(n)
+        with _lock:
+            known = True if n in _made else False if n in _failed else None
+        if known is None:
+            known = _probe(n)
+        if known is None:
+            try:
+                get(n)
+                known = True
+            except BackendUnavailableError:
+                known = False
+        if known:
+            ok.append(n)
     return ok

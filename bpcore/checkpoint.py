@@ -36,7 +36,9 @@ __all__ = ["save", "load", "load_checkpoint", "Checkpoint", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 2  # 1: flat metadata and optimizer step counts (before TrainState)
 _STATE = ("state.step", "state.epoch", "state.guard.bad_step", "state.guard.reason",
-          "state.guard.ref_loss")
+          "state.guard.ref_loss", "state.epoch_batch")
+_OPTIONAL = ("state.epoch_batch",)  # absent from files written before it existed
+_INT32_MAX = 2 ** 31 - 1  # the counters are int32 on the device
 _CODES = {np.dtype(t) for t in (np.float64, np.float32, np.float16, np.int64, np.int32,
                                 np.int16, np.int8, np.uint8, np.bool_)}
 
@@ -62,6 +64,12 @@ class Checkpoint:
     @property
     def epoch(self) -> int:
         return int(self.tensors["state.epoch"]) if "state.epoch" in self.tensors else 0
+
+    @property
+    def epoch_batch(self) -> int:
+        """Batches of an unfinished epoch that ``fit`` had run when the state was saved (0:
+        saved between epochs, and in files written before it was recorded)."""
+        return int(self.tensors.get("state.epoch_batch", 0))
 
     @property
     def preprocessing(self) -> Standardize | None:
@@ -137,7 +145,8 @@ def _encode(tensors: dict[str, np.ndarray], meta: dict) -> bytes:
                                      "bpcore": json.dumps(meta, sort_keys=True)})
 
 
-def _write(path: Any, model: MLP, config: TrainConfig, tensors: dict, metadata: Any) -> None:
+def _write(path: Any, model: MLP, config: TrainConfig, tensors: dict, metadata: Any,
+           params: dict | None = None) -> None:
     for k, act in enumerate(model.activations, start=1):
         if ACTIVATIONS.get(act.name) is not act:
             raise CheckpointError(f"save: layer {k} uses a custom activation {act.name!r}; "
@@ -152,7 +161,8 @@ def _write(path: Any, model: MLP, config: TrainConfig, tensors: dict, metadata: 
     meta = {"format_version": FORMAT_VERSION, "bpcore_version": __version__,
             "config": config.to_dict(), "user": metadata or {},
             "n_optimizer_tensors": sum(k.startswith("opt.") for k in tensors)}
-    atomic_write(os.fspath(path), _encode({**model.state_dict(), **tensors}, meta))
+    params = model.state_dict() if params is None else params  # host copies, taken whole
+    atomic_write(os.fspath(path), _encode({**params, **tensors}, meta))
 
 
 def save(path: str | os.PathLike, model: MLP, metadata: dict | None = None, *,
@@ -172,12 +182,22 @@ def save(path: str | os.PathLike, model: MLP, metadata: dict | None = None, *,
 
 def save_state(path: Any, trainer: Any, *, metadata: dict | None = None,
                preprocessing: Standardize | None = None) -> None:
-    """``Trainer.save``: the model, the whole training state and the trainer's config."""
-    state, to_np = trainer.state, trainer.model.backend.to_numpy
-    tensors = {f"opt.{i}": to_np(a) for i, a in enumerate(nested_leaves(state.opt_state))}
-    for name, a in zip(_STATE, (state.step, state.epoch, *state.guard)):
-        tensors[name] = to_np(a)
-    _write(path, trainer.model, TrainConfig.of(trainer, preprocessing), tensors, metadata)
+    """``Trainer.save``: the model, the whole training state and the trainer's config.
+
+    The state is copied to the host under the trainer's step lock: one whole state, between
+    two steps, even while ``fit`` runs in another thread (the in-place step overwrites its
+    buffers). The file is then written from those copies alone."""
+    to_np = trainer.model.backend.to_numpy
+    with trainer._lock:
+        state = trainer.state
+        tensors = {f"opt.{i}": to_np(a) for i, a in enumerate(nested_leaves(state.opt_state))}
+        for name, a in zip(_STATE, (state.step, state.epoch, *state.guard)):
+            tensors[name] = to_np(a)
+        tensors["state.epoch_batch"] = np.asarray(trainer.epoch_batch, dtype=np.int64)
+        tensors = {k: np.array(a, copy=True) for k, a in tensors.items()}
+        params = trainer.model.state_dict()  # copies too
+    _write(path, trainer.model, TrainConfig.of(trainer, preprocessing), tensors, metadata,
+           params)
 
 
 # ---- reading ---------------------------------------------------------------------------------
@@ -273,17 +293,56 @@ def load_checkpoint(path: str | os.PathLike, backend: Any = "numpy",
     not_float = [n for n in names if tensors[n].dtype.kind != "f"]
     if not_float:
         raise CheckpointError(f"{where}: parameters {not_float} are not floating point")
+    not_finite = [n for n in tensors if not n.startswith("state.") and tensors[n].dtype.kind
+                  == "f" and not np.isfinite(tensors[n]).all()]
+    if not_finite:
+        raise CheckpointError(f"{where}: tensors {sorted(not_finite)[:10]} hold NaN or inf; "
+                              "parameters and optimizer state are finite in every file bpcore "
+                              "writes (the guard refuses steps that would make them not)")
     if meta["format_version"] >= 2 and any(n in tensors for n in _STATE):
-        bad = [n for n in _STATE if n not in tensors or tensors[n].shape != ()]
-        if bad:
-            raise CheckpointError(f"{where}: training-state tensors {bad} are missing or not "
-                                  "scalars")
+        _check_state_tensors(tensors, where)
     try:
+        config.preprocessing is None or from_spec(config.preprocessing, config.sizes[0])
         model = config.build_model(backend, dtype, params_from_dict(tensors, len(names) // 2))
-    except ShapeError as e:
+    except (ShapeError, ConfigError) as e:
         raise CheckpointError(f"{where}: {e}") from None
     rest = {k: v for k, v in tensors.items() if k not in names}
     return Checkpoint(model, config, meta, rest)
+
+
+def _check_state_tensors(tensors: dict, where: str) -> None:
+    """Each ``state.*`` tensor: present, a scalar of the right kind, and a value some real
+    training could have reached (a crafted file with a valid checksum gets no further)."""
+    bad = [n for n in _STATE if n not in _OPTIONAL and n not in tensors]
+    bad += [n for n in _STATE if n in tensors and tensors[n].shape != ()]
+    if bad:
+        raise CheckpointError(f"{where}: training-state tensors {bad} are missing or not "
+                              "scalars")
+
+    def whole(name: str, lo: int, hi: int) -> int:
+        a = tensors[name]
+        if a.dtype.kind not in "iu":
+            raise CheckpointError(f"{where}: {name} must be an integer tensor, got dtype "
+                                  f"{a.dtype}")
+        v = int(a)
+        if not lo <= v <= hi:
+            raise CheckpointError(f"{where}: {name} = {v} is outside [{lo}, {hi}]")
+        return v
+
+    step = whole("state.step", 0, _INT32_MAX - 1)
+    whole("state.epoch", 0, _INT32_MAX - 1)
+    if "state.epoch_batch" in tensors:
+        whole("state.epoch_batch", 0, _INT32_MAX)
+    bad_step = whole("state.guard.bad_step", 0, step + 1)
+    reason = whole("state.guard.reason", 0, 3)
+    if (bad_step == 0) != (reason == 0):
+        raise CheckpointError(f"{where}: state.guard.bad_step = {bad_step} and "
+                              f"state.guard.reason = {reason} contradict each other (both are 0, "
+                              "or both are not)")
+    ref = tensors["state.guard.ref_loss"]
+    if ref.dtype.kind != "f" or float(ref) == -np.inf:
+        raise CheckpointError(f"{where}: state.guard.ref_loss must be a float (NaN before the "
+                              f"first step), got {ref.dtype} {ref}")
 
 
 def load(path: str | os.PathLike, backend: Any = "numpy", dtype: str | None = None) -> MLP:

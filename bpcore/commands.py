@@ -31,12 +31,28 @@ def _prepare_data(args) -> tuple:
     else:
         X, y, name = load_digits()
     X = np.asarray(X, dtype=np.float64)
-    if np.issubdtype(np.asarray(y).dtype, np.integer):
+    y = np.asarray(y)
+    _refuse_nonfinite_rows(X, "--data")
+    if y.dtype.kind in "iubUSO":  # integers, booleans, strings: class labels
         classes, y = np.unique(y, return_inverse=True)
         task = "classification"
     else:
         classes, task = None, "regression"
-    return X, np.asarray(y), classes, task, name
+        y = y.astype(np.float64)
+        if not np.isfinite(y).all():
+            raise ValueError("--data: the regression targets hold NaN or inf (rows "
+                             f"{np.flatnonzero(~np.isfinite(y.reshape(len(y), -1)).all(axis=1))[:10].tolist()}"
+                             ", counted from 0)")
+    return X, y, classes, task, name
+
+
+def _refuse_nonfinite_rows(X: np.ndarray, what: str) -> None:
+    """Rows with NaN or inf get no answer: name them (as scikit-learn refuses them)."""
+    bad = np.flatnonzero(~np.isfinite(X).all(axis=1))
+    if bad.size:
+        raise ValueError(f"{what}: {bad.size} of {len(X)} rows hold NaN or inf (rows "
+                         f"{bad[:10].tolist()}{', ...' if bad.size > 10 else ''}, counted from 0,"
+                         " header excluded); clean or drop them first")
 
 
 def cmd_train(args) -> int:
@@ -126,36 +142,65 @@ def _class_names(meta: dict, n_out: int):
     if classes is None:
         return None
     if (not isinstance(classes, list) or len(classes) != n_out or
-            not all(isinstance(c, (int, float, str)) for c in classes)):
+            not all(isinstance(c, (int, float, str)) and not isinstance(c, bool)
+                    for c in classes)):
         raise ValueError(f"the checkpoint's class list is malformed (expected {n_out} labels)")
-    return np.asarray(classes)
+    kinds = {type(c) for c in classes}
+    if len(kinds) > 1:
+        raise ValueError(f"the checkpoint's class list mixes types {sorted(k.__name__ for k in kinds)}")
+    if kinds == {int} and all(-2 ** 63 <= c < 2 ** 63 for c in classes):
+        return np.array(classes, dtype=np.int64)
+    return np.array(classes, dtype=object if kinds == {int} else None)
+
+
+def _text(v) -> str:
+    """One output cell, exact: integers and strings as themselves, floats in the shortest
+    form that reads back to the same value (of their own precision)."""
+    if isinstance(v, (np.floating, float)):
+        return str(v) if isinstance(v, np.floating) else repr(v)
+    return str(v)
 
 
 def cmd_predict(args) -> int:
+    import csv
+
     from .checkpoint import load_checkpoint
     from .datasets import load_file
 
     ckpt = load_checkpoint(args.checkpoint, backend=args.backend)
     meta, model = ckpt.metadata, ckpt.model
     X, y = load_file(args.data, args.label_column, n_features=model.sizes[0])
+    X = np.asarray(X, dtype=np.float64)
+    _refuse_nonfinite_rows(X, "--data")
     pre = ckpt.preprocessing or _legacy_scaling(ckpt)
-    X = np.asarray(X, dtype=np.float64) if pre is None else pre(X)
-    out = model.backend.to_numpy(model(X))
-    if model.task in ("classes", None) and ckpt.config.loss != "mse":
-        pred = np.argmax(out, axis=1)
+    X = X if pre is None else pre(X)
+    pred = model.predict(X)  # what Python's model.predict gives (or its clear error)
+    if model.task == "classes":
         classes = _class_names(meta, model.sizes[-1])
         labels = classes[pred] if classes is not None else pred
-        if y is not None:
-            print(f"accuracy {np.mean(labels == np.asarray(y)):.4f} on {len(X)} samples",
-                  file=sys.stderr)
     else:
-        labels = out
-    if args.out:
-        if args.out.endswith(".npy"):
-            np.save(args.out, labels)
-        else:
-            np.savetxt(args.out, np.atleast_2d(labels.T).T, delimiter=",", fmt="%g")
-    else:
-        for row in np.atleast_2d(labels.T).T:
-            print(",".join(f"{v:g}" for v in np.atleast_1d(row)))
+        labels = pred  # 0/1 per label (binary), or the values (regression)
+    if y is not None and model.task in ("classes", "binary"):
+        truth = np.asarray(y).reshape(len(y), -1)
+        got = np.asarray(labels).reshape(len(labels), -1)
+        if truth.shape == got.shape:
+            same = np.array([[str(a) == str(b) for a, b in zip(r, s)] for r, s in
+                             zip(got, truth)]) if got.dtype == object or truth.dtype == object \
+                else got == truth
+            print(f"accuracy {np.mean(same):.4f} on {len(X)} samples", file=sys.stderr)
+    rows = np.asarray(labels).reshape(len(labels), -1)
+    if args.out and args.out.endswith(".npy"):
+        out = np.asarray(labels)
+        if out.dtype == object:  # integers beyond int64: exact as text (np.save would pickle)
+            out = out.astype(str)
+        np.save(args.out, out, allow_pickle=False)
+        return 0
+    f = open(args.out, "w", newline="") if args.out else sys.stdout
+    try:
+        writer = csv.writer(f, lineterminator="\n")
+        for row in rows:
+            writer.writerow([_text(v) for v in row])
+    finally:
+        if args.out:
+            f.close()
     return 0

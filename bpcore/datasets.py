@@ -106,43 +106,74 @@ def _label_index(label_column: str | int | None, header: list[str] | None, width
     return width - 1
 
 
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+        return True
+    except ValueError:
+        return False
+
+
+def parse_labels(cells: list[str]) -> np.ndarray:
+    """A label column's text as labels that round-trip exactly: integers (int64, or Python
+    ints beyond its range), else floats, else the strings themselves."""
+    cells = [c.strip() for c in cells]
+    try:
+        ints = [int(c) for c in cells]
+    except ValueError:
+        ints = None
+    if ints is not None:
+        if all(-2 ** 63 <= v < 2 ** 63 for v in ints):
+            return np.array(ints, dtype=np.int64)
+        return np.array(ints, dtype=object)  # exact, whatever the size
+    if all(_is_number(c) for c in cells):
+        y = np.array([float(c) for c in cells], dtype=np.float64)
+        if np.all(np.isfinite(y)) and np.all(y == np.round(y)) and np.all(np.abs(y) < 2 ** 53):
+            return y.astype(np.int64)  # "3.0": the class 3
+        return y
+    return np.array(cells, dtype=str)
+
+
 def _load_csv(path: str, label_column: str | int | None, n_features: int | None
               ) -> tuple[np.ndarray, np.ndarray | None]:
     with open(path, newline="") as f:
         rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
     if not rows:
         raise ShapeError(f"data: {path!r} is empty")
-
-    def numeric(row):
-        try:
-            [float(c) for c in row]
-            return True
-        except ValueError:
-            return False
-
-    header = None if numeric(rows[0]) else [c.strip() for c in rows[0]]
-    body = rows[1:] if header else rows
     width = len(rows[0])
-    try:
-        table = np.array([[float(c) for c in r] for r in body], dtype=np.float64)
-    except ValueError as e:
-        if "inhomogeneous" in str(e) or "sequence" in str(e):
-            raise ShapeError(f"data: {path!r}: rows have different numbers of cells") from None
-        raise ShapeError(f"data: {path!r} has a non-numeric cell ({e})") from None
-    if table.ndim != 2 or table.shape[1] != width:
-        raise ShapeError(f"data: {path!r}: rows have different numbers of cells")
+    # A header: a first row with a text cell where the next row has a number (a column of
+    # string labels is text in every row), or any text cell when it is the only row.
+    first_text = [not _is_number(c) for c in rows[0]]
+    if len(rows) > 1 and len(rows[1]) == width:
+        is_header = any(t and _is_number(c) for t, c in zip(first_text, rows[1]))
+    else:
+        is_header = any(first_text)
+    header = [c.strip() for c in rows[0]] if is_header else None
+    body = rows[1:] if header else rows
+    if not body:
+        raise ShapeError(f"data: {path!r} has a header and no rows")
+    uneven = [i for i, r in enumerate(body) if len(r) != width]
+    if uneven:
+        raise ShapeError(f"data: {path!r}: rows have different numbers of cells (data row "
+                         f"{uneven[0]} has {len(body[uneven[0]])}, the first row {width})")
     if n_features is not None and width == n_features and label_column is None:
-        return table.astype(np.float32), None  # features only
+        return _numeric(body, list(range(width)), path), None  # features only
     if n_features is not None and width != n_features + 1:
         raise ShapeError(f"data: {path!r} has {width} columns; the model takes {n_features} "
                          f"features, so expected {n_features} (features only) or "
                          f"{n_features + 1} (features and a label).")
     col = _label_index(label_column, header, width, path)
-    y = table[:, col]
-    X = np.delete(table, col, axis=1).astype(np.float32)
-    if np.all(y == np.round(y)):
-        y = y.astype(np.int64)
-    return X, y
+    X = _numeric(body, [c for c in range(width) if c != col], path)
+    return X, parse_labels([r[col] for r in body])
+
+
+def _numeric(body: list[list[str]], columns: list[int], path: str) -> np.ndarray:
+    """The feature columns as float64 (exactly as written, no narrowing)."""
+    try:
+        return np.array([[float(r[c]) for c in columns] for r in body], dtype=np.float64
+                        ).reshape(len(body), len(columns))
+    except ValueError as e:
+        raise ShapeError(f"data: {path!r} has a non-numeric feature cell ({e})") from None
 
 
 def train_test_split(X: np.ndarray, y: np.ndarray, test_fraction: float = 0.2,

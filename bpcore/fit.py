@@ -34,27 +34,17 @@ def _split(Xd: Any, Td: Any, fraction: Any) -> tuple[tuple[Any, Any], tuple[Any,
 
 
 def _fingerprint(a: Any) -> str:
-    """A digest of host data (NumPy or anything NumPy reads without a device copy); ``"-"``
-    for data on a device, whose shape alone is compared."""
+    """A digest of prepared data (after conversion: a list, a pandas table and a torch tensor
+    of the same values give the same digest; data on a GPU is copied to the host once)."""
     import hashlib
 
-    if not isinstance(a, np.ndarray):
-        if hasattr(a, "__dlpack__") or not hasattr(a, "__array__"):
-            return "-"
-        a = np.asarray(a)
-    return hashlib.blake2b(np.ascontiguousarray(a).view(np.uint8).reshape(-1).data,
-                           digest_size=12).hexdigest() if a.dtype != object else "-"
+    a = np.ascontiguousarray(a)
+    return hashlib.blake2b(a.view(np.uint8).reshape(-1).data, digest_size=12).hexdigest()
 
 
-def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 128, *,
-        validation_data: tuple[Any, Any] | None = None, validation_split: float | None = None,
-        shuffle: bool = True, seed: int | None = 0, callbacks: Sequence[Callback] = (),
-        verbose: int = 1, drop_last: bool = False) -> History:
-    """See :meth:`Trainer.fit`."""
-    epochs = whole_number("fit: epochs", epochs, 0)
-    batch_size = whole_number("fit: batch_size", batch_size, 1)
-    loss, be = trainer.loss, trainer.model.backend
-    xp = be.xp
+def _prepare(trainer: "Trainer", X: Any, y: Any, validation_data: Any, validation_split: Any
+             ) -> tuple[Any, Any, Any]:
+    """The training data and the validation pair (or None), validated and on the device."""
     Xd, Td = trainer.prepare_batch(X, y)  # (with JAX sharding: on every device)
     Vd = None
     if validation_split is not None:
@@ -68,21 +58,55 @@ def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 
         Vd = trainer.prepare_batch(*validation_data)
     if Vd is not None:  # validation runs no guarded step: check its labels once, here
         trainer.check_targets(Vd[1], "validation_data")
-    n = Xd.shape[0]
+    return Xd, Td, Vd
+
+
+def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 128, *,
+        validation_data: tuple[Any, Any] | None = None, validation_split: float | None = None,
+        shuffle: bool = True, seed: int | None = 0, callbacks: Sequence[Callback] = (),
+        verbose: int = 1, drop_last: bool = False) -> History:
+    """See :meth:`Trainer.fit`."""
+    epochs = whole_number("fit: epochs", epochs, 0)
+    batch_size = whole_number("fit: batch_size", batch_size, 1)
+    loss, be = trainer.loss, trainer.model.backend
+    xp = be.xp
+    parallel = trainer.parallel
+    failed = None
+    try:
+        Xd, Td, Vd = _prepare(trainer, X, y, validation_data, validation_split)
+        n = Xd.shape[0]
+        n_batches = n // batch_size if drop_last else math.ceil(n / batch_size)
+        if n_batches == 0:
+            raise ConfigError(f"fit: batch_size={batch_size} with drop_last=True leaves no "
+                              f"batch from {n} samples")
+        first = trainer.epoch_batch  # > 0: an interrupted epoch, continued where it stopped
+        if first >= n_batches:
+            raise ConfigError(
+                f"fit: the trainer stopped after batch {first} of epoch {trainer.epoch + 1}, "
+                f"but this data and batch_size={batch_size} make {n_batches} batches an "
+                "epoch; continue with the data and batch_size it was trained with (or call "
+                "trainer.end_epoch() to start the next epoch afresh)")
+        if seed is None:  # unseeded: fresh entropy for this call (not reproducible)
+            if parallel is not None:
+                raise ConfigError("fit: with data_parallel, pass a seed: every worker must "
+                                  "draw the same batches")
+            seed = int(np.random.SeedSequence().entropy % 2 ** 63)
+        settings: tuple = (n, tuple(Xd.shape[1:]), batch_size, epochs, seed, bool(shuffle),
+                           bool(drop_last), first)
+        if parallel is not None and parallel.kind == "mpi":  # the data itself, as trained on
+            to_np = be.to_numpy
+            settings += tuple(_fingerprint(to_np(a)) for a in (Xd, Td))
+            settings += (None,) if Vd is None else (tuple(Vd[0].shape),) + tuple(
+                _fingerprint(to_np(a)) for a in Vd)
+    except Exception as e:  # still join the workers' check below: none may wait alone
+        if parallel is None:
+            raise
+        failed, settings = e, ("failed", f"{type(e).__name__}: {e}")
+    if parallel is not None:  # every worker the same batches, or the same clear error
+        parallel.check_same("fit", settings)
+    if failed is not None:
+        raise failed
     per_row = loss.correct_per_row(Td)
-    n_batches = n // batch_size if drop_last else math.ceil(n / batch_size)
-    if n_batches == 0:
-        raise ConfigError(f"fit: batch_size={batch_size} with drop_last=True leaves no batch "
-                          f"from {n} samples")
-    if seed is None:  # unseeded: fresh entropy for this call (not reproducible)
-        if trainer.parallel is not None:
-            raise ConfigError("fit: with data_parallel, pass a seed: every worker must draw "
-                              "the same batches")
-        seed = int(np.random.SeedSequence().entropy % 2 ** 63)
-    if trainer.parallel is not None:  # every worker the same batches, or a clear error
-        trainer.parallel.check_same("fit", (  # rows, features, batching, X and y digests
-            n, tuple(Xd.shape[1:]), batch_size, epochs, seed, bool(shuffle), bool(drop_last),
-            _fingerprint(X), _fingerprint(y)))
     history = History()
     trainer.stop_training = False
     trainer.metric_names = {"loss", "time"} | ({"accuracy"} if loss.has_accuracy else set())
@@ -100,9 +124,9 @@ def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 
             idx = be.asarray(order.astype(np.int64))
             values, counts, corrects = [], [], []
             bar.start(epoch + 1, start + epochs)
-            for b in range(n_batches):
+            for b in range(first if epoch == start else 0, n_batches):
                 lo, hi = b * batch_size, min((b + 1) * batch_size, n)
-                value, c = trainer.step_indexed(Xd, Td, order, idx, lo, hi)
+                value, c = trainer.step_indexed(Xd, Td, order, idx, lo, hi, epoch_batch=b + 1)
                 values.append(value)
                 counts.append(hi - lo)
                 corrects.append(c)
@@ -111,7 +135,7 @@ def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 
             total = xp.sum(xp.stack(values) * be.asarray(np.asarray(counts, dtype=np.float64),
                                                          dtype=values[0].dtype))
             correct = xp.sum(xp.stack(corrects))
-            seen = min(n, n_batches * batch_size)
+            seen = sum(counts)  # the rows trained on (drop_last: not the dropped ones)
             trainer.check()  # one host sync per epoch
             if trainer.parallel is not None:  # the workers' parameters: still the same bits
                 trainer.parallel.check_identical(trainer.state.params)
@@ -127,8 +151,7 @@ def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 
             logs["time"] = time.perf_counter() - t0
             history.append(epoch + 1, logs)
             bar.end(logs, seen / logs["time"])
-            for cb in callbacks:
-                cb.on_epoch_end(trainer, epoch + 1, logs)
+            _end_of_epoch_callbacks(trainer, callbacks, epoch + 1, logs)
             if trainer.stop_training:
                 break
     finally:
@@ -138,3 +161,31 @@ def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 
     for cb in callbacks:
         cb.on_train_end(trainer)
     return history
+
+
+def _end_of_epoch_callbacks(trainer: "Trainer", callbacks: Sequence[Callback], epoch: int,
+                            logs: dict) -> None:
+    """The callbacks' ``on_epoch_end``. With data parallelism, whether to go on is decided
+    by every worker together (one collective): training stops everywhere if any worker's
+    callback asked it to, and a callback that raised on one worker raises on every worker
+    (the others would otherwise wait alone in the next step's collective)."""
+    failed = None
+    try:
+        for cb in callbacks:
+            cb.on_epoch_end(trainer, epoch, logs)
+    except Exception as e:
+        if trainer.parallel is None:
+            raise
+        failed = e
+    if trainer.parallel is None:
+        return
+    everyone = trainer.parallel.outcomes(
+        bool(trainer.stop_training), None if failed is None else f"{type(failed).__name__}: "
+        f"{failed}")
+    if failed is not None:
+        raise failed
+    errors = [(r, why) for r, (_, why) in enumerate(everyone) if why is not None]
+    if errors:
+        raise RuntimeError(f"fit: a callback raised on worker {errors[0][0]} after epoch "
+                           f"{epoch} ({errors[0][1]}); every worker stops with it")
+    trainer.stop_training = any(stop for stop, _ in everyone)

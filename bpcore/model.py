@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Sequence
 
 import numpy as np
@@ -80,6 +81,9 @@ class MLP:
             params = init_params(self.sizes, schemes, seed, self.dtype_name)
         self.params = self._import_params(params)
         self._compiled: dict[Any, Any] = {}
+        # A Trainer holds it for each step; a save holds it while it copies the parameters,
+        # so a snapshot taken from another thread is never half of one step, half another's.
+        self._lock = threading.RLock()
 
     # -- structure ------------------------------------------------------------------------
     @property
@@ -150,9 +154,11 @@ class MLP:
 
     def state_dict(self) -> dict[str, Any]:
         """Parameters as a dict ``{"W1": ndarray, "b1": ndarray, ...}`` of host NumPy arrays
-        (copies: later in-place training steps do not change them)."""
-        return {k: np.array(self.backend.to_numpy(a), copy=True)
-                for k, a in params_to_dict(self.params).items()}
+        (copies: later in-place training steps do not change them; taken between two steps
+        of a Trainer training this model in another thread)."""
+        with self._lock:
+            return {k: np.array(self.backend.to_numpy(a), copy=True)
+                    for k, a in params_to_dict(self.params).items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`state_dict`; any array type is accepted."""
@@ -177,9 +183,17 @@ class MLP:
         x = self.backend.place_like(x, self.params[0][0])
         fn = self._forward_fn()
         n = x.shape[0]
-        return np.concatenate([self.backend.to_numpy(fn(self.params, x[i:min(i + batch_size, n),
-                                                                       ...]))
-                               for i in range(0, n, batch_size)])
+        out = np.concatenate([self.backend.to_numpy(fn(self.params, x[i:min(i + batch_size, n),
+                                                                      ...]))
+                              for i in range(0, n, batch_size)])
+        bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
+        if bad.size:  # a NaN row would otherwise come out as class 0, say
+            raise ShapeError(
+                f"predict: {bad.size} of {n} rows give non-finite outputs (rows "
+                f"{bad[:10].tolist()}{', ...' if bad.size > 10 else ''}, counted from 0): NaN "
+                "or inf in their inputs, or values far outside the training data's range. "
+                "Clean or drop those rows (scikit-learn refuses such input too).")
+        return out
 
     def _kind(self, what: str) -> str:
         out = self.activations[-1].name

@@ -141,6 +141,18 @@ class JaxSharding:
     def check_same(self, what: str, settings: tuple) -> None:
         """One controller per process sees its own arguments; JAX checks shapes itself."""
 
+    def outcomes(self, stop: bool, error: str | None) -> list[tuple[bool, str | None]]:
+        """Every process's ``(stop, error)`` after an epoch, in process order (one collective
+        across processes; the error's text stays with its process)."""
+        if not self.multi_process:
+            return [(stop, error)]
+        from jax.experimental import multihost_utils
+
+        flags = np.asarray(multihost_utils.process_allgather(
+            np.array([int(stop), int(error is not None)], dtype=np.int32)))
+        return [(bool(f[0]), (error if r == self.rank else "see that process's output")
+                 if f[1] else None) for r, f in enumerate(flags.reshape(-1, 2))]
+
 
 # ---- MPI ------------------------------------------------------------------------------------
 def _mpi() -> Any:
@@ -303,6 +315,10 @@ class MPIReducer:
         raises on rank 0 (uncaught, it ends every rank: see the exception hook)."""
         if self.rank == 0:
             fn()
+
+    def outcomes(self, stop: bool, error: str | None) -> list[tuple[bool, str | None]]:
+        """Every rank's ``(stop, error)`` after an epoch, in rank order: one collective."""
+        return self.comm.allgather((bool(stop), error))
 
     def check_same(self, what: str, settings: tuple) -> None:
         """Raise on every rank at once unless every rank passed the same ``settings`` (one

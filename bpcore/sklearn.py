@@ -64,7 +64,7 @@ from .backends._base import Backend, cpu_array_to_numpy, on_cpu
 from .errors import BackendUnavailableError, DTypeError
 from .losses import Loss
 from .mlp import forward, loss_grad_output
-from .step import _quarter_max, tree_sq_norm, where_select
+from .step import step_is_finite, tree_sq_norm, where_select
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
@@ -229,9 +229,9 @@ def _make_step(acts, loss: Loss, solver: str, nesterov: bool, select_on_host: bo
             u, new_opt = _sgd_update(grads, opt, params, h, nesterov)
         else:
             u, new_opt = _adam_update(grads, opt, params, h)
-        # bpcore's guard rule (bpcore.step): a finite loss and Σu² <= max/4, which proves
-        # every updated parameter finite (a non-finite gradient makes Σu² NaN)
-        ok = xp.isfinite(value) & (tree_sq_norm(u) <= _quarter_max(value)) & ~bad
+        # bpcore's guard rule (bpcore.step.step_is_finite): a finite loss, a bounded update
+        # and a finite optimizer state
+        ok = step_is_finite(value, u, new_opt) & ~bad
         if select_on_host:
             if not bool(ok):
                 return params, opt, ~ok, value

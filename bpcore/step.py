@@ -11,7 +11,7 @@ The guard refuses a step, on the device and without a host sync, when its target
 invalid (class labels out of range on the device, negative or non-finite targets), when the
 loss is not finite, when the update is not finite or so large (a norm above
 ``sqrt(dtype max) / 2``, ~1e19 in float32) that it could overflow a parameter — a
-non-finite gradient always makes it so — or when the loss exceeds ``divergence_factor``
+non-finite gradient always makes it so —, when the new optimizer state is not finite, or when the loss exceeds ``divergence_factor``
 times the first step's loss. Parameters are finite when they enter (the model checks them),
 so an accepted step keeps them finite. A refused step changes nothing but the
 guard, which records its number and why; from then on every step is refused, so the state
@@ -32,8 +32,8 @@ from .mlp import loss_grad_output
 from .optim import GradientTransformation, apply_updates
 
 __all__ = ["TrainState", "GuardState", "StepMetrics", "train_step", "init_state",
-           "guard_decision", "tree_sq_norm", "where_select", "GUARD_NONFINITE", "GUARD_GREW",
-           "GUARD_TARGETS", "DEFAULT_DIVERGENCE_FACTOR"]
+           "guard_decision", "step_is_finite", "tree_sq_norm", "where_select",
+           "GUARD_NONFINITE", "GUARD_GREW", "GUARD_TARGETS", "DEFAULT_DIVERGENCE_FACTOR"]
 
 GUARD_NONFINITE, GUARD_GREW, GUARD_TARGETS = 1, 2, 3
 DEFAULT_DIVERGENCE_FACTOR = 1e4
@@ -103,14 +103,28 @@ def train_step(state: TrainState, batch: tuple[Array, Array], *,
     # little, and a non-finite gradient always makes it non-finite (every update is
     # elementwise in the gradient; a clip scale of a NaN norm is NaN). One reduction over
     # the update, and the new parameters need not exist before the decision.
-    bounded = tree_sq_norm(updates) <= _quarter_max(value)
-    ok, new_guard = guard_decision(state, value, T, xp.isfinite(value) & bounded,
+    ok, new_guard = guard_decision(state, value, T, step_is_finite(value, updates, opt_state),
                                    loss=loss, divergence_factor=divergence_factor,
                                    targets_ok=targets_ok)
     # (An elementwise where, fused into the update by XLA; jax.lax.cond would run one branch
     # only, but on a GPU it reads the predicate on the host, inside the compiled step.)
     p, o, k = where_select(ok, applied, lambda: (params, state.opt_state, state.step))
     return state._replace(params=p, opt_state=o, step=k, guard=new_guard), metrics
+
+
+def step_is_finite(value: Array, updates: Any, opt_state: Any) -> Array:
+    """The guard's test of one computed step (0-d bool, on the device): the loss is finite,
+    the update bounded (``Σu² <= dtype max / 4``, which proves every updated parameter
+    finite: no finite parameter overflows by so little, and a non-finite gradient makes the
+    sum NaN), and the new optimizer state finite. The last is not implied by the first two:
+    Adam's update ``m / sqrt(v)`` is 0 when ``g²`` overflows to inf, while ``v`` becomes inf
+    for good. The state's test is one sum per leaf (inf or NaN anywhere makes it non-finite;
+    a sum that overflows means a state near overflow, refused too)."""
+    xp = array_namespace(value)
+    ok = xp.isfinite(value) & (tree_sq_norm(updates) <= _quarter_max(value))
+    for leaf in nested_leaves(opt_state):
+        ok = ok & xp.isfinite(xp.sum(leaf))
+    return ok
 
 
 def tree_sq_norm(tree: Any) -> Array:

@@ -88,6 +88,9 @@ class Trainer:
             raise ConfigError(f"divergence_factor: expected a number > 1 (or None), got "
                               f"{divergence_factor!r}")
         self.model = model
+        # Held for each step and each snapshot (save): the model's, so that saving the model
+        # alone (bpcore.save) from another thread also sees whole steps.
+        self._lock = model._lock
         self.loss = get_loss(loss)
         model.task = self.loss.targets  # what the outputs mean: model.predict needs it
         self.base_optimizer = get_optimizer(optimizer)
@@ -105,11 +108,12 @@ class Trainer:
             # (JAX).
             model.params = (self.parallel.broadcast(model.params) if self.parallel.kind == "mpi"
                             else self.parallel.replicate(model.params))
-        self.state = init_state(model.params, self.optimizer, model.backend)
+        self._state = init_state(model.params, self.optimizer, model.backend)
         jit_out = {}
         if self._sharded:
-            self.state = self.parallel.replicate(self.state)
+            self._state = self.parallel.replicate(self._state)
             jit_out = {"out_shardings": self.parallel.replicated}
+        self._epoch_batch = 0
         self.stop_training = False
         self.trace_count = 0  # how many times the step was traced (once per shape on JAX)
         if inplace not in (None, True, False):
@@ -208,18 +212,53 @@ class Trainer:
         """Completed epochs of :meth:`fit` (reads a device counter)."""
         return int(self._local(self.state.epoch))
 
+    @property
+    def state(self) -> TrainState:
+        """The training state (parameters, optimizer state, step, guard, epoch)."""
+        self._sync_params()
+        return self._state
+
+    @state.setter
+    def state(self, state: TrainState) -> None:
+        """Adopt a whole state (another trainer's, a checkpoint's): its parameters become the
+        model's. It must fit this model and this optimizer (same shapes), or nothing
+        changes and a ConfigError says what differs."""
+        if not isinstance(state, TrainState):
+            raise ConfigError(f"state: expected a bpcore.TrainState, got "
+                              f"{type(state).__name__}")
+        mine = self._state
+        problems = _tree_mismatch("params", mine.params, state.params)
+        problems += _tree_mismatch("opt_state", mine.opt_state, state.opt_state)
+        if problems:
+            raise ConfigError(
+                "state: the assigned state does not fit this trainer (" + "; ".join(problems)
+                + "). A state carries over between trainers of the same model sizes and the "
+                "same kind of optimizer; to change the optimizer kind, start from the "
+                "parameters alone: new.set_params(old.model.params).")
+        with self._lock:
+            self.model.set_params(state.params)
+            self._state = state._replace(params=self.model.params)
+
+    @property
+    def epoch_batch(self) -> int:
+        """Batches of the current epoch that :meth:`fit` has run: 0 between epochs; after an
+        interrupted ``fit``, where the next ``fit`` (or a resumed trainer's) continues."""
+        return self._epoch_batch
+
     def end_epoch(self) -> None:
-        self.state = self.state._replace(epoch=self.state.epoch + 1)
+        with self._lock:
+            self._state = self._state._replace(epoch=self._state.epoch + 1)
+            self._epoch_batch = 0
 
     def set_params(self, params: Params) -> None:
         """Replace the parameters (checked and moved like ``model.set_params``)."""
         self.model.set_params(params)
-        self.state = self.state._replace(params=self.model.params)
+        self._state = self._state._replace(params=self.model.params)
 
     def _sync_params(self) -> None:
         # Someone replaced model.params directly: adopt them (an identity check, no sync).
-        if self.model.params is not self.state.params:
-            self.state = self.state._replace(params=self.model.params)
+        if self.model.params is not self._state.params:
+            self._state = self._state._replace(params=self.model.params)
 
     # -- one step ---------------------------------------------------------------------------
     def prepare_batch(self, x: Any, y: Any) -> tuple[Array, Array]:
@@ -310,35 +349,41 @@ class Trainer:
         metrics = self._advance(self._prepared_step, xb, T)
         return metrics.loss, metrics.correct
 
-    def _advance(self, step_fn: Any, *batch: Any) -> Any:
-        """Run ``step_fn(state, *batch)``, keep the new state, return its metrics."""
-        self._sync_params()
-        self.state, metrics = step_fn(self.state, *batch)
-        self.model.params = self.state.params
+    def _advance(self, step_fn: Any, *batch: Any, epoch_batch: int | None = None) -> Any:
+        """Run ``step_fn(state, *batch)``, keep the new state, return its metrics.
+        ``epoch_batch``: the batches of the epoch done once this one is (``fit``'s steps)."""
+        with self._lock:  # a save in another thread sees the state before or after, whole
+            self._sync_params()
+            self._state, metrics = step_fn(self._state, *batch)
+            if epoch_batch is not None:
+                self._epoch_batch = epoch_batch
+            self.model.params = self._state.params
         return self._local(metrics)
 
     def step_indexed(self, Xd: Array, Td: Array, order: np.ndarray, idx: Array, lo: int,
-                     hi: int) -> tuple[Array, Array]:
+                     hi: int, epoch_batch: int | None = None) -> tuple[Array, Array]:
         """:meth:`step_prepared` on rows ``order[lo:hi]`` of prepared data (what :meth:`fit`
         does per batch; ``idx`` is ``order`` on the device). Where the step is compiled (JAX)
-        the gather happens inside it, from the host indices: one call per batch."""
+        the gather happens inside it, from the host indices: one call per batch.
+        ``epoch_batch``: this batch's number in its epoch, counted from 1 (:attr:`epoch_batch`
+        after it)."""
         m = self.model
+        eb = {"epoch_batch": epoch_batch}
         n_local = None
         if self._mpi:  # this rank's part of the global batch order[lo:hi]
             a, b = self.parallel.local_rows(hi - lo)
             n_local = float(b - a)
             lo, hi = (lo + a, lo + b) if b > a else (lo, lo + 1)  # (weight 0: a stand-in)
         if m.backend.compiles:
-            metrics = self._advance(self._indexed_step_fn, Xd, Td, order[lo:hi])
+            metrics = self._advance(self._indexed_step_fn, Xd, Td, order[lo:hi], **eb)
             return metrics.loss, metrics.correct
         xp = m.backend.xp
         sel = idx[lo:hi]
         xb, Tb = xp.take(Xd, sel, axis=0), xp.take(Td, sel, axis=0)
-        if n_local is not None:
-            self.parallel.n_local = n_local
-            metrics = self._advance(self._prepared_step, xb, Tb)
-            return metrics.loss, metrics.correct
-        return self.step_prepared(xb, Tb)
+        if self._mpi:
+            self.parallel.n_local = float(xb.shape[0]) if n_local is None else n_local
+        metrics = self._advance(self._prepared_step, xb, Tb, **eb)
+        return metrics.loss, metrics.correct
 
     def _pure_indexed_step(self, state, Xd, Td, sel):
         xp = self.model.backend.xp
@@ -377,7 +422,7 @@ class Trainer:
     def reset_guard(self) -> None:
         """Clear a recorded divergence so training can go on (e.g. after lowering lr)."""
         g = self.state.guard
-        self.state = self.state._replace(guard=g._replace(bad_step=g.bad_step * 0,
+        self._state = self._state._replace(guard=g._replace(bad_step=g.bad_step * 0,
                                                           reason=g.reason * 0))
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -423,10 +468,11 @@ class Trainer:
         trainer = cls(ckpt.model, config.loss, opt, clip_norm=config.clip_norm,
                       check_finite=config.check_finite,
                       divergence_factor=config.divergence_factor, data_parallel=data_parallel)
-        trainer.state = ckpt.restore_state(trainer.state)
+        trainer._state = ckpt.restore_state(trainer._state)
+        trainer._epoch_batch = ckpt.epoch_batch
         if trainer._sharded:
-            trainer.state = trainer.parallel.replicate(trainer.state)
-            trainer.model.params = trainer.state.params
+            trainer._state = trainer.parallel.replicate(trainer._state)
+            trainer.model.params = trainer._state.params
         return trainer
 
     # -- evaluation -------------------------------------------------------------------------
@@ -489,6 +535,17 @@ class Trainer:
         return fit(self, X, y, epochs, batch_size, validation_data=validation_data,
                    validation_split=validation_split, shuffle=shuffle, seed=seed,
                    callbacks=callbacks, verbose=verbose, drop_last=drop_last)
+
+
+def _tree_mismatch(name: str, mine: Any, theirs: Any) -> list[str]:
+    """How tree ``theirs`` differs from ``mine`` in its leaves' count and shapes."""
+    from ._array import nested_leaves
+
+    a, b = nested_leaves(mine), nested_leaves(theirs)
+    if len(a) != len(b):
+        return [f"{name}: {len(b)} arrays, this trainer's has {len(a)}"]
+    return [f"{name}[{i}]: shape {tuple(y.shape)}, this trainer's is {tuple(x.shape)}"
+            for i, (x, y) in enumerate(zip(a, b)) if tuple(x.shape) != tuple(y.shape)][:4]
 
 
 def _eval_batch(params, x, T, *, activations, loss):
