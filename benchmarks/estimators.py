@@ -11,6 +11,7 @@ time over scikit-learn's, measured in this one run.
 from __future__ import annotations
 
 import time
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -98,7 +99,7 @@ def run(cases: list[str], backends: list[str], dtypes: list[str], rounds: int = 
         for name in cases:
             case = CASES[name]
             Xtr, Xte, ytr, yte = _data(case.data, dtype)
-            ests, first, best = {}, {}, {}
+            ests, first, times = {}, {}, {}
             for impl in impls:
                 try:
                     ests[impl] = _estimator(impl, case, dtype)
@@ -108,12 +109,15 @@ def run(cases: list[str], backends: list[str], dtypes: list[str], rounds: int = 
                     ests.pop(impl, None)
             for _ in range(rounds):
                 for impl, est in ests.items():
-                    best[impl] = min(best.get(impl, np.inf), _fit(est, Xtr, ytr))
+                    times.setdefault(impl, []).append(_fit(est, Xtr, ytr))
+            best = {impl: min(t) for impl, t in times.items()}
             ref = ests.get("sklearn")
             for impl, est in ests.items():
                 row = {"case": name, "dtype": dtype, "impl": impl, "time_s": best[impl],
                        "first_fit_s": first[impl], "score": float(est.score(Xte, yte)),
-                       "n_iter": int(est.n_iter_)}
+                       "n_iter": int(est.n_iter_),
+                       # how far the timed fits spread: report.noise_warning reads it
+                       "spread": (max(times[impl]) - best[impl]) / best[impl]}
                 if ref is not None:
                     row["vs_sklearn"] = best[impl] / best["sklearn"]
                     row["max_coef_diff"] = max(float(np.abs(np.asarray(a, np.float64) - b).max())
@@ -153,7 +157,12 @@ def main(args: Any, backends: list[str], info: dict) -> int:
         raise SystemExit(f"bpcore bench --estimators: unknown cases {unknown}; known: "
                          f"{list(CASES)}")
     dtypes = args.dtypes.split(",") if args.dtypes else ["float32", "float64"]
+    from .report import noise_warning
+
     result = run(cases, backends, dtypes, rounds=args.rounds)
     paths = write(result, info, args.out)
     print("\n" + markdown(result) + "\n\nwrote " + ", ".join(paths))
+    noise = noise_warning(result["rows"])
+    if noise:
+        print("\n" + noise, file=sys.stderr)
     return 0

@@ -462,7 +462,9 @@ def write_side_report(result: dict, machine: dict, out: str, stem: str, title: s
     pj = write_json(result, machine, out, f"{stem}.json")
     pm = os.path.join(out, f"{stem}.md")
     with open(pm, "w") as f:
-        f.write(f"# {title}\n\n{intro}\n\n{machine_summary(machine)}\n\n{body}\n")
+        noise = noise_warning(result.get("rows", []))
+        f.write(f"# {title}\n\n{intro}\n\n{machine_summary(machine)}\n\n"
+                + (f"**{noise}**\n\n" if noise else "") + f"{body}\n")
         if result.get("skipped"):
             f.write("\n## Not run here\n\n" + "\n".join(
                 f"- {k}: {v}" for k, v in sorted(result["skipped"].items())) + "\n")

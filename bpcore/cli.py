@@ -43,6 +43,17 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if not 0 <= v < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to 2**63-1, got "
+                                         f"{text!r}")
+    return v
+
+
 def _hidden(text: str) -> list[int]:
     try:
         sizes = [int(s) for s in text.split(",") if s.strip()]
@@ -51,6 +62,9 @@ def _hidden(text: str) -> list[int]:
                                          f"got {text!r}")
     if not sizes or any(s < 1 for s in sizes):
         raise argparse.ArgumentTypeError(f"expected positive widths like 256,256, got {text!r}")
+    if any(s > 2 ** 31 for s in sizes):
+        raise argparse.ArgumentTypeError(f"a width above 2**31 is more than any machine holds, "
+                                         f"got {text!r}")
     return sizes
 
 
@@ -65,15 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train an MLP (default: the built-in digits dataset)")
     t.add_argument("--backend", default="numpy", help="numpy, jax, torch, cupy, ... "
                    "(see `bpcore info`; default numpy)")
-    t.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    t.add_argument("--hidden", type=_hidden, default=[128, 64], help="widths, e.g. 256,256")
-    t.add_argument("--activation", default="relu", choices=sorted(ACTIVATIONS))
-    t.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS))
+    # (The model's and optimizer's settings default to None, filled in by `train`: with
+    # --resume they come from the checkpoint, and one given anyway is refused, not ignored.)
+    t.add_argument("--dtype", default=None, choices=["float32", "float64"],
+                   help="default float32")
+    t.add_argument("--hidden", type=_hidden, default=None,
+                   help="widths, e.g. 256,256 (default 128,64)")
+    t.add_argument("--activation", default=None, choices=sorted(ACTIVATIONS),
+                   help="default relu")
+    t.add_argument("--optimizer", default=None, choices=sorted(OPTIMIZERS),
+                   help="default adam")
     t.add_argument("--lr", type=_positive_float, default=None,
                    help="learning rate (default 1e-3 for adam/adamw, 0.05 for sgd/momentum)")
     t.add_argument("--epochs", type=_positive_int, default=30)
     t.add_argument("--batch-size", type=_positive_int, default=64)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=_seed, default=0)
     t.add_argument("--data", default=None, help=".npz with X and y, or .csv with a label column")
     t.add_argument("--label-column", default=None,
                    help="CSV label column: a name, or an index from 0 (negative: from the end); "

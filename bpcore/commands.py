@@ -62,6 +62,7 @@ def cmd_train(args) -> int:
     from .plots import training_curves
     from .preprocess import Standardize
 
+    _check_resume_flags(args)
     _enable_float64_if_needed(args.backend, args.dtype)
     X, y, classes, task, data_name = _prepare_data(args)
     X_trval, X_test, y_trval, y_test = train_test_split(X, y, 0.2, seed=args.seed)
@@ -84,6 +85,8 @@ def cmd_train(args) -> int:
                              f"not fit this data ({X.shape[1]} features, {n_out} outputs)")
     else:
         pre = Standardize.fit(X_train)
+        _check_memory([X.shape[1], *args.hidden, n_out], args.dtype, args.optimizer,
+                      args.batch_size)
         model = MLP([X.shape[1], *args.hidden, n_out], args.activation, "identity",
                     backend=args.backend, dtype=args.dtype, seed=args.seed)
         lr = args.lr or (1e-3 if args.optimizer in ("adam", "adamw") else 0.05)
@@ -123,6 +126,51 @@ def cmd_train(args) -> int:
           f"({per_epoch * 1000:.1f} ms/epoch median) on {model.backend.name}/{model.dtype_name}")
     print(f"wrote {ckpt}" + (f", {png}" if png else " (install matplotlib for curves.png)"))
     return 0
+
+
+# What `train` uses when a flag is not given (the parser leaves these None, so that --resume
+# can tell a flag given from a default).
+_TRAIN_DEFAULTS = {"dtype": "float32", "hidden": [128, 64], "activation": "relu",
+                   "optimizer": "adam"}
+_FROM_CHECKPOINT = ("dtype", "hidden", "activation", "optimizer", "lr", "clip_norm")
+
+
+def _check_resume_flags(args) -> None:
+    """With --resume the network, dtype and optimizer are the checkpoint's: a flag that would
+    change them is refused (silently ignoring it would train something else than asked).
+    Without it, fill in the defaults."""
+    if args.resume:
+        given = [f"--{k.replace('_', '-')}" for k in _FROM_CHECKPOINT
+                 if getattr(args, k, None) is not None]
+        if given:
+            raise ValueError(f"--resume continues the checkpoint's network and optimizer "
+                             f"exactly; {', '.join(given)} would change them and cannot be "
+                             "applied to a resumed run. Drop them, or train afresh without "
+                             "--resume (--epochs, --batch-size, --patience, --data and --out "
+                             "do apply)")
+        args.dtype = args.dtype or "float32"  # (unused: the checkpoint's dtype is kept)
+        return
+    for k, v in _TRAIN_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+
+
+def _check_memory(sizes: list, dtype: str, optimizer: str, batch_size: int) -> None:
+    """Refuse, before allocating, a network that cannot fit in this machine's memory: its
+    parameters, gradients, optimizer moments and one batch's activations."""
+    n_params = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+    copies = 2 + {"adam": 2, "adamw": 2, "momentum": 1}.get(optimizer, 0)
+    itemsize = 4 if dtype == "float32" else 8
+    need = itemsize * (copies * n_params + 3 * batch_size * sum(sizes))
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have:
+        raise ValueError(f"--hidden: a network of sizes {sizes} has {n_params:,} parameters; "
+                         f"training it ({optimizer}, {dtype}) needs about {need / 2**30:,.1f} "
+                         f"GiB, and this machine has {have / 2**30:,.1f} GiB. Use smaller "
+                         "widths.")
 
 
 def _legacy_scaling(ckpt):
