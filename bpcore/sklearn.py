@@ -317,8 +317,21 @@ class _BaseMLP(BaseEstimator):
         for name in self._get_param_names():
             setattr(self, name, arguments[name])
 
-    def _dtype_for(self, X_dtype: Any) -> str:
-        return self.dtype or ("float32" if np.dtype(X_dtype) == np.float32 else "float64")
+    def _dtype_for(self, X_dtype: Any, be: Backend) -> str:
+        """The compute dtype: ``dtype``, else X's as scikit-learn does. One exception, so that
+        changing ``backend="jax"`` alone never breaks a working script: float64 data on a JAX
+        without 64-bit mode trains in JAX's own float32, with a one-line warning."""
+        if self.dtype:
+            return self.dtype
+        if np.dtype(X_dtype) == np.float32:
+            return "float32"
+        if be.float64_error() is not None:
+            warnings.warn(f"{type(self).__name__}(backend={be.name!r}): float64 data, trained "
+                          f"in float32 ({be.name} computes in float32 unless 64-bit mode is "
+                          "on: jax.config.update('jax_enable_x64', True)); pass "
+                          "dtype='float32' to silence this", UserWarning, stacklevel=4)
+            return "float32"
+        return "float64"
 
     def _backend(self) -> Backend:
         try:
@@ -426,7 +439,7 @@ class _BaseMLP(BaseEstimator):
         if y.ndim == 1:
             y = y.reshape((-1, 1))
         be = self._backend()
-        dtype = self._dtype_for(X.dtype)
+        dtype = self._dtype_for(X.dtype, be)
         self._check_dtype(be, dtype)  # a clear error now (float64 on JAX without x64, say)
         self.n_outputs_ = y.shape[1]
         layer_units = [n_features] + hidden + [self.n_outputs_]
@@ -498,8 +511,9 @@ class _BaseMLP(BaseEstimator):
                 "state": (zeros, [tuple(xp.zeros_like(a) for a in layer) for layer in params])}
 
     def _fit_stochastic(self, be, dtype, params, X, y, sample_weight, incremental):
-        if not incremental or not hasattr(self, "_optimizer") or \
-                self._optimizer.get("solver") != self.solver:
+        # As scikit-learn: partial_fit goes on with the optimizer it has, even after
+        # set_params(solver=...) (fit starts a new one).
+        if not incremental or not hasattr(self, "_optimizer"):
             self._optimizer = self._new_optimizer(be, params)
         opt = self._optimizer
         # the optimizer state on this backend (it is host NumPy after unpickling)
@@ -551,10 +565,10 @@ class _BaseMLP(BaseEstimator):
                                  np.asarray(sw_train, dtype=dtype).reshape(-1, 1), rows))
         Xd = None if sparse else be.asarray(_padded(np.asarray(X_train, dtype=dtype), rows))
         step, step_indexed = _compiled(
-            be, ("step", self.activation, len(params) + 1, self.out_activation_, self.solver,
+            be, ("step", self.activation, len(params) + 1, self.out_activation_, opt["solver"],
                  bool(self.nesterovs_momentum)),
             lambda: _make_step(_acts(self.activation, len(params) + 1),
-                               _LOSSES[self.out_activation_], self.solver,
+                               _LOSSES[self.out_activation_], opt["solver"],
                                bool(self.nesterovs_momentum),
                                select_on_host=not (be.compiles or be.asynchronous)))
         bad = be.asarray(np.zeros((), dtype=bool))
@@ -848,7 +862,8 @@ _BACKEND_DOC = """
         (``bpcore.backends.available()``). Results are NumPy arrays on every backend.
     dtype : {"float32", "float64"} or None, default=None
         The compute dtype. None: as scikit-learn, float32 for float32 ``X`` and float64
-        otherwise (float64 on JAX needs ``jax_enable_x64``).
+        otherwise; on JAX without ``jax_enable_x64``, float32 with a warning.
+        ``"float64"`` on JAX needs ``jax_enable_x64``.
 """
 
 _EXTRA_CONSTRAINTS = {"backend": [str, Backend],

@@ -366,3 +366,77 @@ def test_jax_across_two_processes_trains_as_one(tmp_path):
         pytest.skip(f"this jaxlib {jax.__version__} has no gloo CPU collectives")
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
     _assert_close(_load(ref), _load(dp), 1e-10)
+
+
+# Each scenario: what rank r passes, and what every rank must then see (no rank left waiting
+# in a collective alone: the run is bounded by the subprocess timeout and must exit 0).
+COLLECTIVE_DECISIONS = """
+import sys, json, numpy as np, bpcore
+case, out = sys.argv[1], sys.argv[2]
+m = bpcore.MLP([4, 8, 2], "tanh", dtype="float64", seed=0)
+t = bpcore.Trainer(m, "softmax_cross_entropy", "adam", data_parallel=True)
+r = t.parallel.rank
+X = np.random.default_rng(0).standard_normal((20, 4))
+y = (X[:, 0] > 0).astype(int)
+kw = dict(epochs=6, batch_size=5, verbose=0)
+if case == "lists":           # each rank its own rows, as Python lists (same shapes)
+    Xr = np.random.default_rng(r).standard_normal((20, 4))
+    args = (Xr.tolist(), (Xr[:, 0] > 0).astype(int).tolist())
+elif case == "torch":         # each rank its own rows, as CPU torch tensors
+    import torch
+    Xr = np.random.default_rng(r).standard_normal((20, 4))
+    args = (torch.from_numpy(Xr), torch.from_numpy((Xr[:, 0] > 0).astype(np.int64)))
+elif case == "validation":    # the same training data, each rank its own validation data
+    Xv = np.random.default_rng(10 + r).standard_normal((8, 4))
+    args = (X, y)
+    kw.update(validation_data=(Xv, (Xv[:, 0] > 0).astype(int)),
+              callbacks=[bpcore.EarlyStopping("val_loss", patience=1)])
+elif case in ("stop", "raise"):  # a callback that acts on one rank only
+    class OneRank(bpcore.Callback):
+        def on_epoch_end(self, trainer, epoch, logs):
+            if r == 1 and epoch == 2:
+                if case == "raise":
+                    raise RuntimeError("rank 1 gives up")
+                trainer.stop_training = True
+    args = (X, y)
+    kw.update(callbacks=[OneRank()])
+elif case == "bad_rows":      # a label out of range on rank 1 only: an error before any step
+    yr = y.copy()
+    if r == 1:
+        yr[3] = 7
+    args = (X, yr)
+try:
+    h = t.fit(*args, **kw)
+    result = {"epochs": h.epochs[-1], "steps": t.steps}
+except Exception as e:
+    result = {"error": type(e).__name__, "text": str(e)}
+json.dump(result, open(f"{out}.{r}", "w"))
+"""
+
+
+@needs_mpi
+@pytest.mark.parametrize("case", ["lists", "torch", "validation", "stop", "raise", "bad_rows"])
+def test_collective_decisions_are_made_together(tmp_path, case):
+    """Different data in any accepted form is found (the digest is of the data as trained
+    on), and what ends the loop (a callback's stop or error, a bad input on one rank) ends it
+    on every rank at the same point: nobody waits in a collective alone."""
+    import json
+
+    if case == "torch":
+        pytest.importorskip("torch")
+    out = str(tmp_path / "r")
+    r = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", COLLECTIVE_DECISIONS, case,
+                        out], capture_output=True, text=True, timeout=120, env=_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = [json.loads(Path(f"{out}.{k}").read_text()) for k in (0, 1)]
+    if case in ("lists", "torch", "validation"):
+        assert res[0]["error"] == res[1]["error"] == "ConfigError", res
+        assert "different data or settings" in res[0]["text"]
+    elif case == "stop":
+        assert res[0] == res[1] == {"epochs": 2, "steps": 8}
+    elif case == "raise":
+        assert res[1] == {"error": "RuntimeError", "text": "rank 1 gives up"}
+        assert res[0]["error"] == "RuntimeError" and "worker 1" in res[0]["text"]
+    else:
+        assert res[0]["error"] == "ConfigError" and "ShapeError" in res[0]["text"], res
+        assert res[1]["error"] == "ConfigError", res
