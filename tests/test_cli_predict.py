@@ -1,0 +1,165 @@
+"""``bpcore predict`` gives what ``model.predict`` gives, with labels exactly as trained on,
+in every output format, or a clear error; and ``bpcore train``'s flags say which one is wrong.
+Each test here failed before its fix (a hostile probe's findings)."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+import bpcore
+from bpcore import optim
+from bpcore.cli import main
+from bpcore.preprocess import Standardize
+
+
+def _blobs(n=60, k=2, d=3, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    X = rng.standard_normal((n, d)) + 3.0 * y[:, None]
+    return X, y
+
+
+def _write_csv(path, X, labels=None, header=True):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        if header:
+            w.writerow([f"f{i}" for i in range(X.shape[1])] + (["label"] if labels is not None
+                                                                 else []))
+        for i, row in enumerate(X):
+            w.writerow([repr(float(v)) for v in row] + ([labels[i]] if labels is not None
+                                                        else []))
+
+
+def _train(tmp_path, data, capsys, *extra):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--epochs", "30", "--hidden", "16",
+                 "--batch-size", "8", "--out", str(out), "--quiet", *extra]) == 0
+    capsys.readouterr()
+    return out / "model.safetensors"
+
+
+def _predict(ckpt, data, capsys, *extra):
+    rc = main(["predict", str(ckpt), "--data", str(data), *extra])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+@pytest.mark.parametrize("labels", [[1234567, 7654321], [-3, 2 ** 62],
+                                    [12345678901234567890123, 7], ["cat", "dog, grey"]])
+def test_labels_round_trip_exactly(tmp_path, capsys, labels):
+    X, y = _blobs()
+    names = [labels[i] for i in y]
+    data = tmp_path / "d.csv"
+    _write_csv(data, X, names)
+    ckpt = _train(tmp_path, data, capsys)
+    rc, out, err = _predict(ckpt, data, capsys)
+    assert rc == 0, err
+    got = [row[0] for row in csv.reader(out.splitlines())]
+    assert set(got) <= {str(v) for v in labels} and len(got) == len(X)
+    acc = float(err.split("accuracy ")[1].split()[0])
+    assert acc == pytest.approx(np.mean([g == str(n) for g, n in zip(got, names)]), abs=1e-4)
+    assert acc >= 0.8  # (it learned: the labels are not scrambled)
+    for fmt in ("csv", "npy"):
+        path = tmp_path / f"p.{fmt}"
+        assert _predict(ckpt, data, capsys, "--out", str(path))[0] == 0
+        if fmt == "csv":
+            with open(path, newline="") as f:
+                back = [r[0] for r in csv.reader(f)]
+        else:
+            back = [str(v) for v in np.load(path, allow_pickle=False)]
+        assert back == got
+
+
+def _saved_model(tmp_path, loss, n_out, task_data):
+    X, y = task_data
+    m = bpcore.MLP([3, 8, n_out], "tanh", dtype="float64", seed=0)
+    tr = bpcore.Trainer(m, loss, optim.adam(1e-2))
+    tr.fit(X, y, epochs=30, batch_size=16, verbose=0)
+    return m, tr
+
+
+def test_binary_cross_entropy_checkpoint_predicts_labels_not_logits(tmp_path, capsys):
+    X, y = _blobs()
+    m, tr = _saved_model(tmp_path, "binary_cross_entropy", 1, (X, y[:, None].astype(float)))
+    ckpt = tmp_path / "b.safetensors"
+    tr.save(ckpt)
+    data = tmp_path / "x.csv"
+    _write_csv(data, X)
+    rc, out, err = _predict(ckpt, data, capsys)
+    assert rc == 0, err
+    got = np.array([[int(c) for c in row] for row in csv.reader(out.splitlines())])
+    np.testing.assert_array_equal(got, m.predict(X))
+    assert set(got.ravel()) <= {0, 1}
+
+
+def test_regressor_prints_its_values_exactly(tmp_path, capsys):
+    X, _ = _blobs()
+    t = X @ np.array([[1.0, -2.0], [0.5, 0.0], [0.0, 3.0]])
+    m, tr = _saved_model(tmp_path, "mse", 2, (X, t))
+    ckpt = tmp_path / "r.safetensors"
+    tr.save(ckpt)
+    data = tmp_path / "x.csv"
+    _write_csv(data, X)
+    rc, out, err = _predict(ckpt, data, capsys)
+    assert rc == 0, err
+    got = np.array([[float(c) for c in row] for row in csv.reader(out.splitlines())])
+    np.testing.assert_array_equal(got, m.predict(X))  # the shortest exact text: no loss
+
+
+def test_model_only_regressor_gives_the_python_error_not_zeros(tmp_path, capsys):
+    X, _ = _blobs()
+    m, _ = _saved_model(tmp_path, "mse", 2, (X, X[:, :2]))
+    ckpt = tmp_path / "m.safetensors"
+    bpcore.save(ckpt, bpcore.MLP([3, 8, 2], "tanh", dtype="float64", params=m.params))
+    data = tmp_path / "x.csv"
+    _write_csv(data, X)
+    rc, out, err = _predict(ckpt, data, capsys)
+    assert rc == 1 and out == ""
+    assert "does not know what it predicts" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_rows_with_nan_or_inf_are_refused_with_their_numbers(tmp_path, capsys, bad):
+    X, y = _blobs()
+    data = tmp_path / "d.csv"
+    _write_csv(data, X, list(y))
+    ckpt = _train(tmp_path, data, capsys)
+    X[[4, 17], 1] = bad
+    _write_csv(data, X, list(y))
+    rc, out, err = _predict(ckpt, data, capsys)
+    assert rc == 1 and out == ""
+    assert "rows [4, 17]" in err and "NaN or inf" in err
+
+
+# ---- bpcore train's flags ----------------------------------------------------------------------
+def test_seed_error_names_the_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--seed", "-1"])
+    assert "argument --seed" in capsys.readouterr().err
+
+
+def test_a_network_too_big_for_memory_is_refused_before_allocating(tmp_path, capsys):
+    assert main(["train", "--hidden", "2000000000", "--out", str(tmp_path), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "--hidden" in err and "GiB" in err and "MemoryError" not in err
+    with pytest.raises(SystemExit):
+        main(["train", "--hidden", "99999999999"])
+    assert "argument --hidden" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", [["--lr", "0.5"], ["--optimizer", "sgd"], ["--hidden", "4"],
+                                  ["--activation", "tanh"], ["--dtype", "float64"]])
+def test_resume_refuses_flags_it_would_ignore(tmp_path, capsys, flag):
+    X, y = _blobs()
+    data = tmp_path / "d.csv"
+    _write_csv(data, X, list(y))
+    ckpt = _train(tmp_path, data, capsys)
+    before = ckpt.read_bytes()
+    rc = main(["train", "--data", str(data), "--resume", str(ckpt), "--epochs", "1",
+               "--out", str(tmp_path / "run"), "--quiet", *flag])
+    err = capsys.readouterr().err
+    assert rc == 1 and flag[0] in err and "cannot be applied to a resumed run" in err
+    assert ckpt.read_bytes() == before
