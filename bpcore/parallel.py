@@ -219,6 +219,7 @@ class MPIReducer:
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.backend = backend
         self.n_local = 1.0        # this rank's rows in the current step (0: a stand-in row)
+        self.poisoned = False     # this rank's input was refused: the step must be too
         self._buf: np.ndarray | None = None
         self.cuda_aware = backend.dlpack_device[0] != 1 and _cuda_aware(MPI)
         _abort_on_uncaught_exception(self.comm)
@@ -249,11 +250,17 @@ class MPIReducer:
         n = self.n_local
         np.multiply(g, n, out=buf[:P])
         buf[P:] = (float(value) * n if n else 0.0, float(correct) if n else 0.0, n,
-                   0.0 if targets_ok or not n else 1.0)
+                   self._invalid(bool(targets_ok), n))
         self._sum(buf)
         total = buf[P + 2]
         np.divide(buf[:P], total, out=g)
         return float(buf[P] / total), float(buf[P + 1]), bool(buf[P + 3] == 0)
+
+    def _invalid(self, targets_ok: bool, n: float) -> float:
+        """This rank's vote against the step: its rows' targets are invalid, or its input was
+        refused before the step (:meth:`Trainer._join_refused`; the flag is used once)."""
+        poisoned, self.poisoned = self.poisoned, False
+        return 1.0 if poisoned or (n and not targets_ok) else 0.0
 
     def reduce_tree(self, value: Any, correct: Any, targets_ok: Any, grads: Params
                     ) -> tuple[Any, Any, Any, Params]:
@@ -263,9 +270,11 @@ class MPIReducer:
         xp = be.xp
         leaves = [g for layer in grads for g in layer]
         n = self.n_local
+        poison = self._invalid(True, n)  # (read before the flag is cleared)
         extras = [value * n if n else value * 0, correct if n else correct * 0,
                   xp.ones_like(value) * n, (1.0 - xp.astype(targets_ok, value.dtype)) * (1 if n
-                                                                                       else 0)]
+                                                                                       else 0)
+                  + poison]
         flat = xp.concat([xp.reshape(g, (-1,)) * n for g in leaves] +
                          [xp.reshape(xp.astype(e, value.dtype), (1,)) for e in extras])
         if self.cuda_aware:

@@ -291,11 +291,45 @@ class Trainer:
         part of the global batch (MPI rank, or JAX process), for data that no single host
         holds whole; the global batch is the parts of all workers together.
         """
-        m = self.model
-        if self._mpi:
-            x, y = self._rank_slice(x, y, local)
-        elif local and self._sharded and self.parallel.multi_process:
+        if self._mpi and not local:
+            # The global batch is the same on every rank: checked whole, it raises alike on
+            # every rank (and changes nothing) without a collective; then each rank steps on
+            # its rows of it.
+            fn, (xb, t) = self._prepare_step(x, y)
+            lo, hi = self.parallel.local_rows(int(xb.shape[0]))
+            self.parallel.n_local = float(hi - lo)
+            if hi == lo:  # no rows for this rank: a stand-in row with weight 0
+                lo, hi = 0, 1
+            return self._advance(fn, xb[lo:hi, ...], t[lo:hi, ...]).loss
+        if self._mpi:  # local=True: each rank's own rows, checked by that rank alone
+            try:
+                fn, batch = self._prepare_step(x, y)
+            except (ValueError, TypeError) as e:  # see _join_refused
+                self._join_refused(e)
+            self.parallel.n_local = float(batch[0].shape[0])
+            return self._advance(fn, *batch).loss
+        if local and self._sharded and self.parallel.multi_process:
             return self._step_process_local(x, y)
+        fn, batch = self._prepare_step(x, y)
+        return self._advance(fn, *batch).loss
+
+    def _join_refused(self, error: Exception) -> None:
+        """Under MPI, this rank's part of the batch was refused before the step's collective
+        (a label out of range in its rows, say). The other ranks are already waiting in the
+        step's Allreduce: join it with a stand-in row of weight 0 that marks the global batch
+        invalid, so the guard refuses the step on every rank alike (they see it at the next
+        ``check``), then raise the error here. No rank is left in a collective alone."""
+        m = self.model
+        xb = m.backend.asarray(np.zeros((1, m.sizes[0]), dtype=m.dtype_name))
+        T = m.backend.asarray(np.zeros((1, m.sizes[-1]), dtype=m.dtype_name))
+        self.parallel.n_local, self.parallel.poisoned = 0.0, True
+        self._advance(self._prepared_step, xb, T)
+        raise error
+
+    def _prepare_step(self, x: Any, y: Any) -> tuple[Any, tuple]:
+        """The checked batch on the device, and the step function that takes it (everything
+        :meth:`step` does before the step itself, which alone may be a collective)."""
+        m = self.model
         xb = prepare_input(m.backend, x, m.sizes[0], m.dtype)
         labels = label_targets(self.loss, m.backend, y, m.sizes[-1], xb.shape[0])
         if self._sharded:
@@ -305,31 +339,11 @@ class Trainer:
             T = prepare_target(self.loss, m.backend, y, m.sizes[-1], xb.shape[0], m.dtype_name)
             if self._sharded:
                 T = self.parallel.shard_batch(T)
-            return self._advance(self._prepared_step, xb, T).loss
+            return self._prepared_step, (xb, T)
         # Class labels go into the step as they are: the in-place step uses them directly,
         # the compiled step turns them into one-hot rows inside (one call on JAX).
         fn = self._inplace.step_labels if self._inplace is not None else self._label_step_fn
-        return self._advance(fn, xb, labels).loss
-
-    def _rank_slice(self, x: Any, y: Any, local: bool) -> tuple[Any, Any]:
-        """This MPI rank's rows of the global batch ``(x, y)``, and their count as its
-        weight. A rank left without rows (a global batch smaller than the number of ranks)
-        computes on a stand-in row with weight 0: it still joins the step's Allreduce."""
-        # (anything that is not an array, a pandas table say, as NumPy: rows are sliced)
-        x = x if hasattr(x, "__dlpack__") or isinstance(x, np.ndarray) else np.asarray(x)
-        y = y if hasattr(y, "__dlpack__") or isinstance(y, np.ndarray) else np.asarray(y)
-        n = int(x.shape[0]) if len(x.shape) else 0
-        if len(y.shape) == 0 or int(y.shape[0]) != n:  # the same error on every rank
-            raise ShapeError(f"y: expected {n} rows (one per row of x), got shape "
-                             f"{tuple(y.shape)}")
-        if local:
-            self.parallel.n_local = float(n)
-            return x, y
-        lo, hi = self.parallel.local_rows(n)
-        self.parallel.n_local = float(hi - lo)
-        if hi == lo:
-            lo, hi = 0, 1
-        return x[lo:hi, ...], y[lo:hi, ...]
+        return fn, (xb, labels)
 
     def _step_process_local(self, x: Any, y: Any) -> Array:
         """JAX over several processes: the global batch is every process's rows together."""

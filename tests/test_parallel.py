@@ -400,14 +400,37 @@ elif case in ("stop", "raise"):  # a callback that acts on one rank only
                 trainer.stop_training = True
     args = (X, y)
     kw.update(callbacks=[OneRank()])
-elif case == "bad_rows":      # a label out of range on rank 1 only: an error before any step
+else:
+    args = (X, y)
+if case == "bad_rows":      # a label out of range on rank 1 only: an error before any step
     yr = y.copy()
     if r == 1:
         yr[3] = 7
     args = (X, yr)
-try:
+def run():
+    if case == "step_global":  # the same bad global batch on every rank: nothing changes
+        yb = y.copy()
+        yb[3] = 9
+        try:
+            t.step(X, yb)
+        except bpcore.errors.ShapeError as e:
+            t.check()
+            return {"error": "ShapeError", "steps": t.steps, "text": str(e)}
+    if case == "step_local":   # each rank its own rows (local=True); rank 1's are bad
+        part = slice(10 * r, 10 * r + 10)
+        yb = y[part].copy()
+        if r == 1:
+            yb[2] = 9
+        try:
+            t.step(X[part], yb, local=True)
+            t.check()
+        except bpcore.errors.ShapeError as e:
+            return {"error": "ShapeError", "steps": t.steps, "text": str(e)[:40]}
+        return {"steps": t.steps}
     h = t.fit(*args, **kw)
-    result = {"epochs": h.epochs[-1], "steps": t.steps}
+    return {"epochs": h.epochs[-1], "steps": t.steps}
+try:
+    result = run()
 except Exception as e:
     result = {"error": type(e).__name__, "text": str(e)}
 json.dump(result, open(f"{out}.{r}", "w"))
@@ -415,7 +438,8 @@ json.dump(result, open(f"{out}.{r}", "w"))
 
 
 @needs_mpi
-@pytest.mark.parametrize("case", ["lists", "torch", "validation", "stop", "raise", "bad_rows"])
+@pytest.mark.parametrize("case", ["lists", "torch", "validation", "stop", "raise", "bad_rows",
+                                  "step_global", "step_local"])
 def test_collective_decisions_are_made_together(tmp_path, case):
     """Different data in any accepted form is found (the digest is of the data as trained
     on), and what ends the loop (a callback's stop or error, a bad input on one rank) ends it
@@ -437,6 +461,13 @@ def test_collective_decisions_are_made_together(tmp_path, case):
     elif case == "raise":
         assert res[1] == {"error": "RuntimeError", "text": "rank 1 gives up"}
         assert res[0]["error"] == "RuntimeError" and "worker 1" in res[0]["text"]
-    else:
+    elif case == "bad_rows":
         assert res[0]["error"] == "ConfigError" and "ShapeError" in res[0]["text"], res
         assert res[1]["error"] == "ConfigError", res
+    elif case == "step_global":  # refused alike before any collective; nothing changed
+        assert res[0] == res[1] and res[0]["steps"] == 0, res
+    else:  # rank 1 raises its own error; rank 0's step was refused with it (the guard)
+        assert res[1]["error"] == "ShapeError" and res[1]["text"].startswith("y:"), res
+        assert res[0]["error"] == "ShapeError" and "training stopped at step 1" in \
+            res[0]["text"], res
+        assert res[0]["steps"] == res[1]["steps"] == 0
