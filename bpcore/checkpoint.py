@@ -340,9 +340,10 @@ def _check_state_tensors(tensors: dict, where: str) -> None:
                               f"state.guard.reason = {reason} contradict each other (both are 0, "
                               "or both are not)")
     ref = tensors["state.guard.ref_loss"]
-    if ref.dtype.kind != "f" or float(ref) == -np.inf:
-        raise CheckpointError(f"{where}: state.guard.ref_loss must be a float (NaN before the "
-                              f"first step), got {ref.dtype} {ref}")
+    if ref.dtype.kind != "f" or float(ref) < 0:  # (every loss is >= 0; a negative reference
+        #                                           would switch the growth check off)
+        raise CheckpointError(f"{where}: state.guard.ref_loss must be a float >= 0 (NaN before "
+                              f"the first step), got {ref.dtype} {ref}")
 
 
 def load(path: str | os.PathLike, backend: Any = "numpy", dtype: str | None = None) -> MLP:

@@ -232,9 +232,9 @@ def cmd_predict(args) -> int:
         truth = np.asarray(y).reshape(len(y), -1)
         got = np.asarray(labels).reshape(len(labels), -1)
         if truth.shape == got.shape:
-            same = np.array([[str(a) == str(b) for a, b in zip(r, s)] for r, s in
-                             zip(got, truth)]) if got.dtype == object or truth.dtype == object \
-                else got == truth
+            numeric = got.dtype.kind in "iub" and truth.dtype.kind in "iub"
+            same = got == truth if numeric else (  # labels of any type: as text
+                np.vectorize(str)(got) == np.vectorize(str)(truth))
             print(f"accuracy {np.mean(same):.4f} on {len(X)} samples", file=sys.stderr)
     rows = np.asarray(labels).reshape(len(labels), -1)
     if args.out and args.out.endswith(".npy"):

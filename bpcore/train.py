@@ -236,7 +236,11 @@ class Trainer:
                 "same kind of optimizer; to change the optimizer kind, start from the "
                 "parameters alone: new.set_params(old.model.params).")
         with self._lock:
-            self.model.set_params(state.params)
+            if self._sharded:  # on every device, as the trainer's own state is
+                state = self.parallel.replicate(state)
+                self.model.params = state.params
+            else:
+                self.model.set_params(state.params)  # checked finite; never shared
             self._state = state._replace(params=self.model.params)
 
     @property

@@ -81,16 +81,23 @@ def _saved_model(tmp_path, loss, n_out, task_data):
     return m, tr
 
 
-def test_binary_cross_entropy_checkpoint_predicts_labels_not_logits(tmp_path, capsys):
-    X, y = _blobs()
-    m, tr = _saved_model(tmp_path, "binary_cross_entropy", 1, (X, y[:, None].astype(float)))
-    ckpt = tmp_path / "b.safetensors"
+def _predicted_by_command(tmp_path, capsys, loss, n_out, X, targets, cell):
+    """Train on ``(X, targets)``, save with Trainer.save, run ``bpcore predict`` on X:
+    the model and the command's output parsed with ``cell``."""
+    m, tr = _saved_model(tmp_path, loss, n_out, (X, targets))
+    ckpt = tmp_path / "m.safetensors"
     tr.save(ckpt)
     data = tmp_path / "x.csv"
     _write_csv(data, X)
     rc, out, err = _predict(ckpt, data, capsys)
     assert rc == 0, err
-    got = np.array([[int(c) for c in row] for row in csv.reader(out.splitlines())])
+    return m, np.array([[cell(c) for c in row] for row in csv.reader(out.splitlines())])
+
+
+def test_binary_cross_entropy_checkpoint_predicts_labels_not_logits(tmp_path, capsys):
+    X, y = _blobs()
+    m, got = _predicted_by_command(tmp_path, capsys, "binary_cross_entropy", 1, X,
+                                   y[:, None].astype(float), int)
     np.testing.assert_array_equal(got, m.predict(X))
     assert set(got.ravel()) <= {0, 1}
 
@@ -98,14 +105,7 @@ def test_binary_cross_entropy_checkpoint_predicts_labels_not_logits(tmp_path, ca
 def test_regressor_prints_its_values_exactly(tmp_path, capsys):
     X, _ = _blobs()
     t = X @ np.array([[1.0, -2.0], [0.5, 0.0], [0.0, 3.0]])
-    m, tr = _saved_model(tmp_path, "mse", 2, (X, t))
-    ckpt = tmp_path / "r.safetensors"
-    tr.save(ckpt)
-    data = tmp_path / "x.csv"
-    _write_csv(data, X)
-    rc, out, err = _predict(ckpt, data, capsys)
-    assert rc == 0, err
-    got = np.array([[float(c) for c in row] for row in csv.reader(out.splitlines())])
+    m, got = _predicted_by_command(tmp_path, capsys, "mse", 2, X, t, float)
     np.testing.assert_array_equal(got, m.predict(X))  # the shortest exact text: no loss
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,6 +232,7 @@ def _craft(path, tensors=None, config=None):
     ("state.guard.reason", np.int32(7), "reason = 7"),
     ("state.guard.reason", np.int32(1), "contradict"),
     ("state.guard.ref_loss", np.int32(1), "ref_loss must be a float"),
+    ("state.guard.ref_loss", np.float64(-1.0), "ref_loss must be a float >= 0"),
     ("state.epoch_batch", np.int32(-4), "epoch_batch = -4"),
 ])
 def test_crafted_state_is_refused_naming_the_field(tmp_path, field, value, match):
@@ -372,3 +374,16 @@ def test_model_predict_refuses_rows_it_cannot_answer():
     with pytest.raises(bpcore.errors.ShapeError, match=r"rows \[2, 4\]"):
         tr.model.predict(X)
     assert math.isfinite(float(tr.model.predict_proba(X[:2]).sum()))
+
+
+def test_side_reports_carry_the_noise_warning(tmp_path):
+    """``bpcore bench --estimators`` (a side report) warns of a noisy machine as the step
+    benchmark does: its rows carry the spread of their timed fits."""
+    from benchmarks.report import write_side_report
+
+    rows = [{"case": "c", "spread": s} for s in (0.5, 0.6, 0.1)]
+    paths = write_side_report({"rows": rows}, {}, str(tmp_path), "estimators", "t", "i", "b")
+    assert "noisy" in Path(paths[1]).read_text()
+    quiet = [{"case": "c", "spread": 0.01}] * 3
+    paths = write_side_report({"rows": quiet}, {}, str(tmp_path), "estimators", "t", "i", "b")
+    assert "noisy" not in Path(paths[1]).read_text()

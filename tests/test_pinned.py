@@ -59,13 +59,13 @@ def test_each_epoch_uses_its_documented_permutation(monkeypatch):
     model = bpcore.MLP([1, 2], seed=0, dtype="float64")
     trainer = bpcore.Trainer(model, "softmax_cross_entropy", optim.sgd(1e-9))
     seen = []
-    real = trainer.step_prepared
+    real = trainer._advance  # every step runs through it, with its batch
 
-    def record(xb, T):
+    def record(step_fn, xb, T, **kw):
         seen.extend(int(v) for v in np.asarray(xb)[:, 0])
-        return real(xb, T)
+        return real(step_fn, xb, T, **kw)
 
-    monkeypatch.setattr(trainer, "step_prepared", record)
+    monkeypatch.setattr(trainer, "_advance", record)
     trainer.fit(X, y, epochs=3, batch_size=batch, seed=seed, verbose=0)
     for epoch in range(3):  # documented: numpy.random.default_rng([seed, epoch]).permutation(n)
         want = np.random.default_rng([seed, epoch]).permutation(n).tolist()

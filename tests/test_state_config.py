@@ -82,7 +82,7 @@ def test_a_checkpoint_is_the_state_plus_the_config(tmp_path):
     t.save(tmp_path / "c.safetensors")
     names = set(load_file(str(tmp_path / "c.safetensors")))
     assert names == {"W1", "b1", "W2", "b2", "opt.0", "opt.1", "opt.2", "opt.3", "opt.4",
-                     "opt.5", "opt.6", "opt.7", "state.step", "state.epoch",
+                     "opt.5", "opt.6", "opt.7", "state.step", "state.epoch", "state.epoch_batch",
                      "state.guard.bad_step", "state.guard.reason", "state.guard.ref_loss"}
     ck = bpcore.load_checkpoint(tmp_path / "c.safetensors")
     assert ck.step == 3 and ck.config == TrainConfig.of(t)
