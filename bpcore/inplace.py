@@ -50,6 +50,14 @@ _N_MOMENTS = {"sgd": None, "adam": 2, "adamw": 2}
 _IN_PLACE = ("relu", "identity")  # activations whose forward and vjp run in the Z buffer
 
 
+def _kernel_name(act: Any) -> str | None:
+    """Which in-place kernel runs ``act``: by the object, never by its name (a user's own
+    activation called "relu", a leaky one say, must not get the built-in's kernel)."""
+    from .activations import ACTIVATIONS
+
+    return next((n for n in _IN_PLACE if act is ACTIVATIONS[n]), None)
+
+
 def unsupported_reason(trainer: Any) -> str | None:
     """Why ``trainer`` cannot use the in-place step (None: it can)."""
     be = trainer.model.backend
@@ -124,8 +132,11 @@ class InplaceStep:
         self.tmp = ops.empty((width,), dtype)
         self.tmp2 = ops.empty((width,), dtype)
         self._batch_buffers: dict[Any, Any] = {}
-        self._fused_xent = (self.loss.name == "softmax_cross_entropy" and
-                            model.activations[-1].name == "identity")
+        self.kernels = [_kernel_name(a) for a in model.activations]  # per layer, or None
+        from .losses import LOSSES
+
+        self._fused_xent = (self.loss is LOSSES["softmax_cross_entropy"] and
+                            self.kernels[-1] == "identity")
         self._out: TrainState | None = None
         self.safe = False
         self.fallbacks = 0  # steps that ran the generic path (for tests and benchmarks)
@@ -183,12 +194,13 @@ class InplaceStep:
                 self._batch_buffers.clear()
             ops, acts = self.ops, self.activations
             bufs = []
-            for k, ((W, _), act) in enumerate(zip(self.params, acts)):
+            kernels = self.kernels
+            for k, (W, _) in enumerate(self.params):
                 n_out, n_in = W.shape
                 Z = ops.empty((B, n_out), like.dtype)
-                mask = ops.bool_empty((B, n_out)) if act.name == "relu" else None
+                mask = ops.bool_empty((B, n_out)) if kernels[k] == "relu" else None
                 D_prev = (ops.empty((B, n_in), like.dtype)
-                          if k > 0 and acts[k - 1].name not in _IN_PLACE else None)
+                          if k > 0 and kernels[k - 1] is None else None)
                 bufs.append((Z, mask, D_prev))
             self._batch_buffers[B] = bufs
         return bufs
@@ -219,12 +231,13 @@ class InplaceStep:
         bufs = self._buffers(x.shape[0], self.p_flat)
         # forward: Z^k = Y^{k-1} W^{kT} + b^k, Y^k = f^k(Z^k)
         Ys, Y = [], x
-        for (W, b), act, (Z, _, _) in zip(self.params, self.activations, bufs):
+        for (W, b), act, kernel, (Z, _, _) in zip(self.params, self.activations, self.kernels,
+                                                  bufs):
             ops.linear(Y, W, b, Z)                  # Z = Y W^T + b
-            if act.name == "relu":
+            if kernel == "relu":
                 ops.relu_(Z)
                 Y = Z
-            elif act.name == "identity":
+            elif kernel == "identity":
                 Y = Z
             else:  # no in-place kernel: the generic forward (allocates)
                 Y = act.forward(Z)
@@ -247,12 +260,13 @@ class InplaceStep:
             W, _ = self.params[k]
             gW, gb = self.grads[k]
             act, (Z, Yk), (_, mask, D_prev) = self.activations[k], Ys[k], bufs[k]
-            if act.name == "relu":
+            kernel = self.kernels[k]
+            if kernel == "relu":
                 if k == len(self.params) - 1:  # (inner layers took their mask below)
                     ops.gt0(Yk, mask)
                 ops.mul(D, mask, D)  # D is a buffer of ours, or the loss's new array
                 G = D
-            elif act.name == "identity":
+            elif kernel == "identity":
                 G = D
             else:
                 G = act.vjp(Z, Yk, D)

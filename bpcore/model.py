@@ -305,7 +305,8 @@ def value_and_grad(model: MLP, x: Any, y: Any, loss: str | Loss = "mse", *,
     be = model.backend
     xb = prepare_input(be, x, model.sizes[0], model.dtype)
     T = prepare_target(lossf, be, y, model.sizes[-1], xb.shape[0], model.dtype_name)
-    fn = model.compiled(("value_and_grad", lossf.name, input_grad), lambda: be.jit(
+    fn = model.compiled(("value_and_grad", lossf, input_grad), lambda: be.jit(  # (the object:
+        #   a loss of your own may share a built-in name)
         lambda p, x, t: loss_and_grad(p, model.activations, lossf, x, t,
                                       input_grad=input_grad)))
     value, grads, dX = fn(model.params, xb, T)

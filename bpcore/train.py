@@ -518,7 +518,7 @@ class Trainer:
         """Summed loss and correct count over prepared data (on the device, not read)."""
         self._sync_params()
         m = self.model
-        fn = m.compiled(("eval", self.loss.name), lambda: m.backend.jit(
+        fn = m.compiled(("eval", self.loss), lambda: m.backend.jit(
             partial(_eval_batch, activations=m.activations, loss=self.loss)))
         n = Xd.shape[0]
         total = correct = 0.0

@@ -387,3 +387,48 @@ def test_side_reports_carry_the_noise_warning(tmp_path):
     quiet = [{"case": "c", "spread": 0.01}] * 3
     paths = write_side_report({"rows": quiet}, {}, str(tmp_path), "estimators", "t", "i", "b")
     assert "noisy" not in Path(paths[1]).read_text()
+
+
+# ---- kernels chosen by the object, never by its name -------------------------------------------
+def _leaky(slope):
+    from bpcore.activations import Activation
+
+    def forward(Z):
+        xp = bpcore._array.array_namespace(Z)
+        return xp.where(Z > 0, Z, slope * Z)
+
+    def vjp(Z, Y, D):
+        xp = bpcore._array.array_namespace(Z)
+        return xp.where(Z > 0, D, slope * D)
+
+    return Activation("relu", forward, vjp, init="he")  # a built-in's name, another function
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "torch"])
+def test_own_activation_named_like_a_builtin_runs_its_own_math(backend_name):
+    be = _backend(backend_name)
+    X, y = _data()
+    states = {}
+    for inplace, act in ((None, _leaky(0.3)), (False, _leaky(0.3)), (None, "relu")):
+        m = bpcore.MLP([4, 8, 8, 3], act, backend=be, dtype="float64", seed=0)
+        tr = bpcore.Trainer(m, "softmax_cross_entropy", optim.sgd(0.1), inplace=inplace)
+        for i in range(3):
+            tr.step(X[8 * i:8 * i + 8], y[8 * i:8 * i + 8])
+        states[(inplace, isinstance(act, str))] = _host_state(tr)
+    for a, b in zip(states[(None, False)], states[(False, False)]):  # fast path = reference
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+    assert not np.allclose(states[(None, False)][0], states[(None, True)][0])
+
+
+def test_own_loss_named_like_a_builtin_is_not_served_the_builtins_compiled_code():
+    from bpcore.losses import LOSSES, Loss
+
+    builtin = LOSSES["mse"]
+    doubled = Loss("mse", lambda Y, T: tuple(2 * v for v in builtin.forward(Y, T)),
+                   **{k: getattr(builtin, k) for k in builtin.__dataclass_fields__
+                      if k not in ("name", "forward")})
+    m = bpcore.MLP([3, 2], "identity", dtype="float64", seed=0)
+    X, T = np.ones((4, 3)), np.zeros((4, 2))
+    v1, _ = bpcore.value_and_grad(m, X, T, loss="mse")
+    v2, _ = bpcore.value_and_grad(m, X, T, loss=doubled)
+    assert float(v2) == pytest.approx(2 * float(v1))
