@@ -602,7 +602,11 @@ class _BaseMLP(BaseEstimator):
                     sizes.append(batch_slice.stop - batch_slice.start)
                 # one host read per epoch: the batch losses and the guard
                 host = be.to_numpy(be.xp.stack(values + [be.xp.astype(bad, values[0].dtype)]))
-                if host[-1]:
+                # Under early stopping scikit-learn trains on with NaN weights, scores them NaN
+                # and returns the best validation model (its issue 29504): so does this, with
+                # every later step refused by the guard (the weights stay finite meanwhile).
+                diverged = bool(host[-1])
+                if diverged and not early_stopping:
                     opt["state"] = state
                     self._store_params(be, params)
                     raise _Diverged(
@@ -615,14 +619,14 @@ class _BaseMLP(BaseEstimator):
                 for v, n in zip(host[:-1], sizes):
                     accumulated_loss += float(v) * n
                 self.n_iter_ += 1
-                self.loss_ = accumulated_loss / X_train.shape[0]
+                self.loss_ = np.nan if diverged else accumulated_loss / X_train.shape[0]
                 self.t_ += n_samples
                 self.loss_curve_.append(self.loss_)
                 if self.verbose:
                     print("Iteration %d, loss = %.8f" % (self.n_iter_, self.loss_))
                 if early_stopping:
                     best = self._early_stopping_update(be, dtype, params, best, X_val, y_val,
-                                                       sw_val)
+                                                       sw_val, diverged)
                 else:
                     self._update_no_improvement_count_loss()
                 self._iteration_ends(opt)
@@ -683,12 +687,13 @@ class _BaseMLP(BaseEstimator):
         if self.loss_curve_[-1] < self.best_loss_:
             self.best_loss_ = self.loss_curve_[-1]
 
-    def _early_stopping_update(self, be, dtype, params, best, X_val, y_val, sw_val):
-        y_pred = self._predict_from(self._forward_pass_fast(X_val, check_input=False,
-                                                            params=params))
-        if np.issubdtype(np.asarray(y_pred).dtype, np.floating) and \
-                not np.isfinite(y_pred).all():
-            score = np.nan
+    def _early_stopping_update(self, be, dtype, params, best, X_val, y_val, sw_val,
+                               diverged=False):
+        y_pred = None if diverged else self._predict_from(self._forward_pass_fast(
+            X_val, check_input=False, params=params))
+        if diverged or (np.issubdtype(np.asarray(y_pred).dtype, np.floating) and
+                        not np.isfinite(y_pred).all()):
+            score = np.nan  # (scikit-learn's score of NaN weights)
         else:
             score = self._score_function(y_val, y_pred, sample_weight=sw_val)
         self.validation_scores_.append(score)

@@ -552,3 +552,25 @@ def test_one_late_step_is_as_exact_in_float32_on_every_backend(backend):
     old = [np.asarray(a, np.float64) for a in nested_leaves(params)]
     for g, r, p in zip(got, ref, old):  # the update itself, against float64's update
         assert np.abs((g - p) - (r - p)).max() <= 1e-3 * np.abs(r - p).max() + 1e-7
+
+
+@pytest.mark.parametrize("backend", ["numpy", "jax", "torch"])
+def test_diverging_fit_under_early_stopping_returns_the_best_model(backend):
+    """scikit-learn's own regression test for its issue 29504: a diverging fit with
+    early_stopping=True does not raise; it scores NaN and keeps the best validation model."""
+    _backend_or_skip(backend)
+    from sklearn.datasets import load_iris
+
+    X, y = load_iris(return_X_y=True)
+    mlp = MLPRegressor(hidden_layer_sizes=100, activation="identity", solver="sgd",
+                       alpha=0.0001, learning_rate="constant", learning_rate_init=1,
+                       shuffle=True, max_iter=20, early_stopping=True, n_iter_no_change=10,
+                       random_state=0, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        mlp.fit(X, y)
+    assert str(mlp.validation_scores_[-1]) == str(np.nan)
+    assert isinstance(mlp.validation_scores_[-1], float)
+    assert all(np.isfinite(w).all() for w in mlp.coefs_ + mlp.intercepts_)
+    assert np.isfinite(mlp.predict(X)).all()
