@@ -66,6 +66,13 @@ class Checkpoint:
         return int(self.tensors["state.epoch"]) if "state.epoch" in self.tensors else 0
 
     @property
+    def epoch_plan(self) -> tuple | None:
+        """How ``fit`` batched the interrupted epoch: ``(rows, batch_size, drop_last, shuffle,
+        seed)``; None when the state was saved between epochs."""
+        plan = self.meta.get("epoch_plan")
+        return None if plan is None else tuple(plan)
+
+    @property
     def epoch_batch(self) -> int:
         """Batches of an unfinished epoch that ``fit`` had run when the state was saved (0:
         saved between epochs, and in files written before it was recorded)."""
@@ -146,7 +153,7 @@ def _encode(tensors: dict[str, np.ndarray], meta: dict) -> bytes:
 
 
 def _write(path: Any, model: MLP, config: TrainConfig, tensors: dict, metadata: Any,
-           params: dict | None = None) -> None:
+           params: dict | None = None, epoch_plan: list | None = None) -> None:
     for k, act in enumerate(model.activations, start=1):
         if ACTIVATIONS.get(act.name) is not act:
             raise CheckpointError(f"save: layer {k} uses a custom activation {act.name!r}; "
@@ -161,6 +168,8 @@ def _write(path: Any, model: MLP, config: TrainConfig, tensors: dict, metadata: 
     meta = {"format_version": FORMAT_VERSION, "bpcore_version": __version__,
             "config": config.to_dict(), "user": metadata or {},
             "n_optimizer_tensors": sum(k.startswith("opt.") for k in tensors)}
+    if epoch_plan is not None:  # how the interrupted epoch batches its data (see fit)
+        meta["epoch_plan"] = list(epoch_plan)
     params = model.state_dict() if params is None else params  # host copies, taken whole
     atomic_write(os.fspath(path), _encode({**params, **tensors}, meta))
 
@@ -196,8 +205,9 @@ def save_state(path: Any, trainer: Any, *, metadata: dict | None = None,
         tensors["state.epoch_batch"] = np.asarray(trainer.epoch_batch, dtype=np.int64)
         tensors = {k: np.array(a, copy=True) for k, a in tensors.items()}
         params = trainer.model.state_dict()  # copies too
+        plan = trainer.epoch_plan if trainer.epoch_batch else None
     _write(path, trainer.model, TrainConfig.of(trainer, preprocessing), tensors, metadata,
-           params)
+           params, plan)
 
 
 # ---- reading ---------------------------------------------------------------------------------
@@ -243,7 +253,13 @@ def _parse_meta(text: str, where: str) -> tuple[dict, TrainConfig]:
     if version == 1:
         meta = _from_format_1(meta, where)
     for key, ok in (("user", lambda v: isinstance(v, dict)),
-                    ("n_optimizer_tensors", lambda v: _is_int(v, 0, 100000))):
+                    ("n_optimizer_tensors", lambda v: _is_int(v, 0, 100000)),
+                    ("epoch_plan", lambda v: v is None or (
+                        isinstance(v, list) and len(v) == 5 and _is_int(v[0], 1) and
+                        _is_int(v[1], 1) and all(isinstance(b, bool) for b in v[2:4]) and
+                        _is_int(v[4], 0, 2 ** 64)))):
+        if key == "epoch_plan" and key not in meta:
+            continue
         if not ok(meta.get(key)):
             raise CheckpointError(f"{where}: metadata field {key!r} is missing or malformed: "
                                   f"{str(meta.get(key))[:80]}")

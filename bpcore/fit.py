@@ -80,17 +80,21 @@ def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 
             raise ConfigError(f"fit: batch_size={batch_size} with drop_last=True leaves no "
                               f"batch from {n} samples")
         first = trainer.epoch_batch  # > 0: an interrupted epoch, continued where it stopped
-        if first >= n_batches:
-            raise ConfigError(
-                f"fit: the trainer stopped after batch {first} of epoch {trainer.epoch + 1}, "
-                f"but this data and batch_size={batch_size} make {n_batches} batches an "
-                "epoch; continue with the data and batch_size it was trained with (or call "
-                "trainer.end_epoch() to start the next epoch afresh)")
         if seed is None:  # unseeded: fresh entropy for this call (not reproducible)
             if parallel is not None:
                 raise ConfigError("fit: with data_parallel, pass a seed: every worker must "
                                   "draw the same batches")
             seed = int(np.random.SeedSequence().entropy % 2 ** 63)
+        plan = (n, batch_size, bool(drop_last), bool(shuffle), int(seed))
+        if first and (first >= n_batches or trainer.epoch_plan not in (None, plan)):
+            was = trainer.epoch_plan or "not recorded"
+            raise ConfigError(
+                f"fit: the trainer stopped after batch {first} of epoch {trainer.epoch + 1}, "
+                f"batched as (rows, batch_size, drop_last, shuffle, seed) = {was}; this call "
+                f"batches {plan}, {n_batches} batches an epoch. Continuing the epoch under "
+                "another plan would train some rows twice and others never: pass the same "
+                "data, batch_size, drop_last, shuffle and seed (or call trainer.end_epoch() "
+                "to start the next epoch afresh)")
         settings: tuple = (n, tuple(Xd.shape[1:]), batch_size, epochs, seed, bool(shuffle),
                            bool(drop_last), first)
         if parallel is not None and parallel.kind == "mpi":  # the data itself, as trained on
@@ -119,6 +123,7 @@ def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 
     try:
         for epoch in range(start, start + epochs):
             t0 = time.perf_counter()
+            trainer.epoch_plan = plan
             order = (np.random.default_rng([seed, epoch]).permutation(n) if shuffle
                      else np.arange(n))
             idx = be.asarray(order.astype(np.int64))

@@ -114,6 +114,9 @@ class Trainer:
             self._state = self.parallel.replicate(self._state)
             jit_out = {"out_shardings": self.parallel.replicated}
         self._epoch_batch = 0
+        # (rows, batch_size, drop_last, shuffle, seed) of the epoch fit is in, or None: an
+        # interrupted epoch continues only under the same plan
+        self.epoch_plan: tuple | None = None
         self.stop_training = False
         self.trace_count = 0  # how many times the step was traced (once per shape on JAX)
         if inplace not in (None, True, False):
@@ -488,6 +491,7 @@ class Trainer:
                       divergence_factor=config.divergence_factor, data_parallel=data_parallel)
         trainer._state = ckpt.restore_state(trainer._state)
         trainer._epoch_batch = ckpt.epoch_batch
+        trainer.epoch_plan = ckpt.epoch_plan
         if trainer._sharded:
             trainer._state = trainer.parallel.replicate(trainer._state)
             trainer.model.params = trainer._state.params

@@ -177,7 +177,7 @@ def test_interrupted_fit_resumes_at_the_next_batch(tmp_path, backend_name, inpla
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
 
 
-def test_resume_with_other_batching_is_refused():
+def test_resume_with_other_batching_is_refused(tmp_path):
     X, y = _data(80)
     tr = _trainer("numpy")
     original = tr.step_indexed
@@ -194,6 +194,17 @@ def test_resume_with_other_batching_is_refused():
     tr.step_indexed = original
     with pytest.raises(ConfigError, match="stopped after batch 6"):
         tr.fit(X, y, epochs=1, batch_size=16, verbose=0)  # 5 batches an epoch
+    path = tmp_path / "c.safetensors"
+    tr.save(path)
+    again = bpcore.Trainer.resume(path)
+    assert again.epoch_plan == (80, 8, False, True, 0)
+    for other in (dict(seed=1), dict(shuffle=False), dict(drop_last=True), dict(batch_size=4)):
+        kw = dict(epochs=1, batch_size=8, verbose=0, seed=0) | other
+        for t in (tr, again):  # (the same rule before and after a checkpoint)
+            with pytest.raises(ConfigError, match="under another plan"):
+                t.fit(X, y, **kw)
+    again.fit(X, y, epochs=1, batch_size=8, verbose=0, seed=0)  # the same plan goes on
+    assert again.steps == 10 and again.epoch_batch == 0
 
 
 # ---- crafted checkpoints with a valid checksum ----------------------------------------------------
@@ -206,7 +217,7 @@ def _saved(tmp_path, **save_kw):
     return path
 
 
-def _craft(path, tensors=None, config=None):
+def _craft(path, tensors=None, config=None, meta_extra=None):
     """Rewrite a checkpoint with changed tensors or config, and a checksum that holds."""
     from safetensors import safe_open
 
@@ -217,6 +228,7 @@ def _craft(path, tensors=None, config=None):
     meta.pop("sha256")
     if config:
         meta["config"].update(config)
+    meta.update(meta_extra or {})
     out = path.with_name("crafted.safetensors")
     atomic_write(str(out), _encode(data, meta))
     return out
@@ -239,6 +251,14 @@ def test_crafted_state_is_refused_naming_the_field(tmp_path, field, value, match
     crafted = _craft(_saved(tmp_path), {field: np.asarray(value)})
     with pytest.raises(CheckpointError, match=match):
         bpcore.Trainer.resume(crafted)
+
+
+@pytest.mark.parametrize("plan", [[1, 2], [0, 8, False, True, 0], [80, 8, 0, 1, 0],
+                                  [80, 8, False, True, -1], "80,8"])
+def test_crafted_epoch_plan_is_refused(tmp_path, plan):
+    crafted = _craft(_saved(tmp_path), meta_extra={"epoch_plan": plan})
+    with pytest.raises(CheckpointError, match="epoch_plan"):
+        bpcore.load_checkpoint(crafted)
 
 
 @pytest.mark.parametrize("name", ["W1", "b2", "opt.0"])
