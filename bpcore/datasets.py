@@ -118,6 +118,10 @@ def parse_labels(cells: list[str]) -> np.ndarray:
     """A label column's text as labels that round-trip exactly: integers (int64, or Python
     ints beyond its range), else floats, else the strings themselves."""
     cells = [c.strip() for c in cells]
+    empty = [i for i, c in enumerate(cells) if not c]
+    if empty:  # a missing label is no class called ""
+        raise ShapeError(f"data: the label column is empty in {len(empty)} rows (data rows "
+                         f"{empty[:10]}, counted from 0); fill or drop them")
     try:
         ints = [int(c) for c in cells]
     except ValueError:

@@ -163,3 +163,13 @@ def test_resume_refuses_flags_it_would_ignore(tmp_path, capsys, flag):
     err = capsys.readouterr().err
     assert rc == 1 and flag[0] in err and "cannot be applied to a resumed run" in err
     assert ckpt.read_bytes() == before
+
+
+def test_an_empty_label_cell_is_no_class(tmp_path, capsys):
+    X, y = _blobs()
+    labels = [str(v) for v in y]
+    labels[7] = ""
+    data = tmp_path / "d.csv"
+    _write_csv(data, X, labels)
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "r"), "--quiet"]) == 1
+    assert "label column is empty" in capsys.readouterr().err
