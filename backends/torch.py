@@ -15,9 +15,9 @@ def make() -> Backend:
         import array_api_compat.torch as xp
     except ImportError as e:
         raise unavailable("torch", f"PyTorch is not installed ({e})",
-                          'Install it with: pip install "bpcore[torch]" (on a machine without an NVIDIA '
-                          'GPU, the smaller CPU build: pip install torch --index-url '
-                          'https://download.pytorch.org/whl/cpu)'
+                          'Install it with: pip install "bpcore[torch]" (on a machine '
+                          'without an NVIDIA GPU, the smaller CPU build: pip install torch '
+                          '--index-url https://download.pytorch.org/whl/cpu)'
                           ) from None
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")

@@ -39,10 +39,10 @@ def _prepare_data(args) -> tuple:
     else:
         classes, task = None, "regression"
         y = y.astype(np.float64)
-        if not np.isfinite(y).all():
-            raise ValueError("--data: the regression targets hold NaN or inf (rows "
-                             f"{np.flatnonzero(~np.isfinite(y.reshape(len(y), -1)).all(axis=1))[:10].tolist()}"
-                             ", counted from 0)")
+        bad = np.flatnonzero(~np.isfinite(y.reshape(len(y), -1)).all(axis=1))
+        if bad.size:
+            raise ValueError(f"--data: the regression targets hold NaN or inf (rows "
+                             f"{bad[:10].tolist()}, counted from 0)")
     return X, y, classes, task, name
 
 
@@ -63,6 +63,8 @@ def cmd_train(args) -> int:
     from .preprocess import Standardize
 
     _check_resume_flags(args)
+    if args.resume:  # the checkpoint's dtype (a float64 run resumes in float64, on JAX too)
+        args.dtype = load_checkpoint(args.resume).config.dtype
     _enable_float64_if_needed(args.backend, args.dtype)
     X, y, classes, task, data_name = _prepare_data(args)
     X_trval, X_test, y_trval, y_test = train_test_split(X, y, 0.2, seed=args.seed)
@@ -148,7 +150,6 @@ def _check_resume_flags(args) -> None:
                              "applied to a resumed run. Drop them, or train afresh without "
                              "--resume (--epochs, --batch-size, --patience, --data and --out "
                              "do apply)")
-        args.dtype = args.dtype or "float32"  # (unused: the checkpoint's dtype is kept)
         return
     for k, v in _TRAIN_DEFAULTS.items():
         if getattr(args, k) is None:
@@ -195,7 +196,8 @@ def _class_names(meta: dict, n_out: int):
         raise ValueError(f"the checkpoint's class list is malformed (expected {n_out} labels)")
     kinds = {type(c) for c in classes}
     if len(kinds) > 1:
-        raise ValueError(f"the checkpoint's class list mixes types {sorted(k.__name__ for k in kinds)}")
+        raise ValueError(f"the checkpoint's class list mixes types "
+                         f"{sorted(k.__name__ for k in kinds)}")
     if kinds == {int} and all(-2 ** 63 <= c < 2 ** 63 for c in classes):
         return np.array(classes, dtype=np.int64)
     return np.array(classes, dtype=object if kinds == {int} else None)

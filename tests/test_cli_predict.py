@@ -173,3 +173,30 @@ def test_an_empty_label_cell_is_no_class(tmp_path, capsys):
     _write_csv(data, X, labels)
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "r"), "--quiet"]) == 1
     assert "label column is empty" in capsys.readouterr().err
+
+
+def test_resume_keeps_the_checkpoints_float64_on_jax(tmp_path):
+    """--dtype is refused with --resume, so the checkpoint's dtype must be the one used: a
+    float64 run on JAX resumes in float64 (64-bit mode switched on for it), in a fresh
+    process as a user runs it."""
+    pytest.importorskip("jax")
+    import os
+    import subprocess
+    import sys
+
+    X, y = _blobs()
+    data = tmp_path / "d.csv"
+    _write_csv(data, X, list(y))
+    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
+    run = [sys.executable, "-m", "bpcore", "train", "--backend", "jax", "--data", str(data),
+           "--epochs", "1", "--quiet", "--out", str(tmp_path / "r")]
+    first = subprocess.run(run + ["--dtype", "float64"], capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert first.returncode == 0, first.stderr
+    ckpt = tmp_path / "r" / "model.safetensors"
+    again = subprocess.run(run + ["--resume", str(ckpt)], capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "jax/float64" in again.stdout
+    ck = bpcore.load_checkpoint(ckpt)
+    assert ck.epoch == 2 and ck.config.dtype == "float64"
