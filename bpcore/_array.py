@@ -1,4 +1,6 @@
-"""Small helpers shared by the math modules: the `Array` alias and namespace lookup."""
+"""Small helpers shared by the math modules: the `Array` alias, namespace lookup, and the
+one tree API (``nested_*``: any nest of lists, tuples and NamedTuples — parameters, optimizer
+state, the training state)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,8 @@ from array_api_compat import array_namespace, device as array_device
 Array = Any  # any array-API array: numpy.ndarray, jax.Array, torch.Tensor, cupy.ndarray, ...
 Params = list  # list[tuple[Array, Array]]: [(W^1, b^1), ..., (W^K, b^K)]
 
-__all__ = ["Array", "Params", "array_namespace", "array_device", "tree_map", "tree_leaves",
-           "clip_below", "clip_above"]
+__all__ = ["Array", "Params", "array_namespace", "array_device", "nested_leaves",
+           "nested_map", "nested_unflatten", "clip_below", "clip_above"]
 
 
 # ``xp.maximum(x, 0.0)`` would do, but array_api_compat's torch ``maximum``/``minimum`` turn
@@ -25,15 +27,6 @@ def clip_below(x: Array, lo: float) -> Array:
 def clip_above(x: Array, hi: float) -> Array:
     """``min(x, hi)`` elementwise for a Python number ``hi``; NaN stays NaN."""
     return array_namespace(x).where(x > hi, hi, x)
-
-
-def tree_map(fn, *trees: Params) -> Params:
-    """Apply ``fn`` leaf-wise over parameter-shaped trees (lists of tuples)."""
-    return [tuple(fn(*leaves) for leaves in zip(*layers)) for layers in zip(*trees)]
-
-
-def tree_leaves(tree: Params) -> list[Array]:
-    return [leaf for layer in tree for leaf in layer]
 
 
 def _is_node(t: Any) -> bool:

@@ -19,8 +19,8 @@ import math
 import numbers
 from typing import Any, Callable, NamedTuple, Union
 
-from ._array import (Array, Params, array_namespace, clip_above, clip_below, tree_leaves,
-                     tree_map)
+from ._array import (Array, Params, array_namespace, clip_above, clip_below, nested_leaves,
+                     nested_map)
 from ._registry import lookup
 from .errors import ConfigError
 from .schedules import (SCHEDULES, Schedule, check_rate, constant, cosine_decay,
@@ -68,7 +68,7 @@ class AdamState(NamedTuple):
 
 
 def _zeros_like_tree(params: Params) -> Params:
-    return tree_map(lambda a: array_namespace(a).zeros_like(a), params)
+    return nested_map(lambda a: array_namespace(a).zeros_like(a), params)
 
 
 def _step_as_float(step: Any, like: Array) -> Any:
@@ -115,7 +115,7 @@ def scale_by_learning_rate(lr: LearningRate) -> GradientTransformation:
 
     def update(u, state, params, *, step=None):
         rate = -lr(_step_as_float(step, params[0][0])) if callable(lr) else -lr
-        return tree_map(lambda g: rate * g, u), state
+        return nested_map(lambda g: rate * g, u), state
 
     return GradientTransformation(lambda p: EmptyState(), update)
 
@@ -135,8 +135,8 @@ def trace(beta: float, nesterov: bool = False) -> GradientTransformation:
     beta = _check_unit("momentum", beta)
 
     def update(u, state, params, *, step=None):
-        v = tree_map(lambda vel, g: beta * vel + g, state.velocity, u)
-        out = tree_map(lambda vel, g: g + beta * vel, v, u) if nesterov else v
+        v = nested_map(lambda vel, g: beta * vel + g, state.velocity, u)
+        out = nested_map(lambda vel, g: g + beta * vel, v, u) if nesterov else v
         return out, TraceState(v)
 
     return GradientTransformation(lambda p: TraceState(_zeros_like_tree(p)), update)
@@ -154,13 +154,13 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
 
     def update(u, state, params, *, step=None):
         xp = array_namespace(params[0][0])
-        mu = tree_map(lambda m, g: b1 * m + (1.0 - b1) * g, state.mu, u)
-        nu = tree_map(lambda v, g: b2 * v + (1.0 - b2) * (g * g), state.nu, u)
+        mu = nested_map(lambda m, g: b1 * m + (1.0 - b1) * g, state.mu, u)
+        nu = nested_map(lambda v, g: b2 * v + (1.0 - b2) * (g * g), state.nu, u)
         t = _step_as_float(step, params[0][0]) + 1.0  # this is update number t (1-based)
         exp = math.exp if isinstance(t, float) else xp.exp
         c1 = 1.0 - exp(t * lb1)  # 1 - b1^t
         c2 = 1.0 - exp(t * lb2)
-        out = tree_map(lambda m, v: (m / c1) / (xp.sqrt(v / c2) + eps), mu, nu)
+        out = nested_map(lambda m, v: (m / c1) / (xp.sqrt(v / c2) + eps), mu, nu)
         return out, AdamState(mu, nu)
 
     return GradientTransformation(init, update)
@@ -168,7 +168,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
 
 def global_norm(tree: Params) -> Array:
     """sqrt of the sum of squares of every leaf (a 0-d array on the device)."""
-    leaves = tree_leaves(tree)
+    leaves = nested_leaves(tree)
     xp = array_namespace(*leaves)
     return xp.sqrt(sum(xp.sum(leaf * leaf) for leaf in leaves))
 
@@ -179,14 +179,14 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 
     def update(u, state, params, *, step=None):
         scale = clip_above(max_norm / clip_below(global_norm(u), 1e-30), 1.0)
-        return tree_map(lambda g: g * scale, u), state
+        return nested_map(lambda g: g * scale, u), state
 
     return GradientTransformation(lambda p: EmptyState(), update)
 
 
 def apply_updates(params: Params, updates: Params) -> Params:
     """``θ + u`` leaf by leaf (new arrays; the inputs are not modified)."""
-    return tree_map(lambda p, u: p + u, params, updates)
+    return nested_map(lambda p, u: p + u, params, updates)
 
 
 # ---- the optimizers users pick by name ------------------------------------------------------
