@@ -258,8 +258,6 @@ def _parse_meta(text: str, where: str) -> tuple[dict, TrainConfig]:
                         isinstance(v, list) and len(v) == 5 and _is_int(v[0], 1) and
                         _is_int(v[1], 1) and all(isinstance(b, bool) for b in v[2:4]) and
                         _is_int(v[4], 0, 2 ** 64)))):
-        if key == "epoch_plan" and key not in meta:
-            continue
         if not ok(meta.get(key)):
             raise CheckpointError(f"{where}: metadata field {key!r} is missing or malformed: "
                                   f"{str(meta.get(key))[:80]}")
@@ -318,7 +316,7 @@ def load_checkpoint(path: str | os.PathLike, backend: Any = "numpy",
     if meta["format_version"] >= 2 and any(n in tensors for n in _STATE):
         _check_state_tensors(tensors, where)
     try:
-        config.preprocessing is None or from_spec(config.preprocessing, config.sizes[0])
+        from_spec(config.preprocessing, config.sizes[0])  # (None: no preprocessing)
         model = config.build_model(backend, dtype, params_from_dict(tensors, len(names) // 2))
     except (ShapeError, ConfigError) as e:
         raise CheckpointError(f"{where}: {e}") from None

@@ -32,25 +32,22 @@ def _prepare_data(args) -> tuple:
         X, y, name = load_digits()
     X = np.asarray(X, dtype=np.float64)
     y = np.asarray(y)
-    _refuse_nonfinite_rows(X, "--data")
+    _refuse_nonfinite_rows(X, "--data: the features")
     if y.dtype.kind in "iubUSO":  # integers, booleans, strings: class labels
         classes, y = np.unique(y, return_inverse=True)
         task = "classification"
     else:
         classes, task = None, "regression"
         y = y.astype(np.float64)
-        bad = np.flatnonzero(~np.isfinite(y.reshape(len(y), -1)).all(axis=1))
-        if bad.size:
-            raise ValueError(f"--data: the regression targets hold NaN or inf (rows "
-                             f"{bad[:10].tolist()}, counted from 0)")
+        _refuse_nonfinite_rows(y, "--data: the regression targets")
     return X, y, classes, task, name
 
 
-def _refuse_nonfinite_rows(X: np.ndarray, what: str) -> None:
-    """Rows with NaN or inf get no answer: name them (as scikit-learn refuses them)."""
-    bad = np.flatnonzero(~np.isfinite(X).all(axis=1))
+def _refuse_nonfinite_rows(a: np.ndarray, what: str) -> None:
+    """Training data with NaN or inf is refused, naming the rows (as scikit-learn does)."""
+    bad = np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))
     if bad.size:
-        raise ValueError(f"{what}: {bad.size} of {len(X)} rows hold NaN or inf (rows "
+        raise ValueError(f"{what}: {bad.size} of {len(a)} rows hold NaN or inf (rows "
                          f"{bad[:10].tolist()}{', ...' if bad.size > 10 else ''}, counted from 0,"
                          " header excluded); clean or drop them first")
 
@@ -220,11 +217,10 @@ def cmd_predict(args) -> int:
     ckpt = load_checkpoint(args.checkpoint, backend=args.backend)
     meta, model = ckpt.metadata, ckpt.model
     X, y = load_file(args.data, args.label_column, n_features=model.sizes[0])
-    X = np.asarray(X, dtype=np.float64)
-    _refuse_nonfinite_rows(X, "--data")
     pre = ckpt.preprocessing or _legacy_scaling(ckpt)
-    X = X if pre is None else pre(X)
-    pred = model.predict(X)  # what Python's model.predict gives (or its clear error)
+    X = np.asarray(X, dtype=np.float64) if pre is None else pre(X)
+    # what Python's model.predict gives, or its clear error (rows with NaN or inf included)
+    pred = model.predict(X)
     if model.task == "classes":
         classes = _class_names(meta, model.sizes[-1])
         labels = classes[pred] if classes is not None else pred

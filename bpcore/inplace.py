@@ -38,6 +38,8 @@ from typing import Any, Callable
 import numpy as np
 
 from ._array import nested_leaves, nested_unflatten
+from .activations import ACTIVATIONS
+from .losses import LOSSES
 from .schedules import schedule_from_spec
 from .targets import labels_to_canonical
 from .step import (GUARD_GREW, GUARD_NONFINITE, GUARD_TARGETS, GuardState, StepMetrics,
@@ -53,8 +55,6 @@ _IN_PLACE = ("relu", "identity")  # activations whose forward and vjp run in the
 def _kernel_name(act: Any) -> str | None:
     """Which in-place kernel runs ``act``: by the object, never by its name (a user's own
     activation called "relu", a leaky one say, must not get the built-in's kernel)."""
-    from .activations import ACTIVATIONS
-
     return next((n for n in _IN_PLACE if act is ACTIVATIONS[n]), None)
 
 
@@ -133,8 +133,6 @@ class InplaceStep:
         self.tmp2 = ops.empty((width,), dtype)
         self._batch_buffers: dict[Any, Any] = {}
         self.kernels = [_kernel_name(a) for a in model.activations]  # per layer, or None
-        from .losses import LOSSES
-
         self._fused_xent = (self.loss is LOSSES["softmax_cross_entropy"] and
                             self.kernels[-1] == "identity")
         self._out: TrainState | None = None
@@ -192,7 +190,7 @@ class InplaceStep:
         if bufs is None:
             if len(self._batch_buffers) >= 4:  # a full batch and a last, smaller one
                 self._batch_buffers.clear()
-            ops, acts = self.ops, self.activations
+            ops = self.ops
             bufs = []
             kernels = self.kernels
             for k, (W, _) in enumerate(self.params):

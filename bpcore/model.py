@@ -186,13 +186,16 @@ class MLP:
         out = np.concatenate([self.backend.to_numpy(fn(self.params, x[i:min(i + batch_size, n),
                                                                       ...]))
                               for i in range(0, n, batch_size)])
-        bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
-        if bad.size:  # a NaN row would otherwise come out as class 0, say
+        # Rows with NaN or inf in, or out, get no answer: a NaN row would come out as class 0,
+        # and an inf one through a saturating layer as some class (scikit-learn refuses both).
+        xp = self.backend.xp
+        ok_in = self.backend.to_numpy(xp.all(xp.isfinite(x), axis=1))
+        bad = np.flatnonzero(~(ok_in & np.isfinite(out).all(axis=1)))
+        if bad.size:
             raise ShapeError(
-                f"predict: {bad.size} of {n} rows give non-finite outputs (rows "
-                f"{bad[:10].tolist()}{', ...' if bad.size > 10 else ''}, counted from 0): NaN "
-                "or inf in their inputs, or values far outside the training data's range. "
-                "Clean or drop those rows (scikit-learn refuses such input too).")
+                f"predict: {bad.size} of {n} rows hold NaN or inf or give non-finite outputs "
+                f"(rows {bad[:10].tolist()}{', ...' if bad.size > 10 else ''}, counted from 0, "
+                "header excluded): clean or drop those rows (scikit-learn refuses them too).")
         return out
 
     def _kind(self, what: str) -> str:

@@ -11,8 +11,8 @@ The guard refuses a step, on the device and without a host sync, when its target
 invalid (class labels out of range on the device, negative or non-finite targets), when the
 loss is not finite, when the update is not finite or so large (a norm above
 ``sqrt(dtype max) / 2``, ~1e19 in float32) that it could overflow a parameter — a
-non-finite gradient always makes it so —, when the new optimizer state is not finite, or when the loss exceeds ``divergence_factor``
-times the first step's loss. Parameters are finite when they enter (the model checks them),
+non-finite gradient always makes it so —, when the new optimizer state is not finite, or
+when the loss exceeds ``divergence_factor`` times the first step's loss. Parameters are finite when they enter (the model checks them),
 so an accepted step keeps them finite. A refused step changes nothing but the
 guard, which records its number and why; from then on every step is refused, so the state
 is that of the last good step until someone reads the guard (``Trainer.check``).
@@ -82,7 +82,6 @@ def train_step(state: TrainState, batch: tuple[Array, Array], *,
     counts and gradients into the global batch's before the update and the guard see them.
     """
     x, T = batch
-    xp = array_namespace(x)
     params = state.params
     value, grads, _, Y = loss_grad_output(params, activations, loss, x, T)
     correct, targets_ok = loss.correct(Y, T), loss.targets_valid(T)

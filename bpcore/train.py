@@ -401,8 +401,8 @@ class Trainer:
         xp = m.backend.xp
         sel = idx[lo:hi]
         xb, Tb = xp.take(Xd, sel, axis=0), xp.take(Td, sel, axis=0)
-        if self._mpi:
-            self.parallel.n_local = float(xb.shape[0]) if n_local is None else n_local
+        if n_local is not None:
+            self.parallel.n_local = n_local
         metrics = self._advance(self._prepared_step, xb, Tb, **eb)
         return metrics.loss, metrics.correct
 

@@ -452,3 +452,13 @@ def test_own_loss_named_like_a_builtin_is_not_served_the_builtins_compiled_code(
     v1, _ = bpcore.value_and_grad(m, X, T, loss="mse")
     v2, _ = bpcore.value_and_grad(m, X, T, loss=doubled)
     assert float(v2) == pytest.approx(2 * float(v1))
+
+
+def test_model_predict_refuses_inf_inputs_that_a_saturating_layer_hides():
+    """inf through tanh gives finite outputs, and so a class: the rows are refused by their
+    inputs, not only by their outputs (model.predict, and so bpcore predict)."""
+    m = bpcore.MLP([3, 4, 2], "tanh", dtype="float64", seed=0, task="classes")
+    X = np.ones((3, 3))
+    X[1, 2] = np.inf
+    with pytest.raises(bpcore.errors.ShapeError, match=r"rows \[1\]"):
+        m.predict(X)
