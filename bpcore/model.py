@@ -194,8 +194,8 @@ class MLP:
         if bad.size:
             raise ShapeError(
                 f"predict: {bad.size} of {n} rows hold NaN or inf or give non-finite outputs "
-                f"(rows {bad[:10].tolist()}{', ...' if bad.size > 10 else ''}, counted from 0, "
-                "header excluded): clean or drop those rows (scikit-learn refuses them too).")
+                f"(rows {bad[:10].tolist()}{', ...' if bad.size > 10 else ''}, counted from 0): "
+                "clean or drop those rows (scikit-learn refuses them too).")
         return out
 
     def _kind(self, what: str) -> str:
