@@ -11,7 +11,7 @@ import numpy as np
 from . import backends as _backends
 from ._array import Array, Params
 from ._checks import prepare_input
-from .activations import Activation, get_activation
+from .activations import ACTIVATIONS, Activation, get_activation
 from .backends._base import dtype_name
 from .errors import ConfigError, ShapeError
 from .init import init_params
@@ -198,9 +198,15 @@ class MLP:
                 "clean or drop those rows (scikit-learn refuses them too).")
         return out
 
+    def _output_builtin(self) -> str | None:
+        """The output activation's name if it is that built-in itself (by the object: an
+        activation of your own called "softmax" is not bpcore's softmax), else None."""
+        out = self.activations[-1]
+        return out.name if ACTIVATIONS.get(out.name) is out else None
+
     def _kind(self, what: str) -> str:
-        out = self.activations[-1].name
-        task = self.task or {"softmax": "classes", "sigmoid": "binary"}.get(out)
+        task = self.task or {"softmax": "classes", "sigmoid": "binary"}.get(
+            self._output_builtin())
         if task is None:
             raise ConfigError(
                 f"{what}: the model does not know what it predicts (classes, binary labels or "
@@ -218,7 +224,7 @@ class MLP:
             raise ConfigError("predict_proba: a regression model (task 'values') has no "
                               "probabilities; use predict")
         Y = self._outputs(X, batch_size).astype(np.float64)
-        out = self.activations[-1].name
+        out = self._output_builtin()
         if task == "classes" and out != "softmax":
             e = np.exp(Y - Y.max(axis=1, keepdims=True))
             return e / e.sum(axis=1, keepdims=True)

@@ -462,3 +462,14 @@ def test_model_predict_refuses_inf_inputs_that_a_saturating_layer_hides():
     X[1, 2] = np.inf
     with pytest.raises(bpcore.errors.ShapeError, match=r"rows \[1\]"):
         m.predict(X)
+
+
+def test_output_activation_of_your_own_named_softmax_is_not_taken_for_bpcores():
+    """predict_proba normalises the outputs unless the output layer IS bpcore's softmax: an
+    activation of your own called "softmax" (here the identity) gets normalised like logits."""
+    from bpcore.activations import Activation
+
+    fake = Activation("softmax", lambda Z: Z, lambda Z, Y, D: D)
+    m = bpcore.MLP([3, 4], "tanh", fake, dtype="float64", seed=0, task="classes")
+    P = m.predict_proba(np.ones((2, 3)))
+    np.testing.assert_allclose(P.sum(axis=1), 1.0)
