@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import closing as _closing
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from . import _interrupts
 from ._checks import whole_number
 from .callbacks import Callback, History
 from .errors import ConfigError, ShapeError
@@ -86,7 +88,7 @@ def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 
                                   "draw the same batches")
             seed = int(np.random.SeedSequence().entropy % 2 ** 63)
         plan = (n, batch_size, bool(drop_last), bool(shuffle), int(seed))
-        if first and (first >= n_batches or trainer.epoch_plan not in (None, plan)):
+        if first and (first > n_batches or trainer.epoch_plan not in (None, plan)):
             was = trainer.epoch_plan or "not recorded"
             raise ConfigError(
                 f"fit: the trainer stopped after batch {first} of epoch {trainer.epoch + 1}, "
@@ -110,6 +112,10 @@ def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 
         parallel.check_same("fit", settings)
     if failed is not None:
         raise failed
+    if first == n_batches and epochs:  # stopped after the epoch's last batch, before its end
+        trainer.check()
+        trainer.end_epoch()  # (no history entry: none of its batches runs in this call)
+        first, epochs = 0, epochs - 1
     per_row = loss.correct_per_row(Td)
     history = History()
     trainer.stop_training = False
@@ -120,7 +126,9 @@ def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 
         cb.on_train_begin(trainer)
     bar = Progress(verbose, n_batches)
     start = trainer.epoch
-    try:
+    # One SIGINT handler for the whole loop: each step then holds a Ctrl-C back until it
+    # has ended for two counter updates (bpcore._interrupts), not two signal.signal calls.
+    with _interrupts.scope(), _closing(bar):
         for epoch in range(start, start + epochs):
             t0 = time.perf_counter()
             trainer.epoch_plan = plan
@@ -159,8 +167,6 @@ def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 
             _end_of_epoch_callbacks(trainer, callbacks, epoch + 1, logs)
             if trainer.stop_training:
                 break
-    finally:
-        bar.close()
     # Not reached after a DivergenceError: the model keeps the last good step's parameters,
     # as the error says, rather than (say) an early-stopping snapshot.
     for cb in callbacks:
@@ -189,6 +195,10 @@ def _end_of_epoch_callbacks(trainer: "Trainer", callbacks: Sequence[Callback], e
         f"{failed}")
     if failed is not None:
         raise failed
+    if first == n_batches and epochs:  # stopped after the epoch's last batch, before its end
+        trainer.check()
+        trainer.end_epoch()  # (no history entry: none of its batches runs in this call)
+        first, epochs = 0, epochs - 1
     errors = [(r, why) for r, (_, why) in enumerate(everyone) if why is not None]
     if errors:
         raise RuntimeError(f"fit: a callback raised on worker {errors[0][0]} after epoch "

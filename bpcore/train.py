@@ -19,6 +19,7 @@ import numpy as np
 
 from ._array import Array, Params
 from ._checks import prepare_input
+from ._interrupts import Commit
 from .callbacks import Callback, EarlyStopping, History
 from .errors import ConfigError, DivergenceError, ShapeError
 from .losses import Loss, get_loss
@@ -238,7 +239,7 @@ class Trainer:
                 + "). A state carries over between trainers of the same model sizes and the "
                 "same kind of optimizer; to change the optimizer kind, start from the "
                 "parameters alone: new.set_params(old.model.params).")
-        with self._lock:
+        with self._lock, Commit():
             if self._sharded:  # on every device, as the trainer's own state is
                 state = self.parallel.replicate(state)
                 self.model.params = state.params
@@ -253,14 +254,15 @@ class Trainer:
         return self._epoch_batch
 
     def end_epoch(self) -> None:
-        with self._lock:
+        with self._lock, Commit():
             self._state = self._state._replace(epoch=self._state.epoch + 1)
             self._epoch_batch = 0
 
     def set_params(self, params: Params) -> None:
         """Replace the parameters (checked and moved like ``model.set_params``)."""
-        self.model.set_params(params)
-        self._state = self._state._replace(params=self.model.params)
+        with self._lock, Commit():
+            self.model.set_params(params)
+            self._state = self._state._replace(params=self.model.params)
 
     def _sync_params(self) -> None:
         # Someone replaced model.params directly: adopt them (an identity check, no sync).
@@ -373,7 +375,9 @@ class Trainer:
     def _advance(self, step_fn: Any, *batch: Any, epoch_batch: int | None = None) -> Any:
         """Run ``step_fn(state, *batch)``, keep the new state, return its metrics.
         ``epoch_batch``: the batches of the epoch done once this one is (``fit``'s steps)."""
-        with self._lock:  # a save in another thread sees the state before or after, whole
+        # A save in another thread sees the state before or after, whole; a Ctrl-C waits for
+        # the step's end (bpcore._interrupts: an in-place step writes buffer after buffer).
+        with self._lock, Commit():
             self._sync_params()
             self._state, metrics = step_fn(self._state, *batch)
             if epoch_batch is not None:
@@ -443,8 +447,9 @@ class Trainer:
     def reset_guard(self) -> None:
         """Clear a recorded divergence so training can go on (e.g. after lowering lr)."""
         g = self.state.guard
-        self._state = self._state._replace(guard=g._replace(bad_step=g.bad_step * 0,
-                                                          reason=g.reason * 0))
+        with self._lock:
+            self._state = self._state._replace(guard=g._replace(bad_step=g.bad_step * 0,
+                                                                reason=g.reason * 0))
 
     # -- checkpoints ------------------------------------------------------------------------
     def save(self, path: Any, metadata: dict | None = None, *, preprocessing: Any = None
