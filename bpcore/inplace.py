@@ -38,8 +38,9 @@ from typing import Any, Callable
 import numpy as np
 
 from ._array import nested_leaves, nested_unflatten
-from .activations import ACTIVATIONS
+from .activations import IDENTITY_KERNEL
 from .losses import LOSSES
+from .optim import built_by_name
 from .schedules import schedule_from_spec
 from .targets import labels_to_canonical
 from .step import (GUARD_GREW, GUARD_NONFINITE, GUARD_TARGETS, GuardState, StepMetrics,
@@ -48,14 +49,12 @@ from .step import (GUARD_GREW, GUARD_NONFINITE, GUARD_TARGETS, GuardState, StepM
 __all__ = ["InplaceStep", "unsupported_reason", "CHUNK"]
 
 CHUNK = 1 << 16  # elements per chunk of an elementwise update with a temporary (fits L2)
-_N_MOMENTS = {"sgd": None, "adam": 2, "adamw": 2}
-_IN_PLACE = ("relu", "identity")  # activations whose forward and vjp run in the Z buffer
-
-
-def _kernel_name(act: Any) -> str | None:
-    """Which in-place kernel runs ``act``: by the object, never by its name (a user's own
-    activation called "relu", a leaky one say, must not get the built-in's kernel)."""
-    return next((n for n in _IN_PLACE if act is ACTIVATIONS[n]), None)
+# The settings of each named optimizer that the in-place update implements. An optimizer
+# with any other setting (an option added to bpcore.optim later, say) runs the generic step:
+# the in-place one must never ignore a setting it does not know.
+_HANDLED = {"sgd": {"name", "lr", "momentum", "nesterov", "weight_decay"},
+            "adam": {"name", "lr", "b1", "b2", "eps", "weight_decay"}}
+_HANDLED["adamw"] = _HANDLED["adam"]
 
 
 def unsupported_reason(trainer: Any) -> str | None:
@@ -65,7 +64,13 @@ def unsupported_reason(trainer: Any) -> str | None:
         return (f"the {be.name} backend has no in-place kernels (they need mutable arrays "
                 "read without a device wait: numpy, torch on the CPU)")
     spec = trainer.base_optimizer_spec
-    if spec is None or spec.get("name") not in _N_MOMENTS:
+    if not built_by_name(trainer.base_optimizer):
+        spec = None  # (an Optimizer of your own, whatever its spec says: its own update)
+    if spec is not None and spec.get("name") in _HANDLED and \
+            set(spec) - _HANDLED[spec["name"]]:
+        return (f"the in-place update does not implement the optimizer's setting(s) "
+                f"{sorted(set(spec) - _HANDLED[spec['name']])}")
+    if spec is None or spec.get("name") not in _HANDLED:
         return ("the optimizer is not one of bpcore's named optimizers (sgd, momentum, adam, "
                 "adamw) with a constant or built-in schedule learning rate")
     return None
@@ -132,9 +137,10 @@ class InplaceStep:
         self.tmp = ops.empty((width,), dtype)
         self.tmp2 = ops.empty((width,), dtype)
         self._batch_buffers: dict[Any, Any] = {}
-        self.kernels = [_kernel_name(a) for a in model.activations]  # per layer, or None
+        # Each layer's in-place kernel, from its registry entry (None: the generic form).
+        self.kernels = [a.kernel for a in model.activations]
         self._fused_xent = (self.loss is LOSSES["softmax_cross_entropy"] and
-                            self.kernels[-1] == "identity")
+                            self.kernels[-1] is IDENTITY_KERNEL)
         self._out: TrainState | None = None
         self.safe = False
         self.fallbacks = 0  # steps that ran the generic path (for tests and benchmarks)
@@ -196,7 +202,8 @@ class InplaceStep:
             for k, (W, _) in enumerate(self.params):
                 n_out, n_in = W.shape
                 Z = ops.empty((B, n_out), like.dtype)
-                mask = ops.bool_empty((B, n_out)) if kernels[k] == "relu" else None
+                mask = (ops.bool_empty((B, n_out)) if kernels[k] is not None and
+                        kernels[k].masked else None)
                 D_prev = (ops.empty((B, n_in), like.dtype)
                           if k > 0 and kernels[k - 1] is None else None)
                 bufs.append((Z, mask, D_prev))
@@ -232,10 +239,9 @@ class InplaceStep:
         for (W, b), act, kernel, (Z, _, _) in zip(self.params, self.activations, self.kernels,
                                                   bufs):
             ops.linear(Y, W, b, Z)                  # Z = Y W^T + b
-            if kernel == "relu":
-                ops.relu_(Z)
-                Y = Z
-            elif kernel == "identity":
+            if kernel is not None:                  # the entry's kernel: Y^k in Z's buffer
+                if kernel.forward_ is not None:
+                    kernel.forward_(ops, Z)
                 Y = Z
             else:  # no in-place kernel: the generic forward (allocates)
                 Y = act.forward(Z)
@@ -259,12 +265,12 @@ class InplaceStep:
             gW, gb = self.grads[k]
             act, (Z, Yk), (_, mask, D_prev) = self.activations[k], Ys[k], bufs[k]
             kernel = self.kernels[k]
-            if kernel == "relu":
+            if kernel is not None and kernel.masked:  # G = f'(Z) ⊙ D, in D's buffer
                 if k == len(self.params) - 1:  # (inner layers took their mask below)
-                    ops.gt0(Yk, mask)
-                ops.mul(D, mask, D)  # D is a buffer of ours, or the loss's new array
+                    kernel.mask_(ops, Yk, mask)
+                kernel.backward_(ops, D, mask)  # D is a buffer of ours, or the loss's new array
                 G = D
-            elif kernel == "identity":
+            elif kernel is not None:  # f' = 1
                 G = D
             else:
                 G = act.vjp(Z, Yk, D)
@@ -273,8 +279,8 @@ class InplaceStep:
             ops.sum_rows(G, gb)
             if k > 0:
                 if D_prev is None:  # layer k-1 ran in place: its Z/Y buffer takes D^{k-1}
-                    if bufs[k - 1][1] is not None:
-                        ops.gt0(Y_prev, bufs[k - 1][1])  # its relu mask, while Y is intact
+                    if bufs[k - 1][1] is not None:  # its mask, while its Y is intact
+                        self.kernels[k - 1].mask_(ops, Y_prev, bufs[k - 1][1])
                     D_prev = Ys[k - 1][0]
                 ops.matmul(G, W, D_prev)
                 D = D_prev

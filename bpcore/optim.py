@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from typing import Any, Callable, NamedTuple, Union
 
 from ._array import (Array, Params, array_namespace, clip_above, clip_below, nested_leaves,
@@ -197,7 +198,20 @@ def _named(name: str, parts: list[GradientTransformation], **settings: Any) -> O
     elif callable(lr):  # a function of the user's own: it cannot be described
         settings = None
     t = chain(*parts)
+    if settings is not None:
+        _BUILT_BY_NAME.add(t.update)
     return Optimizer(t.init, t.update, None if settings is None else {"name": name, **settings})
+
+
+# The update functions of the optimizers built here by name. A fast path that implements a
+# named optimizer's arithmetic itself (bpcore.inplace) takes only these: an Optimizer of
+# your own whose spec says "adam" keeps its own update.
+_BUILT_BY_NAME: "weakref.WeakSet[Callable]" = weakref.WeakSet()
+
+
+def built_by_name(opt: Any) -> bool:
+    """Whether ``opt`` is one of bpcore's named optimizers as built here (by the object)."""
+    return isinstance(opt, Optimizer) and opt.spec is not None and opt.update in _BUILT_BY_NAME
 
 
 def sgd(lr: LearningRate = 0.01, momentum: float = 0.0, nesterov: bool = False,
