@@ -195,10 +195,6 @@ def _end_of_epoch_callbacks(trainer: "Trainer", callbacks: Sequence[Callback], e
         f"{failed}")
     if failed is not None:
         raise failed
-    if first == n_batches and epochs:  # stopped after the epoch's last batch, before its end
-        trainer.check()
-        trainer.end_epoch()  # (no history entry: none of its batches runs in this call)
-        first, epochs = 0, epochs - 1
     errors = [(r, why) for r, (_, why) in enumerate(everyone) if why is not None]
     if errors:
         raise RuntimeError(f"fit: a callback raised on worker {errors[0][0]} after epoch "
