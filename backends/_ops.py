@@ -42,17 +42,6 @@ class NumpyOps:
     def copy_(self, dst: Any, src: Any) -> None:
         self.np.copyto(dst, src)
 
-    def flat_views(self, flat: Any, shapes: list[tuple[int, ...]]) -> list[Any]:
-        """Consecutive views of the 1-d ``flat`` with the given shapes."""
-        out, at = [], 0
-        for s in shapes:
-            n = 1
-            for d in s:
-                n *= d
-            out.append(flat[at:at + n].reshape(s))
-            at += n
-        return out
-
     # -- elementwise, written into ``out`` ----------------------------------------------------
     def mul(self, a: Any, b: Any, out: Any) -> None:
         self.np.multiply(a, b, out=out)

@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 
 from .losses import Loss, get_loss
-from .model import MLP, param_shapes, value_and_grad
+from ._layout import FlatLayout
+from .model import MLP, value_and_grad
 
 __all__ = ["gradcheck", "GradcheckResult"]
 
@@ -69,29 +70,17 @@ def gradcheck(model: MLP, x: Any, y: Any, loss: str | Loss = "mse", *,
     else:  # the differences in float64 on the host; data moved there first
         m64 = model.to(backend="numpy", dtype="float64")
         x, y = (to_np(a) if be.is_native(a) else a for a in (x, y))
+    layout = FlatLayout(model.sizes)  # bpcore's one flat layout: all W, then all b
     host = [(m64.backend.to_numpy(W), m64.backend.to_numpy(b)) for W, b in m64.params]
-    flat_grad = np.concatenate([to_np(g).ravel() for layer in grads for g in layer]
+    flat_grad = np.concatenate([to_np(g).ravel() for g in layout.leaves(grads)]
                                ).astype(np.float64)
-    theta = np.concatenate([a.ravel() for layer in host for a in layer]).astype(np.float64)
-    shapes = [a.shape for layer in host for a in layer]
-    names = list(param_shapes(model.sizes))
+    theta = layout.flatten(host).astype(np.float64)
 
     def g_at(vec: np.ndarray) -> float:
-        leaves, i = [], 0
-        for s in shapes:
-            n = int(np.prod(s))
-            leaves.append(vec[i:i + n].reshape(s))
-            i += n
-        m64.set_params(list(zip(leaves[0::2], leaves[1::2])))
+        m64.set_params([(np.array(W), np.array(b)) for W, b in layout.unflatten(vec)])
         return float(value_and_grad(m64, x, y, lossf)[0])
 
-    def where(i: int) -> str:
-        for name, s in zip(names, shapes):
-            n = int(np.prod(s))
-            if i < n:
-                return f"{name}{[int(j) for j in np.unravel_index(i, s)]}"
-            i -= n
-        return "?"
+    where = layout.locate
 
     if theta.size <= max_entries:
         mode, n = "entries", theta.size

@@ -38,6 +38,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ._array import nested_leaves, nested_unflatten
+from ._layout import FlatLayout
 from .activations import IDENTITY_KERNEL
 from .losses import LOSSES
 from .optim import built_by_name
@@ -102,27 +103,18 @@ class InplaceStep:
         self.eps = float(spec.get("eps", 1e-8))
         n_sets = 2 if self.kind in ("adam", "adamw") else (1 if self.beta else 0)
 
-        sizes = model.sizes
-        shapes_W = [(o, i) for i, o in zip(sizes[:-1], sizes[1:])]
-        shapes_b = [(o,) for o in sizes[1:]]
-        self.nW = sum(o * i for o, i in shapes_W)
-        self.n = self.nW + sum(o for (o,) in shapes_b)
+        self.layout = layout = FlatLayout(model.sizes)  # all W, then all b
+        self.nW, self.n = layout.n_weights, layout.size
         dtype = model.dtype
         finfo = np.finfo(model.dtype_name)
         self.grad_sq_limit = math.sqrt(float(finfo.max))      # ||g||^2 allowed: max ** 1/2
         self.update_limit = math.sqrt(float(finfo.max)) / 2   # |u_i| with no overflow of p + u
-
-        def layer_views(flat):
-            views = ops.flat_views(flat, shapes_W + shapes_b)
-            K = len(shapes_W)
-            return [(views[k], views[K + k]) for k in range(K)]
-
         self.p_flat = ops.empty((self.n,), dtype)
         self.g_flat = ops.empty((self.n,), dtype)
         self.s_flat = [ops.empty((self.n,), dtype) for _ in range(n_sets)]
-        self.params = layer_views(self.p_flat)
-        self.grads = layer_views(self.g_flat)
-        moments = [layer_views(f) for f in self.s_flat]
+        self.params = layout.views(self.p_flat)
+        self.grads = layout.views(self.g_flat)
+        moments = [layout.views(f) for f in self.s_flat]
         self.opt_leaves = [leaf for m in moments for layer in m for leaf in layer]
         template = trainer.optimizer.init(model.params)
         if len(nested_leaves(template)) != len(self.opt_leaves):

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from ._array import Params, nested_leaves, nested_unflatten
+from ._array import Params, nested_leaves, nested_map, nested_unflatten
+from ._layout import FlatLayout
 from .errors import ConfigError
 
 __all__ = ["setup", "JaxSharding", "MPIReducer", "mpi_world_size", "split_rows"]
@@ -268,14 +269,14 @@ class MPIReducer:
         or on the GPU itself where MPI is CUDA-aware."""
         be = self.backend
         xp = be.xp
-        leaves = [g for layer in grads for g in layer]
+        layout = FlatLayout.of(grads)  # the in-place step's layout too: one for every path
         n = self.n_local
         poison = self._invalid(True, n)  # (read before the flag is cleared)
         extras = [value * n if n else value * 0, correct if n else correct * 0,
                   xp.ones_like(value) * n, (1.0 - xp.astype(targets_ok, value.dtype)) * (1 if n
                                                                                        else 0)
                   + poison]
-        flat = xp.concat([xp.reshape(g, (-1,)) * n for g in leaves] +
+        flat = xp.concat([layout.flatten(grads, n)] +
                          [xp.reshape(xp.astype(e, value.dtype), (1,)) for e in extras])
         if self.cuda_aware:
             be.synchronize(flat)
@@ -285,14 +286,9 @@ class MPIReducer:
             host = np.array(be.to_numpy(flat), copy=True)
             self._sum(host)
             summed = be.asarray(host)
-        P = flat.shape[0] - 4
+        P = layout.size
         total = summed[P + 2]
-        out, at = [], 0
-        for g in leaves:
-            size = int(np.prod(g.shape))
-            out.append(xp.reshape(summed[at:at + size], g.shape) / total)
-            at += size
-        new = [(out[2 * k], out[2 * k + 1]) for k in range(len(grads))]
+        new = nested_map(lambda g: g / total, layout.unflatten(summed[:P]))
         return summed[P] / total, summed[P + 1], summed[P + 3] == 0, new
 
     # -- start identical, stay identical ------------------------------------------------------------
