@@ -35,15 +35,6 @@ def _split(Xd: Any, Td: Any, fraction: Any) -> tuple[tuple[Any, Any], tuple[Any,
     return (Xd[:n - n_val, ...], Td[:n - n_val, ...]), (Xd[n - n_val:, ...], Td[n - n_val:, ...])
 
 
-def _fingerprint(a: Any) -> str:
-    """A digest of prepared data (after conversion: a list, a pandas table and a torch tensor
-    of the same values give the same digest; data on a GPU is copied to the host once)."""
-    import hashlib
-
-    a = np.ascontiguousarray(a)
-    return hashlib.blake2b(a.view(np.uint8).reshape(-1).data, digest_size=12).hexdigest()
-
-
 def _prepare(trainer: "Trainer", X: Any, y: Any, validation_data: Any, validation_split: Any
              ) -> tuple[Any, Any, Any]:
     """The training data and the validation pair (or None), validated and on the device."""
@@ -72,7 +63,7 @@ def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 
     batch_size = whole_number("fit: batch_size", batch_size, 1)
     loss, be = trainer.loss, trainer.model.backend
     xp = be.xp
-    parallel = trainer.parallel
+    workers = trainer._workers  # the data-parallel protocol (one worker: no-ops)
     failed = None
     try:
         Xd, Td, Vd = _prepare(trainer, X, y, validation_data, validation_split)
@@ -83,7 +74,7 @@ def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 
                               f"batch from {n} samples")
         first = trainer.epoch_batch  # > 0: an interrupted epoch, continued where it stopped
         if seed is None:  # unseeded: fresh entropy for this call (not reproducible)
-            if parallel is not None:
+            if not workers.one_controller:
                 raise ConfigError("fit: with data_parallel, pass a seed: every worker must "
                                   "draw the same batches")
             seed = int(np.random.SeedSequence().entropy % 2 ** 63)
@@ -99,17 +90,12 @@ def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 
                 "to start the next epoch afresh)")
         settings: tuple = (n, tuple(Xd.shape[1:]), batch_size, epochs, seed, bool(shuffle),
                            bool(drop_last), first)
-        if parallel is not None and parallel.kind == "mpi":  # the data itself, as trained on
-            to_np = be.to_numpy
-            settings += tuple(_fingerprint(to_np(a)) for a in (Xd, Td))
-            settings += (None,) if Vd is None else (tuple(Vd[0].shape),) + tuple(
-                _fingerprint(to_np(a)) for a in Vd)
+        # (MPI: the data itself, as trained on)
+        settings += workers.data_settings(be.to_numpy, Xd, Td, *(Vd or (None,)))
     except Exception as e:  # still join the workers' check below: none may wait alone
-        if parallel is None:
-            raise
         failed, settings = e, ("failed", f"{type(e).__name__}: {e}")
-    if parallel is not None:  # every worker the same batches, or the same clear error
-        parallel.check_same("fit", settings)
+    # Every worker the same batches, or the same clear error (one worker: nothing to check).
+    workers.check_same("fit", settings)
     if failed is not None:
         raise failed
     if first == n_batches and epochs:  # stopped after the epoch's last batch, before its end
@@ -150,8 +136,7 @@ def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 
             correct = xp.sum(xp.stack(corrects))
             seen = sum(counts)  # the rows trained on (drop_last: not the dropped ones)
             trainer.check()  # one host sync per epoch
-            if trainer.parallel is not None:  # the workers' parameters: still the same bits
-                trainer.parallel.check_identical(trainer.state.params)
+            workers.check_identical(trainer.state.params)  # still the same bits everywhere
             trainer.end_epoch()
             logs = {"loss": float(total) / seen}
             if loss.has_accuracy:
@@ -185,12 +170,8 @@ def _end_of_epoch_callbacks(trainer: "Trainer", callbacks: Sequence[Callback], e
         for cb in callbacks:
             cb.on_epoch_end(trainer, epoch, logs)
     except Exception as e:
-        if trainer.parallel is None:
-            raise
         failed = e
-    if trainer.parallel is None:
-        return
-    everyone = trainer.parallel.outcomes(
+    everyone = trainer._workers.outcomes(
         bool(trainer.stop_training), None if failed is None else f"{type(failed).__name__}: "
         f"{failed}")
     if failed is not None:

@@ -89,8 +89,7 @@ class InplaceStep:
         self.divergence_factor = trainer.divergence_factor
         self.clip_norm = trainer.clip_norm
         self.generic_step = generic_step
-        self.reducer = trainer.parallel if getattr(trainer.parallel, "kind", None) == "mpi" \
-            else None
+        self.reduce_flat_ = trainer._workers.reduce_flat_  # data parallel (MPI), or None
         spec = dict(trainer.base_optimizer_spec)
         self.kind = spec["name"]
         lr = spec["lr"]
@@ -278,9 +277,9 @@ class InplaceStep:
                 D = D_prev
 
         targets_ok = None
-        if self.reducer is not None:  # data-parallel (MPI): the global batch's gradient
+        if self.reduce_flat_ is not None:  # data parallel: the global batch's gradient
             targets_ok = T is None or self._targets_ok(T)
-            value, correct, targets_ok = self.reducer.reduce_flat_(
+            value, correct, targets_ok = self.reduce_flat_(
                 self.ops.host_view(self.g_flat), value, metrics.correct, targets_ok)
             metrics = StepMetrics(self.ops.scalar(value, self.p_flat),
                                   self.ops.scalar(correct, self.p_flat))

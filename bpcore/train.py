@@ -102,18 +102,14 @@ class Trainer:
                           chain(clip_by_global_norm(clip_norm), self.base_optimizer))
         from . import parallel as _parallel
 
+        # The data-parallel engine (None: one worker), and the protocol the steps call
+        # either way (bpcore.parallel.Workers): nothing below asks which engine it is.
         self.parallel = _parallel.setup(model.backend, data_parallel)
+        self._workers = workers = self.parallel or _parallel.SINGLE
         self.data_parallel = bool(data_parallel)
-        if self.parallel is not None:
-            # Every worker starts from the same bits: rank 0's (MPI), or one replicated array
-            # (JAX).
-            model.params = (self.parallel.broadcast(model.params) if self.parallel.kind == "mpi"
-                            else self.parallel.replicate(model.params))
-        self._state = init_state(model.params, self.optimizer, model.backend)
-        jit_out = {}
-        if self._sharded:
-            self._state = self.parallel.replicate(self._state)
-            jit_out = {"out_shardings": self.parallel.replicated}
+        # Every worker starts from the same bits (MPI: rank 0's; JAX: one replicated array).
+        model.params = workers.start(model.params)
+        self._state = workers.place(init_state(model.params, self.optimizer, model.backend))
         self._epoch_batch = 0
         # (rows, batch_size, drop_last, shuffle, seed) of the epoch fit is in, or None: an
         # interrupted epoch continues only under the same plan
@@ -129,7 +125,7 @@ class Trainer:
         jit_kw = {"donate_argnums": (0,)} if inplace is not False and \
             model.backend.compiles and not check_finite else {}
         self._donates = bool(jit_kw)
-        jit_kw.update(jit_out)
+        jit_kw.update(workers.jit_options())
         self._indexed_step_fn = model.backend.jit(self._pure_indexed_step, **jit_kw)
         self._step_fn = model.backend.jit(self._pure_step, **jit_kw)
         self._label_step_fn = model.backend.jit(self._pure_label_step, **jit_kw)
@@ -171,23 +167,15 @@ class Trainer:
 
     def _pure_step(self, state: TrainState, x: Array, T: Array):
         self.trace_count += 1  # Python side effect: runs once per compilation on JAX
-        reduce = self.parallel.reduce_tree if self._mpi else None
         return train_step(state, (x, T), activations=self.model.activations, loss=self.loss,
                           optimizer=self.optimizer, check_finite=self.check_finite,
-                          divergence_factor=self.divergence_factor, reduce=reduce)
+                          divergence_factor=self.divergence_factor,
+                          reduce=self._workers.reduce)
 
     @property
     def _prepared_step(self) -> Any:
         """The step on canonical targets: the in-place one where it runs, else the compiled."""
         return self._inplace.step if self._inplace is not None else self._step_fn
-
-    @property
-    def _mpi(self) -> bool:
-        return self.parallel is not None and self.parallel.kind == "mpi"
-
-    @property
-    def _sharded(self) -> bool:
-        return self.parallel is not None and self.parallel.kind == "jax"
 
     def _pure_label_step(self, state: TrainState, x: Array, labels: Array):
         T = labels_to_canonical(labels, self.model.sizes[-1], x.dtype)
@@ -240,12 +228,11 @@ class Trainer:
                 "same kind of optimizer; to change the optimizer kind, start from the "
                 "parameters alone: new.set_params(old.model.params).")
         with self._lock, Commit():
-            if self._sharded:  # on every device, as the trainer's own state is
-                state = self.parallel.replicate(state)
-                self.model.params = state.params
-            else:
-                self.model.set_params(state.params)  # checked finite; never shared
-            self._state = state._replace(params=self.model.params)
+            self.model.set_params(state.params)  # checked finite; never shared
+            # (where the trainer's own state is: on every device, with JAX sharding)
+            state = self._workers.place(state._replace(params=self.model.params))
+            self.model.params = state.params
+            self._state = state
 
     @property
     def epoch_batch(self) -> int:
@@ -275,19 +262,12 @@ class Trainer:
         m = self.model
         xb = prepare_input(m.backend, x, m.sizes[0], m.dtype)
         T = prepare_target(self.loss, m.backend, y, m.sizes[-1], xb.shape[0], m.dtype_name)
-        if self._sharded:  # on every device, where the replicated parameters are
-            xb, T = self.parallel.replicate((xb, T))
-        return xb, T
+        return self._workers.place((xb, T))  # (JAX sharding: where the parameters are)
 
     def _local(self, tree: Any) -> Any:
-        """Results of a sharded step as this process's own arrays (a replicated value's
-        local copy), so ``float(loss)`` works in every process of a multi-process run."""
-        if not self._sharded:
-            return tree
-        from ._array import nested_map
-
-        return nested_map(lambda a: a.addressable_data(0) if hasattr(a, "addressable_data")
-                          else a, tree)
+        """A step's results as this process's own arrays (with JAX over several processes,
+        a replicated value's local copy), so ``float(loss)`` works in every process."""
+        return self._workers.local(tree)
 
     def step(self, x: Any, y: Any, *, local: bool = False) -> Array:
         """One forward/backward/update on ``(x, y)``; returns the loss (0-d, on the device).
@@ -300,40 +280,13 @@ class Trainer:
         part of the global batch (MPI rank, or JAX process), for data that no single host
         holds whole; the global batch is the parts of all workers together.
         """
-        if self._mpi and not local:
-            # The global batch is the same on every rank: checked whole, it raises alike on
-            # every rank (and changes nothing) without a collective; then each rank steps on
-            # its rows of it.
-            fn, (xb, t) = self._prepare_step(x, y)
-            lo, hi = self.parallel.local_rows(int(xb.shape[0]))
-            self.parallel.n_local = float(hi - lo)
-            if hi == lo:  # no rows for this rank: a stand-in row with weight 0
-                lo, hi = 0, 1
-            return self._advance(fn, xb[lo:hi, ...], t[lo:hi, ...]).loss
-        if self._mpi:  # local=True: each rank's own rows, checked by that rank alone
-            try:
-                fn, batch = self._prepare_step(x, y)
-            except (ValueError, TypeError) as e:  # see _join_refused
-                self._join_refused(e)
-            self.parallel.n_local = float(batch[0].shape[0])
-            return self._advance(fn, *batch).loss
-        if local and self._sharded and self.parallel.multi_process:
-            return self._step_process_local(x, y)
-        fn, batch = self._prepare_step(x, y)
-        return self._advance(fn, *batch).loss
+        if local:
+            return self._workers.step_local(self, x, y)
+        return self._step_global(x, y)
 
-    def _join_refused(self, error: Exception) -> None:
-        """Under MPI, this rank's part of the batch was refused before the step's collective
-        (a label out of range in its rows, say). The other ranks are already waiting in the
-        step's Allreduce: join it with a stand-in row of weight 0 that marks the global batch
-        invalid, so the guard refuses the step on every rank alike (they see it at the next
-        ``check``), then raise the error here. No rank is left in a collective alone."""
-        m = self.model
-        xb = m.backend.asarray(np.zeros((1, m.sizes[0]), dtype=m.dtype_name))
-        T = m.backend.asarray(np.zeros((1, m.sizes[-1]), dtype=m.dtype_name))
-        self.parallel.n_local, self.parallel.poisoned = 0.0, True
-        self._advance(self._prepared_step, xb, T)
-        raise error
+    def _step_global(self, x: Any, y: Any) -> Array:
+        fn, (xb, t) = self._prepare_step(x, y)  # checked whole: raises alike everywhere
+        return self._advance(fn, *self._workers.split(xb, t)).loss
 
     def _prepare_step(self, x: Any, y: Any) -> tuple[Any, tuple]:
         """The checked batch on the device, and the step function that takes it (everything
@@ -341,34 +294,19 @@ class Trainer:
         m = self.model
         xb = prepare_input(m.backend, x, m.sizes[0], m.dtype)
         labels = label_targets(self.loss, m.backend, y, m.sizes[-1], xb.shape[0])
-        if self._sharded:
-            xb = self.parallel.shard_batch(xb)
-            labels = None if labels is None else self.parallel.shard_batch(labels)
+        shard = self._workers.shard
         if labels is None:
             T = prepare_target(self.loss, m.backend, y, m.sizes[-1], xb.shape[0], m.dtype_name)
-            if self._sharded:
-                T = self.parallel.shard_batch(T)
-            return self._prepared_step, (xb, T)
+            return self._prepared_step, (shard(xb), shard(T))
         # Class labels go into the step as they are: the in-place step uses them directly,
         # the compiled step turns them into one-hot rows inside (one call on JAX).
         fn = self._inplace.step_labels if self._inplace is not None else self._label_step_fn
-        return fn, (xb, labels)
-
-    def _step_process_local(self, x: Any, y: Any) -> Array:
-        """JAX over several processes: the global batch is every process's rows together."""
-        m = self.model
-        jax, rows = self.parallel.jax, self.parallel.rows
-        xh = np.asarray(x, dtype=m.dtype_name)
-        xb = jax.make_array_from_process_local_data(rows, xh)
-        T = prepare_target(self.loss, m.backend, y, m.sizes[-1], xh.shape[0], m.dtype_name)
-        T = jax.make_array_from_process_local_data(rows, np.asarray(T))
-        return self._advance(self._step_fn, xb, T).loss
+        return fn, (shard(xb), shard(labels))
 
     def step_prepared(self, xb: Array, T: Array) -> tuple[Array, Array]:
         """:meth:`step` on a batch from :meth:`prepare_batch`: returns ``(loss, n_correct)``.
         With MPI data parallelism the batch is this rank's part of the global batch."""
-        if self._mpi:
-            self.parallel.n_local = float(xb.shape[0])
+        self._workers.own(int(xb.shape[0]))
         metrics = self._advance(self._prepared_step, xb, T)
         return metrics.loss, metrics.correct
 
@@ -394,28 +332,21 @@ class Trainer:
         after it)."""
         m = self.model
         eb = {"epoch_batch": epoch_batch}
-        n_local = None
-        if self._mpi:  # this rank's part of the global batch order[lo:hi]
-            a, b = self.parallel.local_rows(hi - lo)
-            n_local = float(b - a)
-            lo, hi = (lo + a, lo + b) if b > a else (lo, lo + 1)  # (weight 0: a stand-in)
+        lo, hi = self._workers.row_range(lo, hi)  # this worker's part of order[lo:hi]
         if m.backend.compiles:
             metrics = self._advance(self._indexed_step_fn, Xd, Td, order[lo:hi], **eb)
             return metrics.loss, metrics.correct
         xp = m.backend.xp
         sel = idx[lo:hi]
         xb, Tb = xp.take(Xd, sel, axis=0), xp.take(Td, sel, axis=0)
-        if n_local is not None:
-            self.parallel.n_local = n_local
         metrics = self._advance(self._prepared_step, xb, Tb, **eb)
         return metrics.loss, metrics.correct
 
     def _pure_indexed_step(self, state, Xd, Td, sel):
         xp = self.model.backend.xp
         xb, Tb = xp.take(Xd, sel, axis=0), xp.take(Td, sel, axis=0)
-        if self._sharded:  # XLA splits the gathered batch across the devices
-            xb, Tb = self.parallel.constrain(xb), self.parallel.constrain(Tb)
-        return self._pure_step(state, xb, Tb)
+        constrain = self._workers.constrain  # (JAX sharding: XLA splits the batch)
+        return self._pure_step(state, constrain(xb), constrain(Tb))
 
     def check(self) -> None:
         """Raise if the guard refused a step (reads the device): :class:`DivergenceError`,
@@ -458,12 +389,9 @@ class Trainer:
         from .checkpoint import save_state
 
         self._sync_params()
-        if self.parallel is None:
-            save_state(path, self, metadata=metadata, preprocessing=preprocessing)
-            return
         # Data parallel: one writer, rank (or process) 0; the others return at once. Call it on
         # every rank or on rank 0 alone: either works (it is no collective).
-        self.parallel.on_rank0("save", lambda: save_state(path, self, metadata=metadata,
+        self._workers.on_rank0("save", lambda: save_state(path, self, metadata=metadata,
                                                             preprocessing=preprocessing))
 
     @classmethod
@@ -497,9 +425,8 @@ class Trainer:
         trainer._state = ckpt.restore_state(trainer._state)
         trainer._epoch_batch = ckpt.epoch_batch
         trainer.epoch_plan = ckpt.epoch_plan
-        if trainer._sharded:
-            trainer._state = trainer.parallel.replicate(trainer._state)
-            trainer.model.params = trainer._state.params
+        trainer._state = trainer._workers.place(trainer._state)
+        trainer.model.params = trainer._state.params
         return trainer
 
     # -- evaluation -------------------------------------------------------------------------

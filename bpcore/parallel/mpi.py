@@ -1,22 +1,4 @@
-"""Data-parallel training on existing engines: JAX sharding, and MPI for the other backends.
-
-``Trainer(model, loss, optimizer, data_parallel=True)`` picks one of two engines:
-
-* **JAX** (:class:`JaxSharding`): a ``Mesh`` over every device of every process, a
-  ``NamedSharding`` that splits each global batch on its first axis, and the parameters and
-  optimizer state replicated. The step stays one ``jax.jit``-compiled function; XLA partitions
-  it and puts the gradient all-reduce inside it.
-* **MPI** (:class:`MPIReducer`, numpy/torch/cupy under ``mpiexec -n N``, through mpi4py):
-  every rank holds the same parameters, computes the loss and gradients on its slice of each
-  global batch, and one ``Allreduce`` over one flat buffer (the gradients, then the loss, the
-  correct count, the row count and the targets' validity) sums them; every rank then applies
-  the same update to the same state. Rank 0's initial state is broadcast, and :meth:`fit`
-  compares a hash of the parameters across ranks after every epoch.
-
-Either way a step means what it means on one device: the mean loss and its gradient over the
-whole global batch. Without MPI (no ``mpiexec``), with one rank, or with one JAX device, there
-is nothing to split and the Trainer runs exactly as with ``data_parallel=False``.
-"""
+"""Data parallelism over MPI ranks (numpy, torch, cupy under ``mpiexec``), through mpi4py."""
 
 from __future__ import annotations
 
@@ -24,145 +6,32 @@ import hashlib
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from ._array import Params, nested_leaves, nested_map, nested_unflatten
-from ._layout import FlatLayout
-from .errors import ConfigError
+from .._array import Params, nested_leaves, nested_map, nested_unflatten
+from .._layout import FlatLayout
+from ..errors import ConfigError
+from .workers import Workers, split_rows
 
-__all__ = ["setup", "JaxSharding", "MPIReducer", "mpi_world_size", "split_rows"]
-
-# What launchers set in each process they start: MPICH/Intel MPI (Hydra), Open MPI, PMIx, Slurm.
-_LAUNCH_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+__all__ = ["MPIReducer"]
 
 
-def mpi_world_size() -> int | None:
-    """How many ranks the MPI launcher started (None: not started by one), read from the
-    environment, so a program not under ``mpiexec`` never initialises MPI."""
-    for var in _LAUNCH_SIZE_VARS:
-        v = os.environ.get(var)
-        if v and v.isdigit():
-            return int(v)
-    return None
+def _fingerprint(a: Any) -> str:
+    """A digest of prepared data (after conversion: a list, a pandas table and a torch tensor
+    of the same values give the same digest; data on a GPU is copied to the host once)."""
+    a = np.ascontiguousarray(a)
+    return hashlib.blake2b(a.view(np.uint8).reshape(-1).data, digest_size=12).hexdigest()
 
 
-def split_rows(n: int, parts: int, index: int) -> tuple[int, int]:
-    """Rows ``[lo, hi)`` of part ``index`` when ``n`` rows are split into ``parts`` as evenly
-    as possible (the first ``n % parts`` parts get one more; as ``numpy.array_split``)."""
-    base, extra = divmod(n, parts)
-    lo = index * base + min(index, extra)
-    return lo, lo + base + (1 if index < extra else 0)
-
-
-def setup(backend: Any, data_parallel: bool) -> Any:
-    """The engine for ``Trainer(..., data_parallel=...)``: None (one worker: nothing to
-    split), a :class:`JaxSharding`, or an :class:`MPIReducer`."""
-    if data_parallel is False:
-        return None
-    if data_parallel is not True:
-        raise ConfigError(f"data_parallel: expected True or False, got {data_parallel!r}")
-    if backend.name == "jax":
-        sharding = JaxSharding()
-        ranks = mpi_world_size()
-        if ranks and ranks > 1 and sharding.size == 1:
-            raise ConfigError(
-                f"data_parallel=True on the jax backend under an MPI launcher ({ranks} ranks), "
-                "but JAX sees one process: each rank would train alone on the whole batch. "
-                "Call jax.distributed.initialize() before anything else uses JAX (then JAX "
-                "spans every rank's devices), or use the numpy/torch/cupy backend, which splits "
-                "batches over MPI ranks.")
-        return sharding if sharding.n_devices > 1 else None
-    size = mpi_world_size()
-    if size is None:
-        return None
-    reducer = MPIReducer(backend)
-    return reducer if reducer.size > 1 else None
-
-
-# ---- JAX ------------------------------------------------------------------------------------
-class JaxSharding:
-    """One mesh axis, ``"batch"``, over ``jax.devices()`` (every process's, after
-    ``jax.distributed.initialize()``)."""
-
-    kind = "jax"
-
-    def __init__(self) -> None:
-        import jax
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-        self.jax = jax
-        devices = jax.devices()
-        self.n_devices = len(devices)
-        self.mesh = Mesh(np.array(devices), ("batch",))
-        self.replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.rows = NamedSharding(self.mesh, PartitionSpec("batch"))
-        self.multi_process = jax.process_count() > 1
-        self.rank, self.size = jax.process_index(), jax.process_count()
-
-    def describe(self) -> str:
-        return f"JAX sharding over {self.n_devices} devices in {self.size} process(es)"
-
-    def _put(self, a: Any, sharding: Any) -> Any:
-        if not self.multi_process:
-            return self.jax.device_put(a, sharding)
-        # Several processes: each supplies the pieces its own devices hold (every process
-        # passes the same global array, as Trainer.step and fit expect).
-        host = np.asarray(a)
-        return self.jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
-
-    def replicate(self, tree: Any) -> Any:
-        """Every leaf on every device."""
-        leaves = nested_leaves(tree)
-        return nested_unflatten(tree, [self._put(a, self.replicated) for a in leaves])
-
-    def divisible(self, rows: int) -> bool:
-        return rows % self.n_devices == 0
-
-    def shard_batch(self, a: Any) -> Any:
-        """A global batch split on its rows across the devices. A batch whose size the devices
-        do not divide runs replicated: the same result, without the split."""
-        return self._put(a, self.rows if self.divisible(a.shape[0]) else self.replicated)
-
-    def constrain(self, a: Any) -> Any:
-        """Inside a compiled step: ask XLA to split ``a``'s rows across the devices."""
-        if not self.divisible(a.shape[0]):
-            return a
-        return self.jax.lax.with_sharding_constraint(a, self.rows)
-
-    def check_identical(self, params: Params) -> None:
-        """Replicated arrays are one array to JAX: nothing can drift apart."""
-
-    def on_rank0(self, name: str, fn: Any) -> None:
-        """``fn()`` in process 0 only (no collective: calling it on process 0 alone is fine)."""
-        if self.rank == 0:
-            fn()
-
-    def check_same(self, what: str, settings: tuple) -> None:
-        """One controller per process sees its own arguments; JAX checks shapes itself."""
-
-    def outcomes(self, stop: bool, error: str | None) -> list[tuple[bool, str | None]]:
-        """Every process's ``(stop, error)`` after an epoch, in process order (one collective
-        across processes; the error's text stays with its process)."""
-        if not self.multi_process:
-            return [(stop, error)]
-        from jax.experimental import multihost_utils
-
-        flags = np.asarray(multihost_utils.process_allgather(
-            np.array([int(stop), int(error is not None)], dtype=np.int32)))
-        return [(bool(f[0]), (error if r == self.rank else "see that process's output")
-                 if f[1] else None) for r, f in enumerate(flags.reshape(-1, 2))]
-
-
-# ---- MPI ------------------------------------------------------------------------------------
-def _mpi() -> Any:
+def _mpi(world_size: Callable[[], int | None]) -> Any:
     try:
         from mpi4py import MPI
     except ImportError as e:
         raise ConfigError(
             f"data_parallel=True: this process was started by an MPI launcher "
-            f"({mpi_world_size()} ranks) but mpi4py cannot be imported ({e}). Install it with "
+            f"({world_size()} ranks) but mpi4py cannot be imported ({e}). Install it with "
             "pip install \"bpcore[mpi]\" (mpi4py and the MPICH wheel), and launch with that "
             "MPI's mpiexec.") from None
     return MPI
@@ -208,13 +77,13 @@ def _abort_on_uncaught_exception(comm: Any) -> None:
     sys.excepthook = hook
 
 
-class MPIReducer:
+class MPIReducer(Workers):
     """Sums each rank's gradients, loss and counts with one ``Allreduce`` per step."""
 
-    kind = "mpi"
+    one_controller = False  # every rank draws its batches itself: they must agree
 
-    def __init__(self, backend: Any) -> None:
-        MPI = _mpi()
+    def __init__(self, backend: Any, world_size: Callable[[], int | None]) -> None:
+        MPI = _mpi(world_size)
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
@@ -232,6 +101,51 @@ class MPIReducer:
     def local_rows(self, n: int) -> tuple[int, int]:
         return split_rows(n, self.size, self.rank)
 
+    def split(self, xb: Any, t: Any) -> tuple[Any, Any]:
+        """The global batch is the same on every rank and was checked whole (it raises alike
+        on every rank, and changes nothing, without a collective): this rank's rows."""
+        lo, hi = self.local_rows(int(xb.shape[0]))
+        self.n_local = float(hi - lo)
+        if hi == lo:  # no rows for this rank: a stand-in row with weight 0
+            lo, hi = 0, 1
+        return xb[lo:hi, ...], t[lo:hi, ...]
+
+    def row_range(self, lo: int, hi: int) -> tuple[int, int]:
+        a, b = self.local_rows(hi - lo)
+        self.n_local = float(b - a)
+        return (lo + a, lo + b) if b > a else (lo, lo + 1)  # (weight 0: a stand-in)
+
+    def own(self, rows: int) -> None:
+        self.n_local = float(rows)
+
+    def step_local(self, trainer: Any, x: Any, y: Any) -> Any:
+        """Each rank's own rows, checked by that rank alone."""
+        try:
+            fn, batch = trainer._prepare_step(x, y)
+        except (ValueError, TypeError) as e:
+            self._join_refused(trainer, e)
+        self.own(batch[0].shape[0])
+        return trainer._advance(fn, *batch).loss
+
+    def _join_refused(self, trainer: Any, error: Exception) -> None:
+        """This rank's part of the batch was refused before the step's collective (a label
+        out of range in its rows, say). The other ranks are already waiting in the step's
+        Allreduce: join it with a stand-in row of weight 0 that marks the global batch
+        invalid, so the guard refuses the step on every rank alike (they see it at the next
+        ``check``), then raise the error here. No rank is left in a collective alone."""
+        m = trainer.model
+        xb = m.backend.asarray(np.zeros((1, m.sizes[0]), dtype=m.dtype_name))
+        T = m.backend.asarray(np.zeros((1, m.sizes[-1]), dtype=m.dtype_name))
+        self.n_local, self.poisoned = 0.0, True
+        trainer._advance(trainer._prepared_step, xb, T)
+        raise error
+
+    def data_settings(self, to_numpy: Callable[[Any], Any], *arrays: Any) -> tuple:
+        """Digests of the prepared data (and validation data), as trained on: every rank must
+        hold the same (``None`` for an absent array)."""
+        return tuple(None if a is None else (tuple(a.shape), _fingerprint(to_numpy(a)))
+                     for a in arrays)
+
     # -- one Allreduce per step -------------------------------------------------------------------
     def _buffer(self, n: int, dtype: Any) -> np.ndarray:
         if self._buf is None or self._buf.shape[0] != n or self._buf.dtype != dtype:
@@ -241,8 +155,8 @@ class MPIReducer:
     def _sum(self, buf: Any) -> None:
         self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
 
-    def reduce_flat_(self, g: np.ndarray, value: float, correct: float, targets_ok: bool
-                     ) -> tuple[float, float, bool]:
+    def reduce_flat_(self, g: np.ndarray, value: float,  # type: ignore[override]
+                     correct: float, targets_ok: bool) -> tuple[float, float, bool]:
         """The in-place step's flat gradient ``g`` (a host NumPy view), summed over ranks as
         ``Σ n_r g_r / Σ n_r`` in place; returns the global mean loss, the global correct
         count and whether every rank's targets were valid."""
@@ -259,12 +173,12 @@ class MPIReducer:
 
     def _invalid(self, targets_ok: bool, n: float) -> float:
         """This rank's vote against the step: its rows' targets are invalid, or its input was
-        refused before the step (:meth:`Trainer._join_refused`; the flag is used once)."""
+        refused before the step (:meth:`_join_refused`; the flag is used once)."""
         poisoned, self.poisoned = self.poisoned, False
         return 1.0 if poisoned or (n and not targets_ok) else 0.0
 
-    def reduce_tree(self, value: Any, correct: Any, targets_ok: Any, grads: Params
-                    ) -> tuple[Any, Any, Any, Params]:
+    def reduce(self, value: Any, correct: Any, targets_ok: Any,  # type: ignore[override]
+               grads: Params) -> tuple[Any, Any, Any, Params]:
         """The generic step's gradients (any backend), through one flat buffer: on the host,
         or on the GPU itself where MPI is CUDA-aware."""
         be = self.backend
