@@ -74,7 +74,7 @@ class Backend:
     enable_float64: Callable[[], None] | None = field(default=None, repr=False)
     # In-place kernels (``backends._ops``) for libraries whose arrays are mutable and whose
     # values are read without waiting for a device: the capability behind bpcore's in-place
-    # training step (:mod:`bpcore.inplace`). None: the generic, allocating path only.
+    # training step (:mod:`bpcore.training.inplace`). None: the generic, allocating path only.
     inplace_ops: Any = field(default=None, repr=False)
     # ``place_like(x, like)``: ``x`` placed where ``like`` lives, when that is more than this
     # backend's one device (JAX parameters replicated by data-parallel training); else ``x``.

@@ -4,7 +4,7 @@ A backend whose arrays are mutable and whose values can be read without waiting 
 (NumPy; PyTorch on the CPU) offers an ``ops`` object (``Backend.inplace_ops``). Each method
 writes into a buffer the caller owns, so a training step can run on preallocated memory and
 allocate nothing whose size grows with the model. The generic, allocating array-API path
-stays the reference: :mod:`bpcore.inplace` falls back to it for anything ``ops`` lacks, and the
+stays the reference: :mod:`bpcore.training.inplace` falls back to it for anything ``ops`` lacks, and the
 tests check the two against each other.
 
 :class:`NumpyOps` is written against NumPy's ufunc interface (``out=``) and takes the module

@@ -50,7 +50,7 @@ def set_matmul_precision(mode: str) -> dict:
 
 
 def machine(gpu: bool) -> dict:
-    from bpcore.machine import machine_info
+    from bpcore.cli.machine import machine_info
 
     info = machine_info()
     libs = {}

@@ -50,6 +50,6 @@ def make_batches(case: Case, dtype: str, n: int = N_ROTATE, seed: int = 0):
 
 def host_params(case: Case, dtype: str, seed: int = 0):
     """The same initial parameters for bpcore and every peer."""
-    from bpcore.init import init_params
+    from bpcore.nn.init import init_params
 
     return init_params(case.sizes, ["he"] * (len(case.sizes) - 1), seed, dtype)

@@ -6,17 +6,18 @@ __version__ = "0.1.0"
 
 from . import errors  # noqa: E402  (first: the backends import it)
 from . import backends  # noqa: E402
-from . import activations, losses, optim  # noqa: E402
-from .activations import ACTIVATIONS, Activation  # noqa: E402
-from .checkpoint import Checkpoint, load, load_checkpoint, save  # noqa: E402
-from .gradcheck import GradcheckResult, gradcheck  # noqa: E402
-from .losses import LOSSES, Loss  # noqa: E402
-from .mlp import backward, forward, forward_cache, loss_and_grad  # noqa: E402
-from .model import MLP, value_and_grad  # noqa: E402
+from .nn import activations, losses  # noqa: E402
+from . import optim  # noqa: E402
+from .nn.activations import ACTIVATIONS, Activation  # noqa: E402
+from .io.checkpoint import Checkpoint, load, load_checkpoint, save  # noqa: E402
+from .nn.gradcheck import GradcheckResult, gradcheck  # noqa: E402
+from .nn.losses import LOSSES, Loss  # noqa: E402
+from .nn.mlp import backward, forward, forward_cache, loss_and_grad  # noqa: E402
+from .nn.model import MLP, value_and_grad  # noqa: E402
 from .optim import OPTIMIZERS  # noqa: E402
-from .config import TrainConfig  # noqa: E402
-from .step import TrainState  # noqa: E402
-from .train import Callback, EarlyStopping, History, Trainer, train_step  # noqa: E402
+from .io.config import TrainConfig  # noqa: E402
+from .training.step import TrainState  # noqa: E402
+from .training.trainer import Callback, EarlyStopping, History, Trainer, train_step  # noqa: E402
 
 __all__ = [
     "__version__", "errors", "backends", "activations", "losses", "optim",

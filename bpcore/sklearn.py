@@ -9,7 +9,7 @@ SciPy's L-BFGS-B on the same flat parameter vector. In float64 on NumPy an uncha
 gives scikit-learn's fitted ``coefs_`` to rounding (``tests/test_sklearn.py`` holds it to
 1e-10); the other backends run the same arithmetic on their devices.
 
-What is bpcore's here: the forward and hand-written backward pass (:mod:`bpcore.mlp`), run
+What is bpcore's here: the forward and hand-written backward pass (:mod:`bpcore.nn.mlp`), run
 as one compiled step per batch on the backend (``jax.jit`` on JAX), with the data kept on the
 device for the whole fit and each batch gathered there. A step whose loss or update is not
 finite is refused, the parameters stay those of the last good step, and ``fit`` raises
@@ -59,12 +59,12 @@ except ImportError as _e:  # pragma: no cover - depends on the installation
 
 from . import backends as _backends
 from ._array import Params, array_namespace, nested_map
-from .activations import get_activation
+from .nn.activations import get_activation
 from .backends._base import Backend, cpu_array_to_numpy, on_cpu
 from .errors import BackendUnavailableError, DTypeError
-from .losses import Loss
-from .mlp import forward, loss_grad_output
-from .step import step_is_finite, tree_sq_norm, where_select
+from .nn.losses import Loss
+from .nn.mlp import forward, loss_grad_output
+from .training.step import step_is_finite, tree_sq_norm, where_select
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
@@ -229,7 +229,7 @@ def _make_step(acts, loss: Loss, solver: str, nesterov: bool, select_on_host: bo
             u, new_opt = _sgd_update(grads, opt, params, h, nesterov)
         else:
             u, new_opt = _adam_update(grads, opt, params, h)
-        # bpcore's guard rule (bpcore.step.step_is_finite): a finite loss, a bounded update
+        # bpcore's guard rule (bpcore.training.step.step_is_finite): a finite loss, a bounded update
         # and a finite optimizer state
         ok = step_is_finite(value, u, new_opt) & ~bad
         if select_on_host:

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import optax
 
 import bpcore
-from bpcore.datasets import make_spirals
-from bpcore.targets import prepare_target
+from bpcore.io.datasets import make_spirals
+from bpcore.nn.targets import prepare_target
 
 
 def main(argv: list[str] | None = None, steps: int = 1500) -> float:

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 
 import bpcore
-from bpcore.datasets import make_spirals
+from bpcore.io.datasets import make_spirals
 
 
 def main(argv: list[str] | None = None, epochs: int = 60) -> float:

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import bpcore
-from bpcore.datasets import make_spirals
+from bpcore.io.datasets import make_spirals
 
 
 def main(argv: list[str] | None = None, epochs: int = 40) -> float:

@@ -18,7 +18,7 @@ import pytest
 
 import bpcore
 from bpcore import backends, optim
-from bpcore.checkpoint import _encode
+from bpcore.io.checkpoint import _encode
 from bpcore.errors import CheckpointError
 
 from .conftest import params_np
@@ -90,7 +90,7 @@ def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path):
     path = tmp_path / "ckpt.safetensors"
     marker = tmp_path / "writing"
     code = textwrap.dedent(f"""
-        import os, time, bpcore, bpcore.checkpoint as ck
+        import os, time, bpcore, bpcore.io.checkpoint as ck
         m = bpcore.MLP([400, 400, 10], dtype="float64", seed=1)
         bpcore.save({str(path)!r}, m, metadata={{"version": "old"}})
         real_fsync = os.fsync
@@ -228,8 +228,8 @@ def test_names_in_a_file_are_only_looked_up_in_registries(tmp_path):
 
 
 def test_checkpoint_module_never_uses_pickle():
-    import bpcore.checkpoint as ck
-    import bpcore.datasets as ds
+    import bpcore.io.checkpoint as ck
+    import bpcore.io.datasets as ds
     for mod in (ck, ds):
         src = Path(mod.__file__).read_text()
         assert "import pickle" not in src and "allow_pickle=True" not in src

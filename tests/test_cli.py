@@ -13,7 +13,7 @@ import pytest
 import bpcore
 from bpcore import backends
 from bpcore.cli import main
-from bpcore.datasets import load_file, make_spirals, train_test_split
+from bpcore.io.datasets import load_file, make_spirals, train_test_split
 
 
 @pytest.mark.parametrize("backend_name", ["numpy", "jax"])

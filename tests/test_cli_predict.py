@@ -12,7 +12,7 @@ import pytest
 import bpcore
 from bpcore import optim
 from bpcore.cli import main
-from bpcore.preprocess import Standardize
+from bpcore.io.preprocess import Standardize
 
 
 def _blobs(n=60, k=2, d=3, seed=0):

@@ -15,9 +15,9 @@ from safetensors.numpy import load_file as st_load
 
 import bpcore
 from bpcore import optim
-from bpcore._files import atomic_write
-from bpcore.preprocess import Standardize
-from bpcore.checkpoint import _encode
+from bpcore.io.files import atomic_write
+from bpcore.io.preprocess import Standardize
+from bpcore.io.checkpoint import _encode
 from bpcore.errors import CheckpointError, ConfigError, DivergenceError
 
 INPLACE = [("numpy", None), ("numpy", False), ("torch", None), ("jax", None)]
@@ -411,7 +411,7 @@ def test_side_reports_carry_the_noise_warning(tmp_path):
 
 # ---- kernels chosen by the object, never by its name -------------------------------------------
 def _leaky(slope):
-    from bpcore.activations import Activation
+    from bpcore.nn.activations import Activation
 
     def forward(Z):
         xp = bpcore._array.array_namespace(Z)
@@ -441,7 +441,7 @@ def test_own_activation_named_like_a_builtin_runs_its_own_math(backend_name):
 
 
 def test_own_loss_named_like_a_builtin_is_not_served_the_builtins_compiled_code():
-    from bpcore.losses import LOSSES, Loss
+    from bpcore.nn.losses import LOSSES, Loss
 
     builtin = LOSSES["mse"]
     doubled = Loss("mse", lambda Y, T: tuple(2 * v for v in builtin.forward(Y, T)),
@@ -467,7 +467,7 @@ def test_model_predict_refuses_inf_inputs_that_a_saturating_layer_hides():
 def test_output_activation_of_your_own_named_softmax_is_not_taken_for_bpcores():
     """predict_proba normalises the outputs unless the output layer IS bpcore's softmax: an
     activation of your own called "softmax" (here the identity) gets normalised like logits."""
-    from bpcore.activations import Activation
+    from bpcore.nn.activations import Activation
 
     fake = Activation("softmax", lambda Z: Z, lambda Z, Y, D: D)
     m = bpcore.MLP([3, 4], "tanh", fake, dtype="float64", seed=0, task="classes")

@@ -7,7 +7,7 @@ import pytest
 
 import bpcore
 from bpcore import ACTIVATIONS, LOSSES
-from bpcore.mlp import backward, forward, forward_cache
+from bpcore.nn.mlp import backward, forward, forward_cache
 
 from .conftest import params_np, tonp, unit
 

@@ -1,4 +1,4 @@
-"""The in-place step (bpcore.inplace) against the generic step, on the same inputs.
+"""The in-place step (bpcore.training.inplace) against the generic step, on the same inputs.
 
 Every accepted and every refused step must leave the same state (to float64 round-off), for
 each optimizer, activation, loss and backend that offers in-place kernels; and the fast path
@@ -15,7 +15,7 @@ import pytest
 import bpcore
 from bpcore import optim
 from bpcore.errors import ConfigError, DivergenceError, ShapeError
-from bpcore.schedules import cosine_decay
+from bpcore.optim.schedules import cosine_decay
 
 from .conftest import _backend_or_skip as backend_or_skip
 

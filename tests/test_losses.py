@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bpcore import LOSSES
-from bpcore.targets import prepare_target
+from bpcore.nn.targets import prepare_target
 
 from .conftest import tonp
 

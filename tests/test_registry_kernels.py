@@ -1,7 +1,7 @@
 """Written once: each registry entry's in-place kernel equals its generic form, and every
 executor of the one step gives the same training run.
 
-* Every activation entry that carries an in-place kernel (:class:`bpcore.activations.
+* Every activation entry that carries an in-place kernel (:class:`bpcore.nn.activations.
   InplaceKernel`) is held to the entry's own ``forward`` and ``vjp``, on every backend with
   in-place kernels, on hypothesis-drawn shapes and values (zeros, ties, signed zeros,
   infinities and NaN included in Z; D finite), in float64: bit for bit.
@@ -21,8 +21,8 @@ import pytest
 import bpcore
 from bpcore import optim
 from bpcore._array import nested_leaves
-from bpcore.activations import ACTIVATIONS, Activation
-from bpcore.schedules import cosine_decay
+from bpcore.nn.activations import ACTIVATIONS, Activation
+from bpcore.optim.schedules import cosine_decay
 
 from .conftest import _backend_or_skip as backend_or_skip
 

@@ -11,7 +11,7 @@ import pytest
 import bpcore
 from bpcore import optim
 from bpcore._array import nested_leaves
-from bpcore.config import TrainConfig
+from bpcore.io.config import TrainConfig
 from bpcore.errors import CheckpointError, ConfigError
 
 OPTS = [optim.sgd(0.1), optim.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
@@ -101,7 +101,7 @@ def test_the_jax_state_is_a_pytree_and_the_step_is_pure():
     jax = pytest.importorskip("jax")
     from functools import partial
 
-    from bpcore.step import train_step
+    from bpcore.training.step import train_step
 
     t = bpcore.Trainer(bpcore.MLP([3, 4, 2], backend="jax", dtype="float64"), "mse",
                        optim.adam(1e-2))

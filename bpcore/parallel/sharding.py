@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from .._array import nested_leaves, nested_map, nested_unflatten
-from ..targets import prepare_target
+from ..nn.targets import prepare_target
 from .workers import Workers
 
 __all__ = ["JaxSharding"]

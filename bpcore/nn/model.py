@@ -1,5 +1,5 @@
 """`MLP`: the parameters and the names that define a network, around the math of
-:mod:`bpcore.mlp`; and the one place for the parameters' naming and shape rule."""
+:mod:`bpcore.nn.mlp`; and the one place for the parameters' naming and shape rule."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import backends as _backends
-from ._array import Array, Params
-from ._checks import prepare_input
+from .. import backends as _backends
+from .._array import Array, Params
+from .._checks import prepare_input
 from .activations import ACTIVATIONS, Activation, get_activation
-from .backends._base import dtype_name
-from .errors import ConfigError, ShapeError
+from ..backends._base import dtype_name
+from ..errors import ConfigError, ShapeError
 from .init import init_params
 from .losses import Loss, get_loss
 from .mlp import forward, loss_and_grad

@@ -13,14 +13,14 @@ Notation follows the derivation (docs/derivation.md), one row per sample:
 ``params`` is a plain list ``[(W^1, b^1), ..., (W^K, b^K)]`` with ``W^k`` of shape
 ``(n_k, n_{k-1})`` and ``b^k`` of shape ``(n_k,)``. Every function here is pure: it
 returns new arrays and never mutates its inputs, so it runs under ``jax.jit``. The
-:class:`~bpcore.model.MLP` shell around these functions is in :mod:`bpcore.model`.
+:class:`~bpcore.nn.model.MLP` shell around these functions is in :mod:`bpcore.nn.model`.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from ._array import Array, Params, array_namespace
+from .._array import Array, Params, array_namespace
 from .activations import Activation
 from .losses import Loss
 

@@ -13,7 +13,7 @@ __all__ = ["machine_info"]
 
 def machine_info() -> dict:
     """Backends, devices, BLAS and library versions (also recorded by the benchmarks)."""
-    from . import __version__, backends
+    from .. import __version__, backends
 
     info = {"bpcore": __version__, "python": platform.python_version(),
             "platform": platform.platform(), "cpu": _cpu_model(), "cores": os.cpu_count(),

@@ -24,12 +24,12 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from ._array import Array, Params, array_device, array_namespace, nested_leaves, nested_map
-from .activations import Activation
-from .backends._base import dtype_name
-from .losses import Loss
-from .mlp import loss_grad_output
-from .optim import GradientTransformation, apply_updates
+from .._array import Array, Params, array_device, array_namespace, nested_leaves, nested_map
+from ..nn.activations import Activation
+from ..backends._base import dtype_name
+from ..nn.losses import Loss
+from ..nn.mlp import loss_grad_output
+from ..optim import GradientTransformation, apply_updates
 
 __all__ = ["TrainState", "GuardState", "StepMetrics", "train_step", "init_state",
            "guard_decision", "step_is_finite", "tree_sq_norm", "where_select",
@@ -156,7 +156,7 @@ def guard_decision(state: TrainState, value: Array, T: Array, finite: Array, *, 
     (every worker's, in data-parallel training); by default ``loss.targets_valid(T)``.
 
     The guard's rule, on the device without a host read. The in-place step
-    (:mod:`bpcore.inplace`) evaluates the same rule on the host, where reading is free.
+    (:mod:`bpcore.training.inplace`) evaluates the same rule on the host, where reading is free.
     """
     xp = array_namespace(value)
     guard = state.guard

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import ConfigError, UnknownNameError
+from ..errors import ConfigError, UnknownNameError
 
 __all__ = ["INITS", "init_params"]
 

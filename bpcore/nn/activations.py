@@ -16,8 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ._array import Array, array_namespace, clip_above, clip_below
-from ._registry import lookup
+from .._array import Array, array_namespace, clip_above, clip_below
+from .._registry import lookup
 
 __all__ = ["Activation", "ACTIVATIONS", "InplaceKernel", "get_activation", "sigmoid", "softplus"]
 
@@ -25,7 +25,7 @@ __all__ = ["Activation", "ACTIVATIONS", "InplaceKernel", "get_activation", "sigm
 @dataclass(frozen=True)
 class InplaceKernel:
     """An activation's in-place form, kept beside its generic one: how an executor with
-    preallocated buffers (:mod:`bpcore.inplace`) runs it inside the layer's ``Z`` buffer,
+    preallocated buffers (:mod:`bpcore.training.inplace`) runs it inside the layer's ``Z`` buffer,
     with the backend's in-place operations ``ops``.
 
     ``forward_(ops, Z)`` overwrites ``Z`` with ``f(Z)`` (None: ``f`` is the identity).

@@ -3,14 +3,14 @@
 A file holds the parameters (``W1, b1, ...``), and for a training state also the optimizer
 state (``opt.0, opt.1, ...``) and the step count, epoch and guard (``state.*``, 0-d), as
 safetensors tensors. Its metadata ``__metadata__["bpcore"]`` is one JSON string: the format
-version, the :class:`~bpcore.config.TrainConfig`, your own ``metadata`` and a SHA-256 of the
+version, the :class:`~bpcore.io.config.TrainConfig`, your own ``metadata`` and a SHA-256 of the
 tensor data. Files open in any safetensors reader.
 
 The ``safetensors`` library writes and parses the format (its reader validates an
 untrusted header on a memory map); bpcore checks the rest — every field's type and value,
 names only ever looked up in its registries, the checksum, every tensor's shape — and turns
 anything wrong into a :class:`~bpcore.errors.CheckpointError`. Nothing is unpickled or
-executed. Writing is atomic (:mod:`bpcore._files`).
+executed. Writing is atomic (:mod:`bpcore.io.files`).
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from ._array import nested_leaves, nested_unflatten
-from ._files import atomic_write, read_consistent
-from .activations import ACTIVATIONS
+from .._array import nested_leaves, nested_unflatten
+from .files import atomic_write, read_consistent
+from ..nn.activations import ACTIVATIONS
 from .config import TrainConfig
-from .errors import CheckpointError, ConfigError, ShapeError
-from .model import MLP, param_shapes, params_from_dict, shape_mismatches
+from ..errors import CheckpointError, ConfigError, ShapeError
+from ..nn.model import MLP, param_shapes, params_from_dict, shape_mismatches
 from .preprocess import Standardize, from_spec
 
 __all__ = ["save", "load", "load_checkpoint", "Checkpoint", "FORMAT_VERSION"]
@@ -100,7 +100,7 @@ class Checkpoint:
                                   "not a training state (Trainer.save)")
 
     def restore_state(self, template: Any) -> Any:
-        """The saved :class:`~bpcore.step.TrainState`, shaped like ``template`` (a fresh
+        """The saved :class:`~bpcore.training.step.TrainState`, shaped like ``template`` (a fresh
         state of the same model and optimizer), on the model's backend."""
         where = "resume"
         self.require_state()
@@ -163,7 +163,7 @@ def _write(path: Any, model: MLP, config: TrainConfig, tensors: dict, metadata: 
         json.dumps(metadata or {})
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"metadata: must be JSON-serialisable ({e})") from None
-    from . import __version__
+    from .. import __version__
 
     meta = {"format_version": FORMAT_VERSION, "bpcore_version": __version__,
             "config": config.to_dict(), "user": metadata or {},
@@ -180,7 +180,7 @@ def save(path: str | os.PathLike, model: MLP, metadata: dict | None = None, *,
 
     ``metadata`` is any JSON-serialisable dict of your own, returned as
     ``load_checkpoint(path).metadata``. ``preprocessing`` (a
-    :class:`~bpcore.preprocess.Standardize`) is what was done to the inputs before training;
+    :class:`~bpcore.io.preprocess.Standardize`) is what was done to the inputs before training;
     ``load_checkpoint(path).preprocess(X)`` does it again. A failed save leaves any existing
     file at ``path`` untouched.
     """

@@ -1,5 +1,5 @@
 """The ``bpcore`` command line: ``train``, ``predict``, ``info`` and ``bench`` (parsing and
-dispatch; ``train`` and ``predict`` are in :mod:`bpcore.commands`).
+dispatch; ``train`` and ``predict`` are in :mod:`bpcore.cli.commands`).
 
 ``bpcore train`` with no arguments trains a small MLP on a built-in dataset (scikit-learn's
 8×8 digits, or synthetic spirals without scikit-learn), shows progress, prints the test
@@ -13,7 +13,7 @@ import sys
 from typing import Sequence
 
 
-from .errors import BpcoreError
+from ..errors import BpcoreError
 
 DEFAULT_OUT = "bpcore-run"
 
@@ -69,7 +69,7 @@ def _hidden(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import ACTIVATIONS, OPTIMIZERS, __version__
+    from .. import ACTIVATIONS, OPTIMIZERS, __version__
 
     p = _Parser(prog="bpcore", description="Hand-written backprop MLPs on NumPy/JAX/PyTorch/CuPy.")
     p.add_argument("--version", action="version", version=f"bpcore {__version__}")
@@ -165,7 +165,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .benchmarks.__main__ import main as bench_main
+    from ..benchmarks.__main__ import main as bench_main
 
     return bench_main(args.args)
 

@@ -1,4 +1,4 @@
-"""The in-place training step: the same step as :func:`bpcore.step.train_step`, on
+"""The in-place training step: the same step as :func:`bpcore.training.step.train_step`, on
 preallocated buffers, for backends with the ``inplace_ops`` capability (NumPy; PyTorch on
 the CPU).
 
@@ -37,13 +37,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._array import nested_leaves, nested_unflatten
-from ._layout import FlatLayout
-from .activations import IDENTITY_KERNEL
-from .losses import LOSSES
-from .optim import built_by_name
-from .schedules import schedule_from_spec
-from .targets import labels_to_canonical
+from .._array import nested_leaves, nested_unflatten
+from .._layout import FlatLayout
+from ..nn.activations import IDENTITY_KERNEL
+from ..nn.losses import LOSSES
+from ..optim import built_by_name
+from ..optim.schedules import schedule_from_spec
+from ..nn.targets import labels_to_canonical
 from .step import (GUARD_GREW, GUARD_NONFINITE, GUARD_TARGETS, GuardState, StepMetrics,
                    TrainState)
 
@@ -210,7 +210,7 @@ class InplaceStep:
     def step_labels(self, state: TrainState, x: Any, labels: Any
                     ) -> tuple[TrainState, StepMetrics]:
         """The step on integer class labels already checked to lie in ``[0, n_out)``
-        (:func:`bpcore.targets.label_targets` on a backend whose values the host reads). The
+        (:func:`bpcore.nn.targets.label_targets` on a backend whose values the host reads). The
         fused softmax cross-entropy uses them directly, with no one-hot rows."""
         if not self._fused_xent:
             T = labels_to_canonical(labels, self.params[-1][0].shape[0], self.p_flat.dtype)
@@ -298,7 +298,7 @@ class InplaceStep:
         return self._out, metrics
 
     def _softmax_xent(self, Z: Any, T: Any) -> tuple[Any, Any]:
-        """:func:`bpcore.losses._softmax_cross_entropy` in the same operations, in buffers."""
+        """:func:`bpcore.nn.losses._softmax_cross_entropy` in the same operations, in buffers."""
         ops = self.ops
         D, lse, rows, scratch = self._xent_buffers(Z)
         B = Z.shape[0]
@@ -333,7 +333,7 @@ class InplaceStep:
 
     def _logsumexp_rows(self, Z: Any, work: Any, lse: Any, rows: Any) -> None:
         """``lse ← m + log Σ exp(Z - m)`` per row, ``m`` the row's max (``work``, ``rows``:
-        scratch), as :func:`bpcore.losses._logsumexp_rows`."""
+        scratch), as :func:`bpcore.nn.losses._logsumexp_rows`."""
         ops = self.ops
         ops.row_max(Z, lse)
         ops.sub(Z, lse, work)
@@ -361,7 +361,7 @@ class InplaceStep:
 
     def _guard(self, state: TrainState, value: Any, T: Any, targets_ok: bool | None = None
                ) -> tuple[bool, Any]:
-        """:func:`bpcore.step.guard_decision`'s rule, evaluated on the host: here the values
+        """:func:`bpcore.training.step.guard_decision`'s rule, evaluated on the host: here the values
         cost nothing to read, and the device version's dozen 0-d array operations cost more
         than the small case's whole update. Same dtype arithmetic, same codes;
         ``tests/test_inplace.py`` holds the two to the same refusals. ``finite`` is the loss

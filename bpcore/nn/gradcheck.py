@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from .losses import Loss, get_loss
-from ._layout import FlatLayout
+from .._layout import FlatLayout
 from .model import MLP, value_and_grad
 
 __all__ = ["gradcheck", "GradcheckResult"]

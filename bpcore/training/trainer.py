@@ -1,12 +1,12 @@
 """`Trainer`: a thin shell around the training state and the pure, compiled step.
 
-The state (:class:`~bpcore.step.TrainState`: parameters, optimizer state, step count,
-divergence guard, epoch) is plain data, and :func:`~bpcore.step.train_step` advances it; the
+The state (:class:`~bpcore.training.step.TrainState`: parameters, optimizer state, step count,
+divergence guard, epoch) is plain data, and :func:`~bpcore.training.step.train_step` advances it; the
 backend's ``jit`` compiles that step once per input shape. The Trainer validates and moves
 data once at the boundary, runs the step, and keeps the result (its ``model.params`` are the
-state's). A step that raises changes nothing. :meth:`fit` (in :mod:`bpcore.fit`) loops over
+state's). A step that raises changes nothing. :meth:`fit` (in :mod:`bpcore.training.fit`) loops over
 epochs; :meth:`save` / :meth:`resume` write and read the state with its
-:class:`~bpcore.config.TrainConfig`.
+:class:`~bpcore.io.config.TrainConfig`.
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._array import Array, Params
-from ._checks import prepare_input
-from ._interrupts import Commit
+from .._array import Array, Params
+from .._checks import prepare_input
+from .interrupts import Commit
 from .callbacks import Callback, EarlyStopping, History
-from .errors import ConfigError, DivergenceError, ShapeError
-from .losses import Loss, get_loss
-from .targets import label_targets, labels_to_canonical, prepare_target
-from .mlp import forward
-from .model import MLP
-from .optim import GradientTransformation, Optimizer, chain, clip_by_global_norm, get_optimizer
+from ..errors import ConfigError, DivergenceError, ShapeError
+from ..nn.losses import Loss, get_loss
+from ..nn.targets import label_targets, labels_to_canonical, prepare_target
+from ..nn.mlp import forward
+from ..nn.model import MLP
+from ..optim import GradientTransformation, Optimizer, chain, clip_by_global_norm, get_optimizer
 from .step import (DEFAULT_DIVERGENCE_FACTOR, GUARD_GREW, GUARD_TARGETS, GuardState,
                    TrainState, init_state, train_step)
 
@@ -58,7 +58,7 @@ class Trainer:
     inplace : bool or None
         Reuse the training state's memory from step to step. On numpy and torch on the CPU
         (with one of bpcore's named optimizers) that is the in-place step
-        (:mod:`bpcore.inplace`: preallocated buffers, the same results as the generic step to
+        (:mod:`bpcore.training.inplace`: preallocated buffers, the same results as the generic step to
         round-off); on JAX, with ``check_finite=False``, the compiled step donates the old
         state's buffers to the new one (with the guard on, donation would cost copies).
         ``None`` (default): whenever possible; ``True``: required (a ConfigError says why
@@ -100,7 +100,7 @@ class Trainer:
         self.divergence_factor = None if divergence_factor is None else float(divergence_factor)
         self.optimizer = (self.base_optimizer if clip_norm is None else
                           chain(clip_by_global_norm(clip_norm), self.base_optimizer))
-        from . import parallel as _parallel
+        from .. import parallel as _parallel
 
         # The data-parallel engine (None: one worker), and the protocol the steps call
         # either way (bpcore.parallel.Workers): nothing below asks which engine it is.
@@ -314,7 +314,7 @@ class Trainer:
         """Run ``step_fn(state, *batch)``, keep the new state, return its metrics.
         ``epoch_batch``: the batches of the epoch done once this one is (``fit``'s steps)."""
         # A save in another thread sees the state before or after, whole; a Ctrl-C waits for
-        # the step's end (bpcore._interrupts: an in-place step writes buffer after buffer).
+        # the step's end (bpcore.training.interrupts: an in-place step writes buffer after buffer).
         with self._lock, Commit():
             self._sync_params()
             self._state, metrics = step_fn(self._state, *batch)
@@ -386,7 +386,7 @@ class Trainer:
     def save(self, path: Any, metadata: dict | None = None, *, preprocessing: Any = None
              ) -> None:
         """Atomically save the training state and its config (see :func:`bpcore.save`)."""
-        from .checkpoint import save_state
+        from ..io.checkpoint import save_state
 
         self._sync_params()
         # Data parallel: one writer, rank (or process) 0; the others return at once. Call it on
@@ -400,7 +400,7 @@ class Trainer:
                data_parallel: bool = False) -> "Trainer":
         """A Trainer that continues exactly where the one saved at ``path`` stopped (on any
         number of workers: a checkpoint does not depend on how many wrote it)."""
-        from .checkpoint import load_checkpoint
+        from ..io.checkpoint import load_checkpoint
 
         return cls.from_checkpoint(load_checkpoint(path, backend=backend), optimizer,
                                    data_parallel=data_parallel)
@@ -408,8 +408,8 @@ class Trainer:
     @classmethod
     def from_checkpoint(cls, ckpt: Any, optimizer: GradientTransformation | None = None, *,
                         data_parallel: bool = False) -> "Trainer":
-        """:meth:`resume` from an already loaded :class:`~bpcore.checkpoint.Checkpoint`."""
-        from .errors import CheckpointError
+        """:meth:`resume` from an already loaded :class:`~bpcore.io.checkpoint.Checkpoint`."""
+        from ..errors import CheckpointError
 
         ckpt.require_state()
         config = ckpt.config
@@ -493,7 +493,7 @@ class Trainer:
 
 def _tree_mismatch(name: str, mine: Any, theirs: Any) -> list[str]:
     """How tree ``theirs`` differs from ``mine`` in its leaves' count and shapes."""
-    from ._array import nested_leaves
+    from .._array import nested_leaves
 
     a, b = nested_leaves(mine), nested_leaves(theirs)
     if len(a) != len(b):

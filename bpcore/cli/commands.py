@@ -15,7 +15,7 @@ __all__ = ["cmd_train", "cmd_predict"]
 def _enable_float64_if_needed(backend: str, dtype: str) -> None:
     """An application may switch a backend's float64 mode on for the whole process (JAX's
     64-bit flag, say); the backend says whether it needs to, and how."""
-    from . import backends
+    from .. import backends
 
     be = backends.get(backend)
     if dtype == "float64" and be.float64_error() and be.enable_float64 is not None:
@@ -23,7 +23,7 @@ def _enable_float64_if_needed(backend: str, dtype: str) -> None:
 
 
 def _prepare_data(args) -> tuple:
-    from .datasets import load_digits, load_file
+    from ..io.datasets import load_digits, load_file
 
     if args.data:
         X, y = load_file(args.data, args.label_column)
@@ -53,11 +53,11 @@ def _refuse_nonfinite_rows(a: np.ndarray, what: str) -> None:
 
 
 def cmd_train(args) -> int:
-    from . import EarlyStopping, MLP, Trainer, optim
-    from .checkpoint import load_checkpoint
-    from .datasets import train_test_split
+    from .. import EarlyStopping, MLP, Trainer, optim
+    from ..io.checkpoint import load_checkpoint
+    from ..io.datasets import train_test_split
     from .plots import training_curves
-    from .preprocess import Standardize
+    from ..io.preprocess import Standardize
 
     _check_resume_flags(args)
     if args.resume:  # the checkpoint's dtype (a float64 run resumes in float64, on JAX too)
@@ -174,7 +174,7 @@ def _check_memory(sizes: list, dtype: str, optimizer: str, batch_size: int) -> N
 def _legacy_scaling(ckpt):
     """The input scaling of a checkpoint written by an earlier `bpcore train` (kept in its
     user metadata), or None."""
-    from .preprocess import from_spec
+    from ..io.preprocess import from_spec
 
     meta = ckpt.metadata
     if "input_mean" not in meta:
@@ -211,8 +211,8 @@ def _text(v) -> str:
 def cmd_predict(args) -> int:
     import csv
 
-    from .checkpoint import load_checkpoint
-    from .datasets import load_file
+    from ..io.checkpoint import load_checkpoint
+    from ..io.datasets import load_file
 
     ckpt = load_checkpoint(args.checkpoint, backend=args.backend)
     meta, model = ckpt.metadata, ckpt.model

@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from . import _interrupts
-from ._checks import whole_number
+from . import interrupts as _interrupts
+from .._checks import whole_number
 from .callbacks import Callback, History
-from .errors import ConfigError, ShapeError
+from ..errors import ConfigError, ShapeError
 from .progress import Progress
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .train import Trainer
+    from .trainer import Trainer
 
 __all__ = ["fit"]
 
@@ -113,7 +113,7 @@ def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 
     bar = Progress(verbose, n_batches)
     start = trainer.epoch
     # One SIGINT handler for the whole loop: each step then holds a Ctrl-C back until it
-    # has ended for two counter updates (bpcore._interrupts), not two signal.signal calls.
+    # has ended for two counter updates (bpcore.training.interrupts), not two signal.signal calls.
     with _interrupts.scope(), _closing(bar):
         for epoch in range(start, start + epochs):
             t0 = time.perf_counter()

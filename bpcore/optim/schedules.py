@@ -14,9 +14,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._array import array_namespace
-from ._checks import whole_number
-from .errors import ConfigError
+from .._array import array_namespace
+from .._checks import whole_number
+from ..errors import ConfigError
 
 __all__ = ["Schedule", "constant", "step_decay", "cosine_decay", "SCHEDULES",
            "schedule_from_spec", "check_rate"]

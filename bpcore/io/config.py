@@ -4,7 +4,7 @@ A :class:`TrainConfig` names everything needed to rebuild a :class:`~bpcore.Trai
 layer sizes and activations, the dtype, the loss, the optimizer (its spec, schedule
 included), gradient clipping, the guard's settings and the input preprocessing. Every name
 is looked up in bpcore's registries by one spec <-> object pair per registry (activations
-and losses by name, :func:`bpcore.optim.from_spec`, :func:`bpcore.preprocess.from_spec`);
+and losses by name, :func:`bpcore.optim.from_spec`, :func:`bpcore.io.preprocess.from_spec`);
 ``TrainConfig.from_dict`` checks every field's JSON type and value, so a config read from an
 untrusted file can only ever give a :class:`~bpcore.errors.ConfigError`.
 """
@@ -15,9 +15,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .activations import ACTIVATIONS
-from .errors import ConfigError
-from .losses import LOSSES
+from ..nn.activations import ACTIVATIONS
+from ..errors import ConfigError
+from ..nn.losses import LOSSES
 
 __all__ = ["TrainConfig"]
 
@@ -100,7 +100,7 @@ class TrainConfig:
 
     def build_model(self, backend: Any = "numpy", dtype: str | None = None,
                     params: Any = None) -> Any:
-        from .model import MLP
+        from ..nn.model import MLP
 
         return MLP(self.sizes, self.activations[:-1], self.activations[-1], backend=backend,
                    dtype=dtype or self.dtype, params=params,
@@ -108,7 +108,7 @@ class TrainConfig:
 
     def build_optimizer(self) -> Any:
         """The optimizer the config describes (ConfigError if it describes none)."""
-        from .optim import from_spec
+        from ..optim import from_spec
 
         if self.optimizer is None:
             raise ConfigError("config: no optimizer is described (it was a custom one); pass "

@@ -6,7 +6,7 @@ __all__ = ["training_curves"]
 
 
 def training_curves(history, path: str, title: str, model) -> str | None:
-    """Write the curves of a :class:`~bpcore.callbacks.History` to ``path`` (PNG); None
+    """Write the curves of a :class:`~bpcore.training.callbacks.History` to ``path`` (PNG); None
     without matplotlib."""
     try:
         import matplotlib

@@ -1,5 +1,5 @@
 """Files that must never be torn, lost or trusted: the atomic write and consistent read
-under :mod:`bpcore.checkpoint`.
+under :mod:`bpcore.io.checkpoint`.
 
 Writing goes to a temporary file in the destination folder (``.NAME.HOST.PID.TOKEN.tmp``),
 is flushed and fsynced, then ``os.replace``d over the target, and the folder is fsynced: a
@@ -21,7 +21,7 @@ import time
 import struct
 from typing import Any, Callable
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 __all__ = ["atomic_write", "read_consistent"]
 

@@ -9,7 +9,7 @@ transformations; plain SGD is the derivation's ``θ ← θ − η ∂g/∂θ``.
 
 The optimizers users pick by name (:data:`OPTIMIZERS`) return an :class:`Optimizer`, whose
 ``spec`` is a JSON-able description that :func:`from_spec` builds back (checkpoints store
-it). Learning rates are numbers or schedules (:mod:`bpcore.schedules`). Weight decay touches
+it). Learning rates are numbers or schedules (:mod:`bpcore.optim.schedules`). Weight decay touches
 the weights ``W`` only, never the biases (as scikit-learn's ``alpha``).
 """
 
@@ -20,10 +20,10 @@ import numbers
 import weakref
 from typing import Any, Callable, NamedTuple, Union
 
-from ._array import (Array, Params, array_namespace, clip_above, clip_below, nested_leaves,
+from .._array import (Array, Params, array_namespace, clip_above, clip_below, nested_leaves,
                      nested_map)
-from ._registry import lookup
-from .errors import ConfigError
+from .._registry import lookup
+from ..errors import ConfigError
 from .schedules import (SCHEDULES, Schedule, check_rate, constant, cosine_decay,
                         schedule_from_spec, step_decay)
 
@@ -204,7 +204,7 @@ def _named(name: str, parts: list[GradientTransformation], **settings: Any) -> O
 
 
 # The update functions of the optimizers built here by name. A fast path that implements a
-# named optimizer's arithmetic itself (bpcore.inplace) takes only these: an Optimizer of
+# named optimizer's arithmetic itself (bpcore.training.inplace) takes only these: an Optimizer of
 # your own whose spec says "adam" keeps its own update.
 _BUILT_BY_NAME: "weakref.WeakSet[Callable]" = weakref.WeakSet()
 

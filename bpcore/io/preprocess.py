@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CheckpointError, ShapeError
+from ..errors import CheckpointError, ShapeError
 
 __all__ = ["Standardize", "from_spec"]
 

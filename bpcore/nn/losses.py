@@ -7,7 +7,7 @@ That fuses the activation's Jacobian with the loss gradient into ``p - t`` (see 
 function), which is both cheaper and stable where the separate pieces would overflow.
 
 Targets reach a loss in one canonical form, ``(batch, n_out)`` arrays of the model's dtype
-(class labels as one-hot rows): :func:`bpcore.targets.prepare_target` validates and converts
+(class labels as one-hot rows): :func:`bpcore.nn.targets.prepare_target` validates and converts
 them at the public API boundary.
 """
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ._array import Array, array_device, array_namespace
-from ._registry import lookup
+from .._array import Array, array_device, array_namespace
+from .._registry import lookup
 from .activations import sigmoid, softplus
 
 __all__ = ["Loss", "LOSSES", "get_loss"]
@@ -95,7 +95,7 @@ class Loss:
         """0-d boolean, on the device: every target is one this loss accepts.
 
         Classes: finite and >= 0 (a label that was out of range on the device arrives as a
-        row of NaN, see :func:`bpcore.targets.prepare_target`). Binary: in [0, 1]. Values: finite.
+        row of NaN, see :func:`bpcore.nn.targets.prepare_target`). Binary: in [0, 1]. Values: finite.
         """
         xp = array_namespace(T)
         if self.targets == "classes":

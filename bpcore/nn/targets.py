@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from ._array import Array, array_device, array_namespace
-from ._checks import dtype_kind, host_view
-from .errors import DTypeError, ShapeError
+from .._array import Array, array_device, array_namespace
+from .._checks import dtype_kind, host_view
+from ..errors import DTypeError, ShapeError
 from .losses import Loss
 
 __all__ = ["prepare_target", "label_targets", "labels_to_canonical"]

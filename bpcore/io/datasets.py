@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from .errors import ConfigError, ShapeError
+from ..errors import ConfigError, ShapeError
 
 __all__ = ["load_digits", "make_spirals", "load_file", "train_test_split", "DATASETS"]
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .train import Trainer
+    from .trainer import Trainer
 
 __all__ = ["History", "Callback", "EarlyStopping"]
 

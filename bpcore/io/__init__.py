@@ -1,0 +1,1 @@
+"""Files: checkpoints, the training config, atomic writes, datasets, preprocessing."""
