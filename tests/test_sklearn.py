@@ -405,7 +405,7 @@ def test_jax_compiles_one_step_for_nearby_data_sizes_and_the_last_batch():
     """A grid search's folds differ in size by a few rows, and most epochs end with a short
     batch: on JAX each would otherwise be a new compilation (about a second each)."""
     jax = pytest.importorskip("jax")
-    import bpcore.sklearn as bsk
+    import bpcore.sklearn._engine as bsk
 
     bsk._COMPILED.clear()
     common = dict(hidden_layer_sizes=(5,), max_iter=2, batch_size=32, random_state=0,
@@ -523,7 +523,8 @@ def test_one_late_step_is_as_exact_in_float32_on_every_backend(backend):
     """Far into training (confident predictions, small gradients, Adam's moments small),
     one step in float32 is within float32 round-off of the same step in float64, on every
     backend alike: no backend's arithmetic is less exact where training is most sensitive."""
-    import bpcore.sklearn as bs
+    import bpcore.sklearn._engine as bs
+    from bpcore.sklearn import _rules
     from bpcore._array import nested_leaves, nested_map
 
     be = _backend_or_skip(backend)
@@ -539,7 +540,7 @@ def test_one_late_step_is_as_exact_in_float32_on_every_backend(backend):
     h = c._hyper(c._optimizer["learning_rate"])
 
     def one_step(be, dtype):
-        step, _ = bs._make_step(bs._acts("relu", 4), bs._LOSSES["softmax"], "adam", True,
+        step, _ = bs._make_step(_rules._acts("relu", 4), _rules._LOSSES["softmax"], "adam", True,
                                 select_on_host=not (be.compiles or be.asynchronous))
         to = lambda a: be.asarray(np.asarray(a, dtype=dtype))  # noqa: E731
         out = step(nested_map(to, params), (nested_map(to, ms), nested_map(to, vs)),

@@ -363,3 +363,26 @@ def _check_state_tensors(tensors: dict, where: str) -> None:
 def load(path: str | os.PathLike, backend: Any = "numpy", dtype: str | None = None) -> MLP:
     """The model stored at ``path``, on ``backend``. See :func:`load_checkpoint` for the rest."""
     return load_checkpoint(path, backend=backend, dtype=dtype).model
+
+
+def trainer_from_checkpoint(cls: Any, ckpt: "Checkpoint", optimizer: Any = None, *,
+                            data_parallel: bool = False) -> Any:
+    """``Trainer.from_checkpoint``: a ``cls`` (Trainer) that continues where ``ckpt``'s
+    stopped, on any number of workers."""
+    ckpt.require_state()
+    config = ckpt.config
+    if config.loss is None:
+        raise CheckpointError("resume: the checkpoint does not name its loss")
+    try:
+        opt = optimizer or config.build_optimizer()
+    except ConfigError as e:
+        raise CheckpointError(f"resume: {e}") from None
+    trainer = cls(ckpt.model, config.loss, opt, clip_norm=config.clip_norm,
+                  check_finite=config.check_finite,
+                  divergence_factor=config.divergence_factor, data_parallel=data_parallel)
+    trainer._state = ckpt.restore_state(trainer._state)
+    trainer._epoch_batch = ckpt.epoch_batch
+    trainer.epoch_plan = ckpt.epoch_plan
+    trainer._state = trainer._workers.place(trainer._state)
+    trainer.model.params = trainer._state.params
+    return trainer

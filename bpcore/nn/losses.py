@@ -14,7 +14,7 @@ them at the public API boundary.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from .._array import Array, array_device, array_namespace
 from .._registry import lookup
@@ -51,6 +51,63 @@ def _softmax_cross_entropy(Z: Array, T: Array) -> tuple[Array, Array]:
     return value, D
 
 
+class SoftmaxXentKernel:
+    """Softmax cross-entropy's in-place form, kept beside its generic one
+    (:func:`_softmax_cross_entropy`): the same operations, in buffers, with the backend's
+    in-place operations ``ops`` (used by :mod:`bpcore.training.inplace`; held to the
+    generic form by ``tests/test_inplace.py``). ``Z`` are the logits (the output layer is
+    the identity)."""
+
+    def buffers(self, ops: Any, Z: Array) -> tuple:
+        """Scratch for a batch shaped like ``Z``: ``(D, lse, rows, work)``."""
+        B, C = Z.shape
+        return (ops.empty((B, C), Z.dtype), ops.empty((B, 1), Z.dtype),
+                ops.empty((B, 1), Z.dtype), ops.empty((B, C), Z.dtype))
+
+    def __call__(self, ops: Any, Z: Array, T: Array, bufs: tuple) -> tuple[Any, Array]:
+        """``(value, D)`` on canonical targets ``T``."""
+        D, lse, rows, scratch = bufs
+        B = Z.shape[0]
+        self._logsumexp_rows(ops, Z, D, lse, rows)
+        ops.sub(lse, Z, scratch)                  # value = Σ T (lse - Z) / B
+        ops.mul(T, scratch, scratch)
+        value = ops.total(scratch) / B
+        ops.sub(Z, lse, D)                        # D = (exp(Z - lse) Σ_c T - T) / B
+        ops.exp(D, D)
+        ops.row_sum(T, rows)
+        ops.mul(D, rows, D)
+        ops.sub(D, T, D)
+        ops.div(D, B, D)
+        return value, D
+
+    def labels(self, ops: Any, Z: Array, labels: Array, bufs: tuple) -> tuple[Any, Array]:
+        """:meth:`__call__` for one-hot targets given as labels ``y``: value
+        ``Σ_b (lse_b - Z_{b,y_b}) / B`` and ``D = (softmax(Z) - onehot(y)) / B``, the same
+        numbers to round-off without the one-hot rows."""
+        D, lse, rows, _ = bufs
+        B = Z.shape[0]
+        self._logsumexp_rows(ops, Z, D, lse, rows)
+        picked = ops.pick(Z, labels)              # Z_{b, y_b}
+        ops.sub(lse[:, 0], picked, picked)
+        value = ops.total(picked) / B
+        ops.sub(Z, lse, D)
+        ops.exp(D, D)
+        ops.sub_at(D, labels, 1.0)                # D_{b, y_b} -= 1
+        ops.div(D, B, D)
+        return value, D
+
+    @staticmethod
+    def _logsumexp_rows(ops: Any, Z: Array, work: Array, lse: Array, rows: Array) -> None:
+        """``lse ← m + log Σ exp(Z - m)`` per row, ``m`` the row's max (``work``, ``rows``:
+        scratch), as :func:`_logsumexp_rows`."""
+        ops.row_max(Z, lse)
+        ops.sub(Z, lse, work)
+        ops.exp(work, work)
+        ops.row_sum(work, rows)
+        ops.log(rows, rows)
+        ops.add(lse, rows, lse)
+
+
 # ---- binary cross-entropy on logits Z, per unit: softplus(z) - t z ------------------
 def _binary_cross_entropy(Z: Array, T: Array) -> tuple[Array, Array]:
     xp = array_namespace(Z, T)
@@ -67,6 +124,9 @@ class Loss:
     name: str
     forward: Callable[[Array, Array], tuple[Array, Array]]
     targets: str  # "values" (mse), "classes" (softmax CE), "binary" (BCE)
+    # Its in-place form on the logits (None: the generic forward runs in every executor).
+    # Executors take the entry's own kernel: a loss of your own, whatever its name, has none.
+    kernel: Any = None
 
     def __call__(self, Y: Array, T: Array) -> Array:
         return self.forward(Y, T)[0]
@@ -112,7 +172,8 @@ LOSSES: dict[str, Loss] = {
     loss.name: loss
     for loss in (
         Loss("mse", _mse, "values"),
-        Loss("softmax_cross_entropy", _softmax_cross_entropy, "classes"),
+        Loss("softmax_cross_entropy", _softmax_cross_entropy, "classes",
+             kernel=SoftmaxXentKernel()),
         Loss("binary_cross_entropy", _binary_cross_entropy, "binary"),
     )
 }

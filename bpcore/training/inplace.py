@@ -40,12 +40,11 @@ import numpy as np
 from .._array import nested_leaves, nested_unflatten
 from .._layout import FlatLayout
 from ..nn.activations import IDENTITY_KERNEL
-from ..nn.losses import LOSSES
 from ..optim import built_by_name
 from ..optim.schedules import schedule_from_spec
 from ..nn.targets import labels_to_canonical
-from .step import (GUARD_GREW, GUARD_NONFINITE, GUARD_TARGETS, GuardState, StepMetrics,
-                   TrainState)
+from .guard import GUARD_GREW, GUARD_NONFINITE, GUARD_TARGETS, GuardState
+from .step import StepMetrics, TrainState
 
 __all__ = ["InplaceStep", "unsupported_reason", "CHUNK"]
 
@@ -130,8 +129,9 @@ class InplaceStep:
         self._batch_buffers: dict[Any, Any] = {}
         # Each layer's in-place kernel, from its registry entry (None: the generic form).
         self.kernels = [a.kernel for a in model.activations]
-        self._fused_xent = (self.loss is LOSSES["softmax_cross_entropy"] and
-                            self.kernels[-1] is IDENTITY_KERNEL)
+        # The loss's in-place kernel, from its registry entry (on the logits: identity output).
+        self.loss_kernel = (self.loss.kernel if self.kernels[-1] is IDENTITY_KERNEL else None)
+        self._fused_xent = self.loss_kernel is not None
         self._out: TrainState | None = None
         self.safe = False
         self.fallbacks = 0  # steps that ran the generic path (for tests and benchmarks)
@@ -238,13 +238,13 @@ class InplaceStep:
                 Y = act.forward(Z)
             Ys.append((Z, Y))
         if labels is not None:
-            D_buf = self._xent_buffers(Y)[0]
+            scratch = self._loss_buffers(Y)
             fused = getattr(ops, "softmax_xent_labels", None)  # a backend's own kernel
-            value, D = (fused(Y, labels, D_buf) if fused is not None else
-                        self._softmax_xent_labels(Y, labels))
+            value, D = (fused(Y, labels, scratch[0]) if fused is not None else
+                        self.loss_kernel.labels(ops, Y, labels, scratch))
             metrics = StepMetrics(value, ops.count(ops.argmax_rows(Y) == labels, Y))
         elif self._fused_xent:
-            value, D = self._softmax_xent(Y, T)
+            value, D = self.loss_kernel(ops, Y, T, self._loss_buffers(Y))
             hit = ops.argmax_rows(Y) == ops.argmax_rows(T)
             metrics = StepMetrics(value, ops.count(hit, Y))
         else:
@@ -297,59 +297,11 @@ class InplaceStep:
         self._out = TrainState(self.params, self.opt_state, step + 1, guard, state.epoch)
         return self._out, metrics
 
-    def _softmax_xent(self, Z: Any, T: Any) -> tuple[Any, Any]:
-        """:func:`bpcore.nn.losses._softmax_cross_entropy` in the same operations, in buffers."""
-        ops = self.ops
-        D, lse, rows, scratch = self._xent_buffers(Z)
-        B = Z.shape[0]
-        self._logsumexp_rows(Z, D, lse, rows)
-        ops.sub(lse, Z, scratch)                  # value = Σ T (lse - Z) / B
-        ops.mul(T, scratch, scratch)
-        value = ops.total(scratch) / B
-        ops.sub(Z, lse, D)                        # D = (exp(Z - lse) Σ_c T - T) / B
-        ops.exp(D, D)
-        ops.row_sum(T, rows)
-        ops.mul(D, rows, D)
-        ops.sub(D, T, D)
-        ops.div(D, B, D)
-        return value, D
-
-    def _softmax_xent_labels(self, Z: Any, labels: Any) -> tuple[Any, Any]:
-        """:meth:`_softmax_xent` for one-hot targets given as labels ``y``: value
-        ``Σ_b (lse_b - Z_{b,y_b}) / B`` and ``D = (softmax(Z) - onehot(y)) / B``, the same
-        numbers to round-off without the one-hot rows."""
-        ops = self.ops
-        D, lse, rows, _ = self._xent_buffers(Z)
-        B = Z.shape[0]
-        self._logsumexp_rows(Z, D, lse, rows)
-        picked = ops.pick(Z, labels)              # Z_{b, y_b}
-        ops.sub(lse[:, 0], picked, picked)
-        value = ops.total(picked) / B
-        ops.sub(Z, lse, D)
-        ops.exp(D, D)
-        ops.sub_at(D, labels, 1.0)                # D_{b, y_b} -= 1
-        ops.div(D, B, D)
-        return value, D
-
-    def _logsumexp_rows(self, Z: Any, work: Any, lse: Any, rows: Any) -> None:
-        """``lse ← m + log Σ exp(Z - m)`` per row, ``m`` the row's max (``work``, ``rows``:
-        scratch), as :func:`bpcore.nn.losses._logsumexp_rows`."""
-        ops = self.ops
-        ops.row_max(Z, lse)
-        ops.sub(Z, lse, work)
-        ops.exp(work, work)
-        ops.row_sum(work, rows)
-        ops.log(rows, rows)
-        ops.add(lse, rows, lse)
-
-    def _xent_buffers(self, Z: Any) -> tuple[Any, Any, Any, Any]:
-        key = ("xent", Z.shape[0])
+    def _loss_buffers(self, Z: Any) -> tuple:
+        key = ("loss", Z.shape[0])
         bufs = self._batch_buffers.get(key)
         if bufs is None:
-            B, C = Z.shape
-            e = self.ops.empty
-            bufs = self._batch_buffers[key] = (e((B, C), Z.dtype), e((B, 1), Z.dtype),
-                                               e((B, 1), Z.dtype), e((B, C), Z.dtype))
+            bufs = self._batch_buffers[key] = self.loss_kernel.buffers(self.ops, Z)
         return bufs
 
     def _targets_ok(self, T: Any) -> bool:
@@ -361,7 +313,7 @@ class InplaceStep:
 
     def _guard(self, state: TrainState, value: Any, T: Any, targets_ok: bool | None = None
                ) -> tuple[bool, Any]:
-        """:func:`bpcore.training.step.guard_decision`'s rule, evaluated on the host: here the values
+        """:func:`bpcore.training.guard.guard_decision`'s rule, evaluated on the host: here the values
         cost nothing to read, and the device version's dozen 0-d array operations cost more
         than the small case's whole update. Same dtype arithmetic, same codes;
         ``tests/test_inplace.py`` holds the two to the same refusals. ``finite`` is the loss

@@ -12,7 +12,6 @@ epochs; :meth:`save` / :meth:`resume` write and read the state with its
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Any, Sequence
 
 import numpy as np
@@ -21,14 +20,14 @@ from .._array import Array, Params
 from .._checks import prepare_input
 from .interrupts import Commit
 from .callbacks import Callback, EarlyStopping, History
-from ..errors import ConfigError, DivergenceError, ShapeError
+from ..errors import ConfigError, ShapeError
 from ..nn.losses import Loss, get_loss
 from ..nn.targets import label_targets, labels_to_canonical, prepare_target
-from ..nn.mlp import forward
 from ..nn.model import MLP
 from ..optim import GradientTransformation, Optimizer, chain, clip_by_global_norm, get_optimizer
-from .step import (DEFAULT_DIVERGENCE_FACTOR, GUARD_GREW, GUARD_TARGETS, GuardState,
-                   TrainState, init_state, train_step)
+from .guard import DEFAULT_DIVERGENCE_FACTOR, GuardState, raise_if_refused
+from .evaluation import evaluate_prepared
+from .step import TrainState, init_state, train_step
 
 __all__ = ["Trainer", "train_step", "TrainState", "GuardState", "History", "Callback",
            "EarlyStopping"]
@@ -351,29 +350,8 @@ class Trainer:
     def check(self) -> None:
         """Raise if the guard refused a step (reads the device): :class:`DivergenceError`,
         or :class:`ShapeError` for invalid targets."""
-        guard = self._local(self.state.guard)
-        bad = int(guard.bad_step)
-        if not bad:
-            return
-        reason = int(guard.reason)
-        kept = (f"The parameters and optimizer state are those after step {bad - 1}, the last "
-                "good one (every later step was refused).")
-        if reason == GUARD_TARGETS:
-            raise ShapeError(
-                f"training stopped at step {bad}: its targets were invalid (a class label "
-                f"outside [0, {self.model.sizes[-1] - 1}], a negative or non-finite target, or "
-                f"a binary target outside [0, 1]). {kept} Check the labels; labels on the "
-                "device are only checked inside the step.")
-        if reason == GUARD_GREW:
-            raise DivergenceError(
-                f"training diverged at step {bad}: its loss grew past {self.divergence_factor:g}"
-                f" times the first step's loss ({float(guard.ref_loss):.4g}). {kept}"
-                " Lower the learning rate or clip gradients (clip_norm=...); "
-                "divergence_factor=None turns this limit off.")
-        raise DivergenceError(
-            f"training diverged at step {bad}: the loss, a gradient or an updated parameter "
-            f"was not finite. {kept} Lower the learning rate, clip gradients "
-            "(clip_norm=...), or check the data for NaN/inf.")
+        raise_if_refused(self._local(self.state.guard), self.model.sizes[-1],
+                         self.divergence_factor)
 
     def reset_guard(self) -> None:
         """Clear a recorded divergence so training can go on (e.g. after lowering lr)."""
@@ -409,25 +387,9 @@ class Trainer:
     def from_checkpoint(cls, ckpt: Any, optimizer: GradientTransformation | None = None, *,
                         data_parallel: bool = False) -> "Trainer":
         """:meth:`resume` from an already loaded :class:`~bpcore.io.checkpoint.Checkpoint`."""
-        from ..errors import CheckpointError
+        from ..io.checkpoint import trainer_from_checkpoint
 
-        ckpt.require_state()
-        config = ckpt.config
-        if config.loss is None:
-            raise CheckpointError("resume: the checkpoint does not name its loss")
-        try:
-            opt = optimizer or config.build_optimizer()
-        except ConfigError as e:
-            raise CheckpointError(f"resume: {e}") from None
-        trainer = cls(ckpt.model, config.loss, opt, clip_norm=config.clip_norm,
-                      check_finite=config.check_finite,
-                      divergence_factor=config.divergence_factor, data_parallel=data_parallel)
-        trainer._state = ckpt.restore_state(trainer._state)
-        trainer._epoch_batch = ckpt.epoch_batch
-        trainer.epoch_plan = ckpt.epoch_plan
-        trainer._state = trainer._workers.place(trainer._state)
-        trainer.model.params = trainer._state.params
-        return trainer
+        return trainer_from_checkpoint(cls, ckpt, optimizer, data_parallel=data_parallel)
 
     # -- evaluation -------------------------------------------------------------------------
     def evaluate(self, X: Any, y: Any, batch_size: int = 4096) -> dict[str, float]:
@@ -453,16 +415,7 @@ class Trainer:
                           ) -> tuple[Any, Any]:
         """Summed loss and correct count over prepared data (on the device, not read)."""
         self._sync_params()
-        m = self.model
-        fn = m.compiled(("eval", self.loss), lambda: m.backend.jit(
-            partial(_eval_batch, activations=m.activations, loss=self.loss)))
-        n = Xd.shape[0]
-        total = correct = 0.0
-        for i in range(0, n, batch_size):
-            j = min(i + batch_size, n)  # the standard leaves out-of-bounds slice stops undefined
-            value, c = self._local(fn(m.params, Xd[i:j, ...], Td[i:j, ...]))
-            total, correct = total + value, correct + c
-        return total, correct
+        return evaluate_prepared(self.model, self.loss, Xd, Td, batch_size, self._local)
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self, X: Any, y: Any, epochs: int = 10, batch_size: int = 128, *,
@@ -500,9 +453,3 @@ def _tree_mismatch(name: str, mine: Any, theirs: Any) -> list[str]:
         return [f"{name}: {len(b)} arrays, this trainer's has {len(a)}"]
     return [f"{name}[{i}]: shape {tuple(y.shape)}, this trainer's is {tuple(x.shape)}"
             for i, (x, y) in enumerate(zip(a, b)) if tuple(x.shape) != tuple(y.shape)][:4]
-
-
-def _eval_batch(params, x, T, *, activations, loss):
-    Y = forward(params, x, activations)
-    value, _ = loss.forward(Y, T)
-    return value * x.shape[0], loss.correct(Y, T)

@@ -1,0 +1,153 @@
+"""scikit-learn's conventions, as its estimators compute them: the output layer and losses
+(with sample weights), the L2 penalty and normalisation, and its SGD and Adam updates."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+from scipy.special import expit
+
+from .._array import Params, array_namespace, nested_map
+from ..nn.activations import get_activation
+from ..nn.losses import Loss
+from ..nn.mlp import loss_grad_output
+from ..training.guard import tree_sq_norm
+
+
+# scikit-learn's hidden activations by bpcore's names (the math is the same; bpcore's
+# sigmoid is computed without overflow, which scikit-learn's expit also does).
+_HIDDEN = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
+_STOCHASTIC = ("sgd", "adam")
+_PREDICT_CHUNK = 8192  # rows per device call in predict (bounded memory on any X)
+_BATCH_DENSE = 2048    # rows densified at a time for sparse X in full-batch (lbfgs) passes
+
+
+# ---- the output layer and loss, exactly as scikit-learn computes them ---------------------
+# Each takes the last layer's pre-activation Z (the network's output activation is identity)
+# and targets T = (Y, sw): Y (B, n_out) in the compute dtype, sw (B, 1) sample weights. It
+# returns the *weighted sum* of the per-sample losses (divided by Σ sw later, so full-batch
+# passes can be split into chunks) and D = ∂(that sum)/∂Z = sw ⊙ (act(Z) - Y): scikit-learn's
+# canonical-link delta, multiplied by the weights as scikit-learn multiplies it.
+def _eps(Z: Any) -> float:
+    return float(np.finfo(str(Z.dtype).split(".")[-1]).eps)
+
+
+def _clip(P: Any, eps: float) -> Any:
+    xp = array_namespace(P)
+    return xp.where(P < eps, eps, xp.where(P > 1.0 - eps, 1.0 - eps, P))
+
+
+def _log_loss_softmax(Z, T):
+    Y, sw = T
+    xp = array_namespace(Z)
+    P = get_activation("softmax").forward(Z)  # (bpcore's softmax: the same arithmetic)
+    # scikit-learn's log_loss clips the probabilities to [eps, 1 - eps] (for the value only;
+    # its gradient is the unclipped P - Y), so a confident wrong answer costs at most -log eps.
+    value = -xp.sum(sw * (Y * xp.log(_clip(P, _eps(Z)))))
+    return value, sw * (P - Y)
+
+
+def _log_loss_logistic(Z, T):
+    Y, sw = T
+    xp = array_namespace(Z)
+    P = get_activation("sigmoid").forward(Z)
+    Pc = _clip(P, _eps(Z))
+    value = -xp.sum(sw * (Y * xp.log(Pc) + (1.0 - Y) * xp.log(1.0 - Pc)))
+    return value, sw * (P - Y)
+
+
+def _squared_error(Z, T):
+    Y, sw = T
+    xp = array_namespace(Z)
+    R = Y - Z
+    # scikit-learn reports 0.5 * mean over the outputs of the mean squared error, but its
+    # gradient (delta = y_pred - y) is that of the *sum* over the outputs: for n_outputs > 1
+    # its loss_ is the descended loss divided by n_outputs. Matched, value and gradient alike.
+    value = 0.5 * xp.sum(sw * (R * R)) / Z.shape[1]
+    return value, sw * (Z - Y)
+
+
+def _poisson(Z, T):
+    Y, sw = T
+    xp = array_namespace(Z)
+    E = xp.exp(Z)  # the "exp" output activation: the mean of the Poisson distribution
+    # half Poisson deviance: xlogy(y, y / mu) - y + mu (0 where y = 0)
+    ylog = xp.where(Y > 0, Y * xp.log(xp.where(Y > 0, Y, 1.0) / E), 0.0)
+    return xp.sum(sw * (ylog - Y + E)), sw * (E - Y)
+
+
+_LOSSES = {
+    "softmax": Loss("sklearn_log_loss", _log_loss_softmax, "values"),
+    "logistic": Loss("sklearn_binary_log_loss", _log_loss_logistic, "values"),
+    "identity": Loss("sklearn_squared_error", _squared_error, "values"),
+    "exp": Loss("sklearn_poisson", _poisson, "values"),
+}
+
+
+def _out_activation_host(name: str, Z: np.ndarray) -> np.ndarray:
+    """scikit-learn's output activation on host logits (its own functions' arithmetic)."""
+    if name == "softmax":
+        tmp = Z - Z.max(axis=1)[:, np.newaxis]
+        np.exp(tmp, out=Z)
+        Z /= Z.sum(axis=1)[:, np.newaxis]
+        return Z
+    if name == "logistic":
+        return expit(Z, out=Z)
+    if name == "exp":
+        return np.exp(Z, out=Z)
+    return Z
+
+
+# ---- the pure functions the backend compiles ----------------------------------------------
+def _acts(hidden: str, n_layers: int):
+    return [get_activation(_HIDDEN[hidden])] * (n_layers - 2) + [get_activation("identity")]
+
+
+def _grad_sums(params: Params, acts, loss: Loss, x, Y, sw):
+    """Σ_b sw_b loss_b and its gradient sums (no L2, not yet divided by Σ sw)."""
+    value, grads, _, _ = loss_grad_output(params, acts, loss, x, (Y, sw))
+    return value, grads
+
+
+def _finish(value, grads: Params, params: Params, S, alpha):
+    """scikit-learn's L2 penalty and normalisation: loss = value/S + α/2 Σ‖W‖²/S, and
+    ∇W = (Σ sw δ aᵀ + α W)/S, ∇b = Σ sw δ / S."""
+    sq = tree_sq_norm([W for W, _ in params])
+    value = value / S + (0.5 * alpha) * sq / S
+    grads = [((gW + alpha * W) / S, gb / S) for (gW, gb), (W, _) in zip(grads, params)]
+    return value, grads
+
+
+class _Hyper(NamedTuple):
+    """The step's scalars, passed at run time (a new value never recompiles)."""
+
+    lr: float
+    alpha: float
+    momentum: float
+    b1: float
+    one_minus_b1: float
+    b2: float
+    one_minus_b2: float
+    eps: float
+
+
+def _sgd_update(grads, velocities, params, h: _Hyper, nesterov: bool):
+    # scikit-learn's SGDOptimizer: the velocity is the update itself, v ← μ v - lr g, so a
+    # learning rate changed between epochs (invscaling, adaptive) leaves the velocity as it
+    # was made. Nesterov applies μ v - lr g once more with the new v.
+    v = nested_map(lambda vel, g: h.momentum * vel - h.lr * g, velocities, grads)
+    u = nested_map(lambda vel, g: h.momentum * vel - h.lr * g, v, grads) if nesterov else v
+    return u, v
+
+
+def _adam_update(grads, state, params, h: _Hyper):
+    # scikit-learn's AdamOptimizer: lr already holds lr_init·sqrt(1-β2^t)/(1-β1^t) (computed on
+    # the host in float64, as scikit-learn does), and eps is added to sqrt(v) of the raw
+    # moments (not of the bias-corrected ones, as in Kingma & Ba's algorithm 1).
+    ms, vs = state
+    ms = nested_map(lambda m, g: h.b1 * m + h.one_minus_b1 * g, ms, grads)
+    vs = nested_map(lambda v, g: h.b2 * v + h.one_minus_b2 * (g * g), vs, grads)
+    xp = array_namespace(params[0][0])
+    u = nested_map(lambda m, v: -h.lr * m / (xp.sqrt(v) + h.eps), ms, vs)
+    return u, (ms, vs)
