@@ -9,40 +9,39 @@ import numpy as np
 import scipy.optimize
 import scipy.sparse
 
-from .._array import array_namespace
+from .._array import array_device, array_namespace
 from ..backends._base import Backend, cpu_array_to_numpy, on_cpu
 from ..nn.losses import Loss
-from ..training.guard import step_is_finite, where_select
+from ..training.guard import GuardState, where_select
+from ..training.step import TrainState, host_select, train_step
+from . import _rules
+from ._rules import _finish, _grad_sums
 
-from ._rules import _adam_update, _finish, _grad_sums, _sgd_update
 
 def _make_step(acts, loss: Loss, solver: str, nesterov: bool, select_on_host: bool):
     """One guarded stochastic step: ``(params, opt, bad, x, Y, sw, h) -> (params, opt, bad,
-    loss)``. ``bad`` (0-d bool) turns true at the first step whose loss or update is not
-    finite; that step and every later one leave parameters and optimizer state as they were.
+    loss)``: bpcore's :func:`~bpcore.training.step.train_step` with scikit-learn's loss, L2
+    penalty and optimizer (:mod:`bpcore.sklearn._rules`), its scalars ``h`` passed at run
+    time. ``bad`` (0-d bool) turns true at the first step the guard refuses (a loss or
+    update that is not finite); that step and every later one leave parameters and
+    optimizer state as they were.
 
     ``select_on_host``: for backends whose values are read without waiting for a device
     (NumPy, PyTorch on the CPU), the guard's decision is read and the old or new arrays
     returned; elsewhere (JAX, CUDA) an elementwise ``where`` decides on the device."""
+    select = host_select if select_on_host else where_select
 
     def step(params, opt, bad, x, Y, sw, h):
-        xp = array_namespace(x)
-        value, grads = _grad_sums(params, acts, loss, x, Y, sw)
-        value, grads = _finish(value, grads, params, xp.sum(sw), h.alpha)
-        if solver == "sgd":
-            u, new_opt = _sgd_update(grads, opt, params, h, nesterov)
-        else:
-            u, new_opt = _adam_update(grads, opt, params, h)
-        # bpcore's guard rule (bpcore.training.guard.step_is_finite): a finite loss, a bounded update
-        # and a finite optimizer state
-        ok = step_is_finite(value, u, new_opt) & ~bad
-        if select_on_host:
-            if not bool(ok):
-                return params, opt, ~ok, value
-            return [(W + uW, b + ub) for (W, b), (uW, ub) in zip(params, u)], new_opt, ~ok, value
-        new_params = [(W + uW, b + ub) for (W, b), (uW, ub) in zip(params, u)]
-        params, opt = where_select(ok, lambda: (new_params, new_opt), lambda: (params, opt))
-        return params, opt, ~ok, value
+        xp, dev = array_namespace(x), array_device(x)
+        zero = xp.zeros((), dtype=xp.int32, device=dev)
+        nan = xp.full((), float("nan"), dtype=x.dtype, device=dev)  # (no reference loss)
+        state = TrainState(params, opt, zero, GuardState(xp.astype(bad, xp.int32), zero, nan),
+                           zero)
+        optimizer = _rules.sgd(h, nesterov) if solver == "sgd" else _rules.adam(h)
+        new, metrics = train_step(state, (x, (Y, sw)), activations=acts, loss=loss,
+                                  optimizer=optimizer, divergence_factor=None,
+                                  penalty=_rules.l2_penalty(h.alpha), select=select)
+        return new.params, new.opt_state, new.guard.bad_step != 0, metrics.loss
 
     def step_indexed(params, opt, bad, X, Y, SW, idx, h):
         xp = array_namespace(X)

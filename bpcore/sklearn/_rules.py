@@ -11,6 +11,7 @@ from scipy.special import expit
 from .._array import Params, array_namespace, nested_map
 from ..nn.activations import get_activation
 from ..nn.losses import Loss
+from ..optim import GradientTransformation
 from ..nn.mlp import loss_grad_output
 from ..training.guard import tree_sq_norm
 
@@ -77,11 +78,23 @@ def _poisson(Z, T):
     return xp.sum(sw * (ylog - Y + E)), sw * (E - Y)
 
 
+class _WeightedLoss(Loss):
+    """A loss on targets ``T = (Y, sw)``, checked and counted by scikit-learn on the host:
+    the step's own target check passes them, and it counts no correct predictions."""
+
+    def correct(self, Y: Any, T: Any) -> Any:
+        return array_namespace(Y).sum(Y[:0, :])  # 0, in Y's dtype, on Y's device
+
+    def targets_valid(self, T: Any) -> Any:
+        Y = T[0]
+        return array_namespace(Y).all(Y[:0, :] == 0)  # True (an empty all), on the device
+
+
 _LOSSES = {
-    "softmax": Loss("sklearn_log_loss", _log_loss_softmax, "values"),
-    "logistic": Loss("sklearn_binary_log_loss", _log_loss_logistic, "values"),
-    "identity": Loss("sklearn_squared_error", _squared_error, "values"),
-    "exp": Loss("sklearn_poisson", _poisson, "values"),
+    "softmax": _WeightedLoss("sklearn_log_loss", _log_loss_softmax, "values"),
+    "logistic": _WeightedLoss("sklearn_binary_log_loss", _log_loss_logistic, "values"),
+    "identity": _WeightedLoss("sklearn_squared_error", _squared_error, "values"),
+    "exp": _WeightedLoss("sklearn_poisson", _poisson, "values"),
 }
 
 
@@ -130,6 +143,27 @@ class _Hyper(NamedTuple):
     b2: float
     one_minus_b2: float
     eps: float
+
+
+def l2_penalty(alpha: Any) -> Any:
+    """:func:`_finish` as :func:`bpcore.training.step.train_step`'s ``penalty``, on targets
+    ``T = (Y, sw)`` (``S = Σ sw``)."""
+    def penalty(value, grads, params, T):
+        return _finish(value, grads, params, array_namespace(T[1]).sum(T[1]), alpha)
+    return penalty
+
+
+def sgd(h: _Hyper, nesterov: bool) -> GradientTransformation:
+    """scikit-learn's SGD with momentum as a transformation (state: the velocities)."""
+    return GradientTransformation(
+        lambda p: None, lambda g, state, params, step=None: _sgd_update(g, state, params, h,
+                                                                        nesterov))
+
+
+def adam(h: _Hyper) -> GradientTransformation:
+    """scikit-learn's Adam as a transformation (state: the moments ``(ms, vs)``)."""
+    return GradientTransformation(
+        lambda p: None, lambda g, state, params, step=None: _adam_update(g, state, params, h))
 
 
 def _sgd_update(grads, velocities, params, h: _Hyper, nesterov: bool):

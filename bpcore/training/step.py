@@ -27,7 +27,7 @@ from ..optim import GradientTransformation, apply_updates
 from .guard import (DEFAULT_DIVERGENCE_FACTOR, GUARD_GREW, GUARD_NONFINITE, GUARD_TARGETS,
                     GuardState, guard_decision, step_is_finite, tree_sq_norm, where_select)
 
-__all__ = ["TrainState", "GuardState", "StepMetrics", "train_step", "init_state",
+__all__ = ["TrainState", "GuardState", "StepMetrics", "train_step", "init_state", "host_select",
            "guard_decision", "step_is_finite", "tree_sq_norm", "where_select",
            "GUARD_NONFINITE", "GUARD_GREW", "GUARD_TARGETS", "DEFAULT_DIVERGENCE_FACTOR"]
 
@@ -58,7 +58,8 @@ def train_step(state: TrainState, batch: tuple[Array, Array], *,
                activations: Sequence[Activation], loss: Loss,
                optimizer: GradientTransformation, check_finite: bool = True,
                divergence_factor: float | None = DEFAULT_DIVERGENCE_FACTOR,
-               reduce: Any = None) -> tuple[TrainState, StepMetrics]:
+               reduce: Any = None, penalty: Any = None,
+               select: Any = where_select) -> tuple[TrainState, StepMetrics]:
     """One guarded step of gradient descent (any optimizer) on ``batch = (x, T)``.
 
     ``T`` is in the loss's canonical form (``Trainer.prepare_batch`` makes it). With
@@ -66,6 +67,12 @@ def train_step(state: TrainState, batch: tuple[Array, Array], *,
     ``reduce(value, correct, targets_ok, grads) -> (value, correct, targets_ok, grads)``, for
     data-parallel training over MPI (:mod:`bpcore.parallel`), turns this worker's loss,
     counts and gradients into the global batch's before the update and the guard see them.
+    ``penalty(value, grads, params, T) -> (value, grads)``: a term of the objective beyond
+    the loss (scikit-learn's L2 and its normalisation, :mod:`bpcore.sklearn`), added before
+    the update and the guard see them. ``select(ok, if_ok, if_not)``: how the guard's
+    decision picks the new or the old state (by default an elementwise ``where`` on the
+    device; an executor on a backend whose values the host reads for free may read ``ok``
+    and return one branch).
     """
     x, T = batch
     params = state.params
@@ -73,6 +80,8 @@ def train_step(state: TrainState, batch: tuple[Array, Array], *,
     correct, targets_ok = loss.correct(Y, T), loss.targets_valid(T)
     if reduce is not None:
         value, correct, targets_ok, grads = reduce(value, correct, targets_ok, grads)
+    if penalty is not None:
+        value, grads = penalty(value, grads, params, T)
     updates, opt_state = optimizer.update(grads, state.opt_state, params, step=state.step)
     metrics = StepMetrics(value, correct)
 
@@ -93,5 +102,11 @@ def train_step(state: TrainState, batch: tuple[Array, Array], *,
                                    targets_ok=targets_ok)
     # (An elementwise where, fused into the update by XLA; jax.lax.cond would run one branch
     # only, but on a GPU it reads the predicate on the host, inside the compiled step.)
-    p, o, k = where_select(ok, applied, lambda: (params, state.opt_state, state.step))
+    p, o, k = select(ok, applied, lambda: (params, state.opt_state, state.step))
     return state._replace(params=p, opt_state=o, step=k, guard=new_guard), metrics
+
+
+def host_select(ok: Array, if_ok: Any, if_not: Any) -> Any:
+    """``select`` for :func:`train_step` on a backend whose values the host reads without a
+    device wait (NumPy, PyTorch on the CPU): reads ``ok`` and computes one branch."""
+    return if_ok() if bool(ok) else if_not()

@@ -18,6 +18,7 @@ import numpy as np
 
 from .._array import Array, Params
 from .._checks import prepare_input
+from . import interrupts
 from .interrupts import Commit
 from .callbacks import Callback, EarlyStopping, History
 from ..errors import ConfigError, ShapeError
@@ -114,6 +115,7 @@ class Trainer:
         # interrupted epoch continues only under the same plan
         self.epoch_plan: tuple | None = None
         self.stop_training = False
+        self._holds_interrupts = False  # see _advance
         self.trace_count = 0  # how many times the step was traced (once per shape on JAX)
         if inplace not in (None, True, False):
             raise ConfigError(f"inplace: expected None, True or False, got {inplace!r}")
@@ -314,6 +316,9 @@ class Trainer:
         ``epoch_batch``: the batches of the epoch done once this one is (``fit``'s steps)."""
         # A save in another thread sees the state before or after, whole; a Ctrl-C waits for
         # the step's end (bpcore.training.interrupts: an in-place step writes buffer after buffer).
+        if not self._holds_interrupts:  # (once: keep the SIGINT handler while we live)
+            self._holds_interrupts = True
+            interrupts.hold(self)
         with self._lock, Commit():
             self._sync_params()
             self._state, metrics = step_fn(self._state, *batch)
