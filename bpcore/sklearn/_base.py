@@ -24,7 +24,8 @@ from ..errors import BackendUnavailableError, DTypeError
 from ..nn.mlp import forward
 
 from ._engine import _Diverged, _bucket, _compiled, _host, _padded
-from ._rules import (_PREDICT_CHUNK, _STOCHASTIC, _Hyper, _acts, _out_activation_host)
+from ._rules import (_PREDICT_CHUNK, _STOCHASTIC, OptimizerState, _Hyper, _acts,
+                     _out_activation_host)
 from ._solvers import _Solvers
 
 # ---- the estimators ------------------------------------------------------------------------
@@ -257,7 +258,7 @@ class _BaseMLP(_Solvers, BaseEstimator):
         # Optimizer state to host NumPy: a model fitted on a GPU or JAX unpickles anywhere.
         opt = state.get("_optimizer")
         if opt is not None:
-            opt = dict(opt)
+            opt = OptimizerState(opt)
             opt["state"] = nested_map(lambda a: np.array(_host(a), copy=True), opt["state"])
             state["_optimizer"] = opt
         return state
@@ -294,10 +295,12 @@ class _BaseMLP(_Solvers, BaseEstimator):
                         for i in range(n)]
 
             if hasattr(sk_opt, "velocities"):
-                est._optimizer = {"solver": "sgd", "learning_rate": float(sk_opt.learning_rate),
-                                  "state": pairs(sk_opt.velocities)}
+                est._optimizer = OptimizerState(solver="sgd",
+                                                learning_rate=float(sk_opt.learning_rate),
+                                                state=pairs(sk_opt.velocities))
             else:
-                est._optimizer = {"solver": "adam", "learning_rate":
-                                  float(sk_opt.learning_rate), "t": int(sk_opt.t),
-                                  "state": (pairs(sk_opt.ms), pairs(sk_opt.vs))}
+                est._optimizer = OptimizerState(solver="adam",
+                                                learning_rate=float(sk_opt.learning_rate),
+                                                t=int(sk_opt.t),
+                                                state=(pairs(sk_opt.ms), pairs(sk_opt.vs)))
         return est

@@ -185,3 +185,15 @@ def _adam_update(grads, state, params, h: _Hyper):
     xp = array_namespace(params[0][0])
     u = nested_map(lambda m, v: -h.lr * m / (xp.sqrt(v) + h.eps), ms, vs)
     return u, (ms, vs)
+
+
+class OptimizerState(dict):
+    """The estimator's ``_optimizer``: ``solver``, ``learning_rate``, ``t`` (Adam's update
+    count) and ``state`` (velocities, or Adam's moments), read as items and, as on
+    scikit-learn's own optimizer objects, as attributes (``clf._optimizer.learning_rate``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None

@@ -17,20 +17,22 @@ from sklearn.utils import shuffle as _sk_shuffle
 from .._array import Params, nested_map
 
 from ._engine import _Diverged, _bucket, _compiled, _make_step, _make_value_and_grad, _padded
-from ._rules import _BATCH_DENSE, _LOSSES, _acts
+from ._rules import _BATCH_DENSE, _LOSSES, OptimizerState, _acts
+
 
 class _Solvers:
     """scikit-learn's solvers around bpcore's compiled step: the stochastic loop (sgd,
     adam) with its learning-rate schedules and stopping rules, and L-BFGS through SciPy."""
 
-    def _new_optimizer(self, be, params: Params) -> dict:
+    def _new_optimizer(self, be, params: Params) -> OptimizerState:
         xp = be.xp
         zeros = [tuple(xp.zeros_like(a) for a in layer) for layer in params]
         if self.solver == "sgd":
-            return {"solver": "sgd", "learning_rate": float(self.learning_rate_init),
-                    "state": zeros}
-        return {"solver": "adam", "learning_rate": float(self.learning_rate_init), "t": 0,
-                "state": (zeros, [tuple(xp.zeros_like(a) for a in layer) for layer in params])}
+            return OptimizerState(solver="sgd", learning_rate=float(self.learning_rate_init),
+                                  state=zeros)
+        return OptimizerState(solver="adam", learning_rate=float(self.learning_rate_init), t=0,
+                              state=(zeros, [tuple(xp.zeros_like(a) for a in layer)
+                                             for layer in params]))
 
     def _fit_stochastic(self, be, dtype, params, X, y, sample_weight, incremental):
         # As scikit-learn: partial_fit goes on with the optimizer it has, even after
@@ -230,10 +232,13 @@ class _Solvers:
             return params  # the step is functional: these arrays are never written again
         return best
 
-    def _fit_lbfgs(self, be, dtype, params, X, y, sample_weight, layer_units):
+    def _lbfgs_objective(self, be, dtype, X, y, sample_weight, layer_units):
+        """scikit-learn's L-BFGS objective on its packed vector (coefficients, then
+        intercepts): ``(loss_grad(theta) -> (loss, flat gradient), unpack(theta) -> params)``."""
+        n_params = len(layer_units)
         sums, finish = _compiled(
-            be, ("lbfgs", self.activation, len(params) + 1, self.out_activation_),
-            lambda: _make_value_and_grad(_acts(self.activation, len(params) + 1),
+            be, ("lbfgs", self.activation, n_params, self.out_activation_),
+            lambda: _make_value_and_grad(_acts(self.activation, n_params),
                                          _LOSSES[self.out_activation_]))
         n = X.shape[0]
         sw = np.ones((n, 1), dtype) if sample_weight is None else \
@@ -277,6 +282,23 @@ class _Solvers:
                              [be.to_numpy(gb).ravel() for _, gb in grads])
             return float(be.to_numpy(value)), flat
 
+        return loss_grad, unpack
+
+    def _loss_grad_lbfgs(self, packed, X, y, sample_weight, *_buffers):
+        """scikit-learn's private ``_loss_grad_lbfgs``: the L-BFGS loss and its packed gradient
+        at ``packed``, for targets ``y`` as the solver sees them (binarized for a classifier);
+        its own tests call it. (The work buffers it takes are scikit-learn's; unused.)"""
+        be = self._backend()
+        dtype = self.dtype or ("float32" if np.asarray(self.coefs_[0]).dtype == np.float32
+                               else "float64")
+        y = np.asarray(y)
+        layer_units = [X.shape[1]] + [np.shape(c)[1] for c in self.coefs_]
+        loss_grad, _ = self._lbfgs_objective(be, dtype, X, y.reshape(len(y), -1),
+                                             sample_weight, layer_units)
+        return loss_grad(np.asarray(packed, dtype=np.float64))
+
+    def _fit_lbfgs(self, be, dtype, params, X, y, sample_weight, layer_units):
+        loss_grad, unpack = self._lbfgs_objective(be, dtype, X, y, sample_weight, layer_units)
         theta0 = np.hstack([np.asarray(c).ravel() for c in self.coefs_] +
                            [np.asarray(b).ravel() for b in self.intercepts_])
         iprint = 1 if (self.verbose is True or self.verbose >= 1) else -1
