@@ -24,7 +24,7 @@ class FitCase:
     name: str
     estimator: str          # "classifier" or "regressor"
     settings: tuple         # estimator parameters, as (name, value) pairs
-    data: str               # "digits", "mnist-like" or "regression"
+    data: str               # "digits", "mnist-like", "classification-50k" or "regression"
     note: str
 
 
@@ -42,6 +42,15 @@ CASES = {
                                ("solver", "sgd"), ("learning_rate_init", 0.01)),
                               "regression", "20,000 x 100, 2 targets, 128-64 hidden, sgd "
                                             "(Nesterov 0.9), batch 200, 3 epochs"),
+    # The issue-17 targets: hidden (256, 256), adam, scikit-learn's defaults otherwise.
+    "digits-256x2": FitCase("digits-256x2", "classifier",
+                            (("hidden_layer_sizes", (256, 256)), ("max_iter", 20)),
+                            "digits", "8x8 digits, 256-256 hidden, adam, batch 200, 20 epochs"),
+    "classification-50k": FitCase("classification-50k", "classifier",
+                                  (("hidden_layer_sizes", (256, 256)), ("max_iter", 3)),
+                                  "classification-50k",
+                                  "make_classification(50,000, 100), 2 classes, 256-256 "
+                                  "hidden, adam, batch 200, 3 epochs"),
     "digits-lbfgs": FitCase("digits-lbfgs", "classifier",
                             (("hidden_layer_sizes", (100,)), ("max_iter", 30),
                              ("solver", "lbfgs")),
@@ -59,6 +68,8 @@ def _data(name: str, dtype: str):
     elif name == "mnist-like":
         X, y = make_classification(12000, 784, n_informative=40, n_classes=10,
                                    class_sep=3.0, random_state=0)
+    elif name == "classification-50k":
+        X, y = make_classification(50_000, 100, random_state=0)
     else:
         X, y = make_regression(24000, 100, n_targets=2, noise=1.0, random_state=0)
         y = y / np.abs(y).max()
