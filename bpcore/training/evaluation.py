@@ -5,9 +5,30 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Callable
 
+from ..errors import ShapeError
 from ..nn.mlp import forward
 
-__all__ = ["evaluate_prepared"]
+__all__ = ["evaluate", "evaluate_prepared", "check_targets"]
+
+
+def evaluate(trainer: Any, X: Any, y: Any, batch_size: int) -> dict[str, float]:
+    """``Trainer.evaluate``: mean loss (and accuracy for classification losses)."""
+    Xd, Td = trainer.prepare_batch(X, y)
+    trainer.check_targets(Td)
+    total, correct = trainer.evaluate_prepared(Xd, Td, batch_size)
+    n = Xd.shape[0]
+    out = {"loss": float(total) / n}
+    if trainer.loss.has_accuracy:
+        out["accuracy"] = float(correct) / (n * trainer.loss.correct_per_row(Td))
+    return out
+
+
+def check_targets(loss: Any, n_classes: int, valid: Any, argument: str) -> None:
+    """Raise :class:`ShapeError` unless ``valid`` (the loss's ``targets_valid``, read)."""
+    if not bool(valid):
+        raise ShapeError(f"{argument}: invalid targets (a class label outside [0, "
+                         f"{n_classes - 1}] on the device, or a negative or "
+                         "non-finite target)")
 
 
 def evaluate_prepared(model: Any, loss: Any, Xd: Any, Td: Any, batch_size: int,

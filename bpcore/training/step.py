@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from .._array import Array, Params
+from .._array import Array, Params, nested_leaves
 from ..nn.activations import Activation
 from ..backends._base import dtype_name
 from ..nn.losses import Loss
@@ -28,6 +28,7 @@ from .guard import (DEFAULT_DIVERGENCE_FACTOR, GUARD_GREW, GUARD_NONFINITE, GUAR
                     GuardState, guard_decision, step_is_finite, tree_sq_norm, where_select)
 
 __all__ = ["TrainState", "GuardState", "StepMetrics", "train_step", "init_state", "host_select",
+           "state_mismatch",
            "guard_decision", "step_is_finite", "tree_sq_norm", "where_select",
            "GUARD_NONFINITE", "GUARD_GREW", "GUARD_TARGETS", "DEFAULT_DIVERGENCE_FACTOR"]
 
@@ -52,6 +53,21 @@ def init_state(params: Params, optimizer: GradientTransformation, backend: Any, 
     ref = backend.asarray(np.asarray(ref_loss, dtype=dtype_name(params[0][0].dtype)))
     return TrainState(params, optimizer.init(params), i32(step),
                       GuardState(i32(0), i32(0), ref), i32(epoch))
+
+
+def state_mismatch(mine: TrainState, theirs: TrainState) -> list[str]:
+    """How state ``theirs`` differs from ``mine`` in the count and shapes of its parameters
+    and optimizer state (empty: it fits)."""
+    problems = []
+    for name in ("params", "opt_state"):
+        a, b = nested_leaves(getattr(mine, name)), nested_leaves(getattr(theirs, name))
+        if len(a) != len(b):
+            problems.append(f"{name}: {len(b)} arrays, this trainer's has {len(a)}")
+            continue
+        problems += [f"{name}[{i}]: shape {tuple(y.shape)}, this trainer's is "
+                     f"{tuple(x.shape)}" for i, (x, y) in enumerate(zip(a, b))
+                     if tuple(x.shape) != tuple(y.shape)][:4]
+    return problems
 
 
 def train_step(state: TrainState, batch: tuple[Array, Array], *,

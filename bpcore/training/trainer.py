@@ -21,14 +21,14 @@ from .._checks import prepare_input
 from . import interrupts
 from .interrupts import Commit
 from .callbacks import Callback, EarlyStopping, History
-from ..errors import ConfigError, ShapeError
+from ..errors import ConfigError
 from ..nn.losses import Loss, get_loss
 from ..nn.targets import label_targets, labels_to_canonical, prepare_target
 from ..nn.model import MLP
 from ..optim import GradientTransformation, Optimizer, chain, clip_by_global_norm, get_optimizer
 from .guard import DEFAULT_DIVERGENCE_FACTOR, GuardState, raise_if_refused
-from .evaluation import evaluate_prepared
-from .step import TrainState, init_state, train_step
+from .evaluation import check_targets, evaluate, evaluate_prepared
+from .step import TrainState, init_state, state_mismatch, train_step
 
 __all__ = ["Trainer", "train_step", "TrainState", "GuardState", "History", "Callback",
            "EarlyStopping"]
@@ -220,8 +220,7 @@ class Trainer:
             raise ConfigError(f"state: expected a bpcore.TrainState, got "
                               f"{type(state).__name__}")
         mine = self._state
-        problems = _tree_mismatch("params", mine.params, state.params)
-        problems += _tree_mismatch("opt_state", mine.opt_state, state.opt_state)
+        problems = state_mismatch(mine, state)
         if problems:
             raise ConfigError(
                 "state: the assigned state does not fit this trainer (" + "; ".join(problems)
@@ -399,22 +398,13 @@ class Trainer:
     # -- evaluation -------------------------------------------------------------------------
     def evaluate(self, X: Any, y: Any, batch_size: int = 4096) -> dict[str, float]:
         """Mean loss (and accuracy for classification losses) over ``(X, y)``."""
-        Xd, Td = self.prepare_batch(X, y)
-        self.check_targets(Td)
-        total, correct = self.evaluate_prepared(Xd, Td, batch_size)
-        n = Xd.shape[0]
-        out = {"loss": float(total) / n}
-        if self.loss.has_accuracy:
-            out["accuracy"] = float(correct) / (n * self.loss.correct_per_row(Td))
-        return out
+        return evaluate(self, X, y, batch_size)
 
     def check_targets(self, T: Array, argument: str = "y") -> None:
         """Raise :class:`ShapeError` if prepared targets are invalid (reads one flag: labels
         that were on the device are checked here, host ones already were)."""
-        if not bool(self._local(self.loss.targets_valid(T))):
-            raise ShapeError(f"{argument}: invalid targets (a class label outside [0, "
-                             f"{self.model.sizes[-1] - 1}] on the device, or a negative or "
-                             "non-finite target)")
+        check_targets(self.loss, self.model.sizes[-1], self._local(self.loss.targets_valid(T)),
+                      argument)
 
     def evaluate_prepared(self, Xd: Array, Td: Array, batch_size: int = 4096
                           ) -> tuple[Any, Any]:
@@ -447,14 +437,3 @@ class Trainer:
         return fit(self, X, y, epochs, batch_size, validation_data=validation_data,
                    validation_split=validation_split, shuffle=shuffle, seed=seed,
                    callbacks=callbacks, verbose=verbose, drop_last=drop_last)
-
-
-def _tree_mismatch(name: str, mine: Any, theirs: Any) -> list[str]:
-    """How tree ``theirs`` differs from ``mine`` in its leaves' count and shapes."""
-    from .._array import nested_leaves
-
-    a, b = nested_leaves(mine), nested_leaves(theirs)
-    if len(a) != len(b):
-        return [f"{name}: {len(b)} arrays, this trainer's has {len(a)}"]
-    return [f"{name}[{i}]: shape {tuple(y.shape)}, this trainer's is {tuple(x.shape)}"
-            for i, (x, y) in enumerate(zip(a, b)) if tuple(x.shape) != tuple(y.shape)][:4]
