@@ -72,9 +72,9 @@ class Backend:
     # Switches float64 on for the whole process where the library needs that (JAX); None
     # where float64 simply works. Only applications call it (``bpcore train --dtype``).
     enable_float64: Callable[[], None] | None = field(default=None, repr=False)
-    # In-place kernels (``backends._ops``) for libraries whose arrays are mutable and whose
-    # values are read without waiting for a device: the capability behind bpcore's in-place
-    # training step (:mod:`bpcore.training.inplace`). None: the generic, allocating path only.
+    # In-place operations (``backends._ops``) for libraries whose arrays are mutable: the
+    # capability behind bpcore's buffered training steps (:mod:`bpcore.training.buffered`;
+    # where ``ops.host_reads``, :mod:`bpcore.training.inplace`). None: the generic path only.
     inplace_ops: Any = field(default=None, repr=False)
     # ``place_like(x, like)``: ``x`` placed where ``like`` lives, when that is more than this
     # backend's one device (JAX parameters replicated by data-parallel training); else ``x``.

@@ -1,15 +1,17 @@
-"""In-place array operations: the capability behind bpcore's in-place training step.
+"""In-place array operations: the capability behind bpcore's buffered training steps.
 
-A backend whose arrays are mutable and whose values can be read without waiting for a device
-(NumPy; PyTorch on the CPU) offers an ``ops`` object (``Backend.inplace_ops``). Each method
-writes into a buffer the caller owns, so a training step can run on preallocated memory and
-allocate nothing whose size grows with the model. The generic, allocating array-API path
-stays the reference: :mod:`bpcore.training.inplace` falls back to it for anything ``ops`` lacks, and the
-tests check the two against each other.
+A backend whose arrays are mutable (NumPy; PyTorch on the CPU or a CUDA device; CuPy) offers
+an ``ops`` object (``Backend.inplace_ops``). Each method writes into a buffer the caller owns,
+so a training step runs on preallocated memory (:mod:`bpcore.training.buffered`). ``host_reads``
+says whether the host reads the arrays' values without waiting for a device: where it does,
+the in-place step (:mod:`bpcore.training.inplace`) decides its guard on the host and updates
+with fused kernels (``dot``, ``momentum_update_``, ``adam_update_``, ``host_view`` serve it
+only); on a device, the buffered step runs with no host read. The generic, allocating
+array-API path stays the reference, and the tests check the paths against each other.
 
 :class:`NumpyOps` is written against NumPy's ufunc interface (``out=``) and takes the module
-as a parameter; :class:`TorchOps` overrides what PyTorch spells differently. Every method
-keeps NaN where NumPy and the generic path keep it.
+as a parameter; :class:`CupyOps` is the same on CuPy, and :class:`TorchOps` overrides what
+PyTorch spells differently. Every method keeps NaN where NumPy and the generic path keep it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class NumpyOps:
 
     name = "numpy"
     update_scratch = True  # axpy_/momentum_update_/adam_update_ need the two scratch buffers
+    host_reads = True      # values read with no device wait (the in-place step may run)
 
     def __init__(self, module: Any):
         self.np = module
@@ -41,6 +44,14 @@ class NumpyOps:
 
     def copy_(self, dst: Any, src: Any) -> None:
         self.np.copyto(dst, src)
+
+    def select_(self, ok: Any, src: Any, dst: Any) -> None:
+        """``dst ← src`` where the 0-d boolean ``ok`` holds, else unchanged (on the device:
+        the buffered step's commit)."""
+        self.np.copyto(dst, src, where=ok)
+
+    def where(self, ok: Any, a: Any, b: Any) -> Any:
+        return self.np.where(ok, a, b)
 
     # -- elementwise, written into ``out`` ----------------------------------------------------
     def mul(self, a: Any, b: Any, out: Any) -> None:
@@ -208,27 +219,60 @@ class NumpyOps:
         return float(self.np.dot(a, b))
 
 
+class CupyOps(NumpyOps):
+    """The same kernels on CuPy arrays, on the GPU: nothing here reads a value on the host."""
+
+    name = "cupy"
+    host_reads = False
+
+    def quiet(self):
+        return contextlib.nullcontext()  # CuPy does not warn on overflow
+
+    def sum_rows(self, G, out):
+        self.np.sum(G, axis=0, out=out)
+
+    def row_max(self, Z, out):
+        self.np.amax(Z, axis=1, keepdims=True, out=out)
+
+    def row_sum(self, Z, out):
+        self.np.sum(Z, axis=1, keepdims=True, out=out)
+
+    def count(self, hit, like):
+        return self.np.count_nonzero(hit).astype(like.dtype)
+
+    def host_view(self, a):
+        raise RuntimeError("CupyOps.host_view: a CuPy array's memory is on the GPU")
+
+
 class TorchOps(NumpyOps):
-    """The same kernels on PyTorch CPU tensors (no autograd)."""
+    """The same kernels on PyTorch tensors (no autograd), on ``device`` (CPU or CUDA)."""
 
     name = "torch"
     update_scratch = False  # its fused kernels and add_(alpha=) need none
 
-    def __init__(self, torch: Any):
+    def __init__(self, torch: Any, device: Any = None):
         self.np = None
         self.torch = torch
+        self.device = torch.device("cpu") if device is None else device
+        self.host_reads = self.device.type == "cpu"
 
     def quiet(self):
         return contextlib.nullcontext()  # PyTorch does not warn on overflow
 
     def empty(self, shape, dtype):
-        return self.torch.empty(shape, dtype=dtype)
+        return self.torch.empty(shape, dtype=dtype, device=self.device)
 
     def bool_empty(self, shape):
-        return self.torch.empty(shape, dtype=self.torch.bool)
+        return self.torch.empty(shape, dtype=self.torch.bool, device=self.device)
 
     def copy_(self, dst, src):
         dst.copy_(src)
+
+    def select_(self, ok, src, dst):
+        self.torch.where(ok, src, dst, out=dst)
+
+    def where(self, ok, a, b):
+        return self.torch.where(ok, a, b)
 
     def mul(self, a, b, out):
         self.torch.mul(a, b, out=out)
@@ -269,7 +313,7 @@ class TorchOps(NumpyOps):
 
     def adam_update_(self, p, g, m, v, t, lr, b1, b2, eps, decoupled, n_weights, tmp):
         torch = self.torch
-        step = torch.full((), float(t), dtype=p.dtype)
+        step = torch.full((), float(t), dtype=p.dtype, device=p.device)
         kw = dict(lr=lr, beta1=b1, beta2=b2, eps=eps, amsgrad=False, maximize=False)
         parts = [(slice(0, n_weights), decoupled), (slice(n_weights, p.shape[0]), 0.0)]
         if not decoupled:  # one call for weights and biases alike
@@ -289,7 +333,7 @@ class TorchOps(NumpyOps):
         torch.exp(Z - lse[:, None], out=D)      # softmax, as the generic exp(Z - lse)
         neg = getattr(self, "_neg_one", None)
         if neg is None or neg.dtype != D.dtype:
-            neg = self._neg_one = torch.full((1, 1), -1.0, dtype=D.dtype)
+            neg = self._neg_one = torch.full((1, 1), -1.0, dtype=D.dtype, device=D.device)
         D.scatter_add_(1, labels.view(-1, 1), neg.expand(B, 1))  # D[b, y_b] -= 1
         D.div_(B)
         return value, D
@@ -324,18 +368,18 @@ class TorchOps(NumpyOps):
     def _rows(self, n):
         r = getattr(self, "_row_index", None)
         if r is None or r.shape[0] < n:
-            r = self._row_index = self.torch.arange(max(n, 1024))
+            r = self._row_index = self.torch.arange(max(n, 1024), device=self.device)
         return r[:n]
 
     def count(self, hit, like):
         return self.torch.sum(hit).to(like.dtype)
 
     def host_view(self, a):
-        return a.numpy()  # a CPU tensor: the same memory
+        return a.numpy()  # a CPU tensor: the same memory (host_reads only)
 
     def scalar(self, value, like):
         dtype = self.torch.int32 if isinstance(value, int) else like.dtype
-        return self.torch.tensor(value, dtype=dtype)
+        return self.torch.tensor(value, dtype=dtype, device=self.device)
 
     def host_dtype(self, like):
         import numpy

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._base import Backend, unavailable
+from ._ops import CupyOps
 
 
 def make() -> Backend:
@@ -43,5 +44,6 @@ def make() -> Backend:
         from_dlpack=cupy.from_dlpack,
         synchronize=lambda *arrays: cupy.cuda.get_current_stream().synchronize(),
         asynchronous=True,
+        inplace_ops=CupyOps(cupy),  # (host_reads False: the buffered step, no host read)
         version=cupy.__version__,
     )

@@ -51,8 +51,7 @@ def make() -> Backend:
         from_dlpack=lambda x: torch.from_dlpack(x).to(device),
         synchronize=(lambda *arrays: torch.cuda.synchronize()) if cuda else (lambda *arrays: None),
         asynchronous=cuda,
-        # CUDA runs asynchronously: the in-place step reads scalars on the host, so it is
-        # offered on the CPU only (on CUDA the compiled generic step runs).
-        inplace_ops=None if cuda else TorchOps(torch),
+        # (on CUDA, ops.host_reads is False: the buffered step runs, with no host read)
+        inplace_ops=TorchOps(torch, device),
         version=torch.__version__,
     )

@@ -49,10 +49,33 @@ def set_matmul_precision(mode: str) -> dict:
     return out
 
 
+def source() -> dict:
+    """Which code is measured: the git commit and whether the tree was clean. Where the
+    checkout has no ``.git`` (a copy sent to a GPU machine), ``BPCORE_GIT_COMMIT`` says it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                                 timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    if sha is None:
+        given = os.environ.get("BPCORE_GIT_COMMIT")
+        return {"commit": given or "unknown (no git checkout, no BPCORE_GIT_COMMIT)",
+                "tree_clean": None, "commit_from": "BPCORE_GIT_COMMIT" if given else None}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": sha, "tree_clean": status == "", "commit_from": "git"}
+
+
 def machine(gpu: bool) -> dict:
     from bpcore.cli.machine import machine_info
 
     info = machine_info()
+    info["source"] = source()
     libs = {}
     for mod in ("numpy", "jax", "jaxlib", "torch", "sklearn", "cupy", "array_api_compat",
                 "optax"):
@@ -126,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated (default: every available except array_api_strict)")
     p.add_argument("--cases", default=None, help="comma-separated subset of small,mnist,large,wide")
     p.add_argument("--no-sweep", action="store_true", help="skip the batch-size sweep")
+    p.add_argument("--generic", action="store_true",
+                   help="also time the generic step (Trainer(inplace=False)) beside the "
+                        "buffered executors, on the backends that have them (numpy, torch, "
+                        "cupy): the same step, the same run, before and after")
     p.add_argument("--dtypes", default=None,
                    help="comma-separated subset of float32,float64 (default: the profile's)")
     p.add_argument("--max-seconds", type=float, default=None,
@@ -219,7 +246,7 @@ def _run_and_report(args, backends, profile, cases, dtypes, info) -> int:
                          write_report)
 
     result = run_suite(backends, profile, gpu=args.gpu, cases=cases, sweep=not args.no_sweep,
-                       max_seconds=args.max_seconds, dtypes=dtypes,
+                       max_seconds=args.max_seconds, dtypes=dtypes, generic=args.generic,
                        on_progress=lambda partial: write_json(partial, info, args.out))
     # A second Ctrl-C while the report is written would lose it: hold signals until done.
     old = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM,

@@ -63,7 +63,9 @@ def bpcore_runner(backend: str, kind: str, case: Case, dtype: str, path: str = "
     """bpcore doing ``kind`` on ``backend``. Training steps (sgd, adam) go through
     ``Trainer.step_prepared`` (``path="prepared"``: batches already validated and in the
     loss's form) or ``Trainer.step`` (``path="step"``: what a user's loop calls, with ``x`` and
-    integer labels already on the device, so the boundary's checks are timed too)."""
+    integer labels already on the device, so the boundary's checks are timed too) or, with
+    ``path="generic"``, ``step_prepared`` of ``Trainer(inplace=False)``: the generic step,
+    for comparison with the buffered executors."""
     import bpcore
 
     be = _backend(backend, dtype)
@@ -72,7 +74,7 @@ def bpcore_runner(backend: str, kind: str, case: Case, dtype: str, path: str = "
     loss = bpcore.LOSSES["softmax_cross_entropy"]
     sync = lambda outs: be.synchronize(*outs)  # noqa: E731
     opt = bpcore.optim.adam(LR_ADAM) if kind == "adam" else bpcore.optim.sgd(LR_SGD)  # fit: SGD
-    trainer = bpcore.Trainer(model, loss, opt)
+    trainer = bpcore.Trainer(model, loss, opt, inplace=False if path == "generic" else None)
     host = make_batches(case, dtype)
     data = [trainer.prepare_batch(X, y) for X, y in host]  # on device
     if kind in ("sgd", "adam") and path == "step":
@@ -85,7 +87,8 @@ def bpcore_runner(backend: str, kind: str, case: Case, dtype: str, path: str = "
     if kind in ("sgd", "adam"):
         def run(i):  # the loss: the parameters are donated to the next step on JAX
             return trainer.step_prepared(*data[i % len(data)])[0]
-        return Runner(run, sync, f"bpcore/{backend}", asynchronous=be.asynchronous)
+        return Runner(run, sync, f"bpcore/{backend}" + (" generic" if path == "generic" else ""),
+                      asynchronous=be.asynchronous)
     acts = model.activations
     if kind == "forward":
         fn = be.jit(lambda p, x: bpcore.forward(p, x, acts))

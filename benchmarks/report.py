@@ -38,6 +38,13 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+# bpcore's rows: "step" (Trainer.step), "bpcore" (step_prepared, or forward/fit/...) and
+# "generic" (step_prepared of Trainer(inplace=False), with --generic).
+BPCORE_IMPLS = ("bpcore", "step", "generic")
+# Backends with a buffered executor, where the generic step is a different path.
+BUFFERED_BACKENDS = ("numpy", "torch", "cupy")
+
+
 @dataclass(frozen=True)
 class Task:
     """One measurement: ``impl`` (bpcore, floor or peer) on ``backend`` doing ``kind``."""
@@ -55,15 +62,16 @@ class Task:
     def build(self, gpu: bool):
         if self.impl == "floor":
             return floor_parts(self.backend, self.case, self.dtype)
-        if self.impl in ("bpcore", "step"):
+        if self.impl in BPCORE_IMPLS:
             return bpcore_runner(self.backend, self.kind, self.case, self.dtype,
-                                 path="step" if self.impl == "step" else "prepared")
+                                 path={"step": "step", "generic": "generic"}.get(
+                                     self.impl, "prepared"))
         return peer_runner(self.backend, self.kind, self.case, self.dtype, gpu)
 
 
 def plan(backends: Iterable[str], profile: str = "quick", gpu: bool = False,
          cases: Iterable[str] | None = None, sweep: bool = True,
-         dtypes: Iterable[str] | None = None) -> list[Task]:
+         dtypes: Iterable[str] | None = None, generic: bool = False) -> list[Task]:
     """Every measurement of a run, in the order they are taken (most telling first)."""
     prof = PROFILES[profile]
     case_names = list(cases or prof["cases"])
@@ -82,6 +90,9 @@ def plan(backends: Iterable[str], profile: str = "quick", gpu: bool = False,
                 tasks += [Task(case, dtype, "step", be, kind) for kind in prof["kinds"]
                           if kind in ("sgd", "adam")]
                 tasks += [Task(case, dtype, "bpcore", be, kind) for kind in prof["kinds"]]
+                if generic and be in BUFFERED_BACKENDS:
+                    tasks += [Task(case, dtype, "generic", be, kind) for kind in prof["kinds"]
+                              if kind in ("sgd", "adam")]
                 if prof.get("fit"):
                     tasks.append(Task(case, dtype, "bpcore", be, "fit"))
                 # the floor again, after the steps: on a shared machine the load can change
@@ -106,7 +117,7 @@ def run_suite(backends: Iterable[str], profile: str = "quick", gpu: bool = False
               cases: Iterable[str] | None = None, sweep: bool = True, *,
               max_seconds: float | None = None,
               on_progress: Callable[[dict], None] | None = None,
-              dtypes: Iterable[str] | None = None) -> dict:
+              dtypes: Iterable[str] | None = None, generic: bool = False) -> dict:
     """Take every measurement of :func:`plan`, as many as time and the user allow.
 
     Stops early, keeping what it measured, on ``KeyboardInterrupt`` (Ctrl-C, or SIGINT /
@@ -117,7 +128,7 @@ def run_suite(backends: Iterable[str], profile: str = "quick", gpu: bool = False
     """
     prof = PROFILES[profile]
     timing = {"blocks": prof["blocks"], "block_s": prof["block_s"]}
-    tasks = plan(backends, profile, gpu, cases, sweep, dtypes)
+    tasks = plan(backends, profile, gpu, cases, sweep, dtypes, generic)
     rows: list[dict] = []
     skipped: dict[str, str] = {}
     failed: dict[str, str] = {}
@@ -254,7 +265,7 @@ def add_ratios(rows: list[dict]) -> list[dict]:
             r["gflops"] = r["gemm_flops"] / r["time_s"] / 1e9
             continue
         fr = floor.get((r["case"], r["dtype"], r["backend"]))
-        if r["impl"] in ("bpcore", "step") and fr:
+        if r["impl"] in BPCORE_IMPLS and fr:
             # the forward pass has its own floor: the forward products alone
             f = fr["floor_forward_s"] if r["kind"] == "forward" else fr["time_s"]
             r["ratio_to_floor"] = r["time_s"] / f
@@ -316,10 +327,11 @@ def markdown_table(rows: list[dict], cases: Iterable[str] | None = None) -> str:
     lines = ["| case | dtype | backend | kind | path | ms/step | spread | × GEMM floor | "
              "× each peer | memory |", "|---|---|---|---|---|---:|---:|---:|---|---|"]
     for r in rows:
-        if r["impl"] not in ("bpcore", "step") or (cases is not None and
-                                                   r["case"] not in cases):
+        if r["impl"] not in BPCORE_IMPLS or (cases is not None and
+                                             r["case"] not in cases):
             continue
         path = ("Trainer.step" if r["impl"] == "step" else
+                "generic step (inplace=False)" if r["impl"] == "generic" else
                 "prepared" if r["kind"] in ("sgd", "adam") else
                 f"per batch, {r['ratio_to_step']:.2f}x Trainer.step" if "ratio_to_step" in r
                 else "-")
@@ -479,7 +491,11 @@ def machine_summary(m: dict) -> str:
     libs = ", ".join(f"{k} {v}" for k, v in m.get("libraries", {}).items())
     prec = m.get("matmul_precision") or {}
     prec_s = ", ".join(f"{k} {v}" for k, v in prec.items()) or "library defaults"
-    return (f"Machine: {m.get('cpu')} ({m.get('cores')} cores); GPU: {m.get('gpu') or 'none'}. "
+    src = m.get("source") or {}
+    clean = {True: "clean tree", False: "tree with uncommitted changes"}.get(
+        src.get("tree_clean"), "tree state unknown")
+    src_s = f"Code: commit {src.get('commit', '?')} ({clean}). " if src else ""
+    return (f"{src_s}Machine: {m.get('cpu')} ({m.get('cores')} cores); GPU: {m.get('gpu') or 'none'}. "
             f"BLAS: {blas_s}. Thread/BLAS environment: {env}. torch threads: "
             f"{m.get('torch_threads')}. float32 matrix products: {prec_s}. Libraries: {libs}.")
 
@@ -523,7 +539,7 @@ def charts(rows: list[dict], out: str, cases: list[str]) -> list[str]:
         data = {}
         for r in rows:  # bpcore as users call it: Trainer.step (the "step" rows)
             if r["kind"] == kind and r["case"] in cases and r["dtype"] == dtype and \
-                    r["impl"] != "bpcore":
+                    r["impl"] not in ("bpcore", "generic"):
                 impl = "bpcore" if r["impl"] == "step" else r["impl"]
                 data.setdefault(f"{impl}/{r['backend']}", {})[r["case"]] = r
         keys = sorted((k for k in data if any(value(r) is not None for r in data[k].values())),

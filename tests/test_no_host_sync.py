@@ -6,9 +6,10 @@ copy that blocks the CPU until the GPU catches up, so a step that does it cannot
 
 The CPU check below runs anywhere: on the torch backend (CPU here) it counts every call that
 makes a tensor from host data (``torch.asarray``, ``torch.tensor``, ...) during steady-state
-steps, with every activation, loss and optimizer variant, and requires none. On a CUDA
-machine the GPU check repeats the steps under ``torch.cuda.set_sync_debug_mode("error")``,
-which raises on any synchronising CUDA call.
+steps, with every activation, loss and optimizer variant, and requires none. It covers both
+executors that run on CUDA: the generic step and the buffered one
+(:mod:`bpcore.training.buffered`). On a CUDA machine the GPU check repeats the steps under
+``torch.cuda.set_sync_debug_mode("error")``, which raises on any synchronising CUDA call.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 import bpcore
 from bpcore import optim
 from bpcore.errors import BackendUnavailableError
+from bpcore.training.buffered import BufferedStep
 
 from .conftest import skip_or_fail
 
@@ -51,11 +53,19 @@ CONFIGS = (
 )
 
 
-def _trainer(be, act, loss, opt, clip):
-    # The generic step: the one that runs on CUDA. (The in-place step, used on the CPU only,
-    # reads host scalars by design: there that costs nothing.)
+EXECUTORS = ("generic", "buffered")
+
+
+def _trainer(be, act, loss, opt, clip, executor):
+    # The generic and the buffered step: the two that run on CUDA. (The in-place step, used
+    # where the host reads values for free, reads host scalars by design.)
     model = bpcore.MLP([5, 7, 3], activation=act, backend=be, dtype="float32", seed=0)
-    return bpcore.Trainer(model, loss, OPTIMIZERS[opt](), clip_norm=clip, inplace=False)
+    trainer = bpcore.Trainer(model, loss, OPTIMIZERS[opt](), clip_norm=clip,
+                             inplace=None if executor == "buffered" else False)
+    if executor == "buffered":
+        if type(trainer._inplace) is not BufferedStep:  # (on the CPU: the in-place step)
+            trainer._inplace = BufferedStep(trainer)
+    return trainer
 
 
 def _batch(be, loss, rng):
@@ -67,12 +77,14 @@ def _batch(be, loss, rng):
     return x, y
 
 
+@pytest.mark.parametrize("executor", EXECUTORS)
 @pytest.mark.parametrize("act,loss,opt,clip", CONFIGS)
-def test_torch_step_makes_no_tensor_from_host_data(monkeypatch, act, loss, opt, clip):
+def test_torch_step_makes_no_tensor_from_host_data(monkeypatch, act, loss, opt, clip,
+                                                   executor):
     torch = pytest.importorskip("torch")
     be = _torch_backend()
     rng = np.random.default_rng(0)
-    trainer = _trainer(be, act, loss, opt, clip)
+    trainer = _trainer(be, act, loss, opt, clip, executor)
     x, y = _batch(be, loss, rng)
     xb, T = trainer.prepare_batch(x, y)
     for _ in range(2):  # warm-up: whatever is built once is allowed
@@ -115,11 +127,14 @@ def _cuda_torch_backend():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("executor", EXECUTORS)
 @pytest.mark.parametrize("act,loss,opt,clip", CONFIGS)
-def test_cuda_torch_step_never_synchronises(act, loss, opt, clip):
+def test_cuda_torch_step_never_synchronises(act, loss, opt, clip, executor):
     torch, be = _cuda_torch_backend()
     rng = np.random.default_rng(0)
-    trainer = _trainer(be, act, loss, opt, clip)
+    trainer = _trainer(be, act, loss, opt, clip, executor)
+    if executor == "buffered":  # (the default on CUDA: no forcing needed)
+        assert type(trainer._inplace) is BufferedStep
     x, y = _batch(be, loss, rng)
     xb, T = trainer.prepare_batch(x, y)
     for _ in range(2):

@@ -6,8 +6,9 @@ executor of the one step gives the same training run.
   in-place kernels, on hypothesis-drawn shapes and values (zeros, ties, signed zeros,
   infinities and NaN included in Z; D finite), in float64: bit for bit.
 * Executor equivalence: activation × loss × optimizer (schedules, clipping, weight decay) ×
-  executor (NumPy and PyTorch in place, PyTorch generic, JAX compiled), 20 steps in float64,
-  against the NumPy generic step, to 1e-12. The activations include one of the user's own
+  executor (NumPy and PyTorch in place and buffered, PyTorch generic, JAX compiled), 20
+  steps in float64, against the NumPy generic step, to 1e-12. (The buffered step is the one
+  CUDA PyTorch and CuPy run; here it runs on the CPU, where its logic is the same.) The activations include one of the user's own
   that reuses a built-in's name ("relu", a leaky variant) and an Optimizer of the user's own
   whose spec names "adam": an executor that dispatched on names would give them the
   built-in's kernel and the run would differ.
@@ -23,6 +24,8 @@ from bpcore import optim
 from bpcore._array import nested_leaves
 from bpcore.nn.activations import ACTIVATIONS, Activation
 from bpcore.optim.schedules import cosine_decay
+from bpcore.training.buffered import BufferedStep
+from bpcore.training.inplace import InplaceStep, unsupported_reason
 
 from .conftest import _backend_or_skip as backend_or_skip
 
@@ -108,7 +111,11 @@ OPTS = {
     "user_adam": (_user_adam, None),
 }
 LOSSES = ["softmax_cross_entropy", "mse", "binary_cross_entropy"]
-EXECUTORS = [("numpy", True), ("torch", True), ("torch", False), ("jax", False)]
+# "default": what the Trainer picks (the in-place step where the host reads values: NumPy,
+# CPU PyTorch; the buffered step on CUDA PyTorch and CuPy); "buffered": forced where the
+# in-place one would run.
+EXECUTORS = [("numpy", "default"), ("numpy", "buffered"), ("torch", "default"),
+             ("torch", "buffered"), ("torch", "generic"), ("jax", "generic"), ("cupy", "default")]
 SIZES = (7, 13, 11, 4)
 STEPS = 20
 
@@ -125,12 +132,14 @@ def _batches(loss: str):
     return X, y
 
 
-def _run(backend: str, inplace: bool, act: str, loss: str, opt: str):
+def _run(backend: str, mode: str, act: str, loss: str, opt: str):
     be = backend_or_skip(backend)  # (the suite runs JAX with x64 on: tests/conftest.py)
     make, clip = OPTS[opt]
     model = bpcore.MLP(SIZES, ACTS[act](), backend=be, dtype="float64", seed=4)
     trainer = bpcore.Trainer(model, loss, make(), clip_norm=clip,
-                             inplace=None if inplace else False)  # (None: where it may)
+                             inplace=None if mode != "generic" else False)  # (None: where it may)
+    if mode == "buffered" and trainer._inplace is not None:
+        trainer._inplace = BufferedStep(trainer)  # (the CUDA executor, on the CPU)
     X, y = _batches(loss)
     for k in range(STEPS):
         trainer.step(X[k], y[k])
@@ -141,22 +150,23 @@ def _run(backend: str, inplace: bool, act: str, loss: str, opt: str):
 
 
 # (JAX with one loss: each case compiles.)
-CASES = [(a, lo, o, ex) for a in sorted(ACTS) for lo in LOSSES for o in sorted(OPTS)
+CASES = [(ex[0], ex[1], a, lo, o) for a in sorted(ACTS) for lo in LOSSES for o in sorted(OPTS)
          for ex in EXECUTORS if ex[0] != "jax" or lo == "softmax_cross_entropy"]
 
 
-@pytest.mark.parametrize("act,loss,opt,executor", CASES, ids=[
-    f"{a}-{lo}-{o}-{ex[0]}-{'inplace' if ex[1] else 'generic'}" for a, lo, o, ex in CASES])
-def test_every_executor_runs_the_same_step(act, loss, opt, executor):
-    backend, inplace = executor
-    _, want = _run("numpy", False, act, loss, opt)
-    trainer, got = _run(backend, inplace, act, loss, opt)
-    if inplace:
-        # The fast path ran where it may, and only there: never for the user's own update.
-        uses_inplace = trainer._inplace is not None
-        assert uses_inplace == (opt != "user_adam")
-        if uses_inplace:
-            assert trainer._inplace.fallbacks == 0
+@pytest.mark.parametrize("backend,mode,act,loss,opt", CASES, ids=[
+    f"{a}-{lo}-{o}-{be}-{mode}" for be, mode, a, lo, o in CASES])
+def test_every_executor_runs_the_same_step(backend, mode, act, loss, opt):
+    _, want = _run("numpy", "generic", act, loss, opt)
+    trainer, got = _run(backend, mode, act, loss, opt)
+    if mode != "generic":
+        # The buffered paths ran where they may, and only there: never for the user's own
+        # update (which need not be elementwise).
+        assert (trainer._inplace is not None) == (opt != "user_adam")
+        if trainer._inplace is not None:
+            host = trainer.model.backend.inplace_ops.host_reads and mode == "default"
+            assert type(trainer._inplace) is (InplaceStep if host else BufferedStep)
+            assert getattr(trainer._inplace, "fallbacks", 0) == 0
     assert int(trainer.state.step) == STEPS
     for i, (a, b) in enumerate(zip(got, want)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13,
@@ -165,18 +175,28 @@ def test_every_executor_runs_the_same_step(act, loss, opt, executor):
 
 def test_the_user_relu_differs_from_the_builtin():
     """(So the equivalence above would notice a built-in kernel run for the user's relu.)"""
-    a = _run("numpy", False, "user_relu", "mse", "adam_l2")[1]
-    b = _run("numpy", False, "relu", "mse", "adam_l2")[1]
+    a = _run("numpy", "generic", "user_relu", "mse", "adam_l2")[1]
+    b = _run("numpy", "generic", "relu", "mse", "adam_l2")[1]
     assert max(np.max(np.abs(x - y)) for x, y in zip(a, b)) > 1e-6
 
 
 def test_a_named_optimizers_unknown_setting_is_never_ignored():
     """A named optimizer with a setting the in-place update does not implement runs the
-    generic step (the spec is the description the fast path reads)."""
+    buffered step, which runs the optimizer's own update (the spec is only the description
+    the in-place kernels read): a new option of bpcore.optim is never silently dropped."""
     opt = optim.adam(1e-2)
     opt = opt._replace(spec=dict(opt.spec, amsgrad=True))
     model = bpcore.MLP(SIZES, backend="numpy", dtype="float64", seed=0)
-    with pytest.raises(bpcore.errors.ConfigError, match="amsgrad"):
-        bpcore.Trainer(model, "mse", opt, inplace=True)
-    # (the user's own Optimizer: an update not built by name is never the fast path's)
+    trainer = bpcore.Trainer(model, "mse", opt, inplace=True)
+    assert type(trainer._inplace) is BufferedStep
+    assert "amsgrad" in unsupported_reason(trainer)
+    generic = bpcore.Trainer(bpcore.MLP(SIZES, backend="numpy", dtype="float64", seed=0),
+                             "mse", opt, inplace=False)
+    X, y = _batches("mse")
+    for k in range(5):
+        trainer.step(X[k], y[k])
+        generic.step(X[k], y[k])
+    for a, b in zip(nested_leaves(trainer.state[:2]), nested_leaves(generic.state[:2])):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
+    # (the user's own Optimizer: an update not built by name is never a buffered path's)
     assert bpcore.Trainer(model, "mse", _user_adam())._inplace is None

@@ -75,7 +75,8 @@ def train_step(state: TrainState, batch: tuple[Array, Array], *,
                optimizer: GradientTransformation, check_finite: bool = True,
                divergence_factor: float | None = DEFAULT_DIVERGENCE_FACTOR,
                reduce: Any = None, penalty: Any = None,
-               select: Any = where_select) -> tuple[TrainState, StepMetrics]:
+               select: Any = where_select, gradient: Any = None
+               ) -> tuple[TrainState, StepMetrics]:
     """One guarded step of gradient descent (any optimizer) on ``batch = (x, T)``.
 
     ``T`` is in the loss's canonical form (``Trainer.prepare_batch`` makes it). With
@@ -88,12 +89,18 @@ def train_step(state: TrainState, batch: tuple[Array, Array], *,
     the update and the guard see them. ``select(ok, if_ok, if_not)``: how the guard's
     decision picks the new or the old state (by default an elementwise ``where`` on the
     device; an executor on a backend whose values the host reads for free may read ``ok``
-    and return one branch).
+    and return one branch). ``gradient(params, x, T) -> (value, grads, correct, targets_ok)``:
+    how the loss, its gradient and the batch's counts are computed (by default the generic
+    forward and backward of :mod:`bpcore.nn.mlp`; the buffered executor,
+    :mod:`bpcore.training.buffered`, passes its pass on preallocated buffers).
     """
     x, T = batch
     params = state.params
-    value, grads, _, Y = loss_grad_output(params, activations, loss, x, T)
-    correct, targets_ok = loss.correct(Y, T), loss.targets_valid(T)
+    if gradient is None:
+        value, grads, _, Y = loss_grad_output(params, activations, loss, x, T)
+        correct, targets_ok = loss.correct(Y, T), loss.targets_valid(T)
+    else:
+        value, grads, correct, targets_ok = gradient(params, x, T)
     if reduce is not None:
         value, correct, targets_ok, grads = reduce(value, correct, targets_ok, grads)
     if penalty is not None:

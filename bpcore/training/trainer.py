@@ -56,10 +56,12 @@ class Trainer:
         How far the loss may grow over the first step's loss before training counts as
         diverged (default 1e4; ``None``: only non-finite values count).
     inplace : bool or None
-        Reuse the training state's memory from step to step. On numpy and torch on the CPU
-        (with one of bpcore's named optimizers) that is the in-place step
-        (:mod:`bpcore.training.inplace`: preallocated buffers, the same results as the generic step to
-        round-off); on JAX, with ``check_finite=False``, the compiled step donates the old
+        Reuse the training state's memory from step to step. On numpy, torch and cupy (with
+        one of bpcore's named optimizers) that is the buffered step
+        (:mod:`bpcore.training.buffered`: preallocated buffers, the guard decided on the
+        device; on numpy and CPU torch its in-place form, :mod:`bpcore.training.inplace`,
+        with fused updates and a host-side guard), the same results as the generic step to
+        round-off; on JAX, with ``check_finite=False``, the compiled step donates the old
         state's buffers to the new one (with the guard on, donation would cost copies).
         ``None`` (default): whenever possible; ``True``: required (a ConfigError says why
         not); ``False``: the generic, pure step, whose old states stay valid. In place, the
@@ -132,12 +134,10 @@ class Trainer:
         self._label_step_fn = model.backend.jit(self._pure_label_step, **jit_kw)
         self._inplace = None
         if inplace is not False:
-            from .inplace import InplaceStep, unsupported_reason
+            from .inplace import executor_for
 
-            why = unsupported_reason(self)
-            if why is None:
-                self._inplace = InplaceStep(self, self._step_fn)
-            elif inplace and not self._donates:
+            self._inplace, why = executor_for(self)
+            if self._inplace is None and inplace and not self._donates:
                 if model.backend.compiles:
                     why += ("; on a compiled backend (JAX) the step donates its buffers, which "
                             "needs check_finite=False")
