@@ -36,6 +36,8 @@ def main() -> int:
     p.add_argument("--at-epoch", type=int, default=2)
     p.add_argument("--resume", default=None, help="continue from this checkpoint (fit only)")
     p.add_argument("--nan-row", type=int, default=None, help="put NaN in this row of X")
+    p.add_argument("--unseeded", action="store_true",
+                   help="an MLP without a seed: each rank draws its own initial weights")
     a = p.parse_args()
     if a.backend == "jax":
         import jax
@@ -65,7 +67,8 @@ def main() -> int:
                                             data_parallel=data_parallel)
             model = trainer.model
         else:
-            model = bpcore.MLP([6, 16, 3], "tanh", backend=a.backend, dtype=a.dtype, seed=1)
+            model = bpcore.MLP([6, 16, 3], "tanh", backend=a.backend, dtype=a.dtype,
+                               seed=None if a.unseeded else 1)
             opt = (bpcore.optim.adam(1e-2) if a.optimizer == "adam" else
                    bpcore.optim.momentum(0.05, 0.9))
             trainer = bpcore.Trainer(model, "softmax_cross_entropy", opt,

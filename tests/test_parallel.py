@@ -161,6 +161,19 @@ def test_mpi_two_ranks_train_as_one_process(tmp_path, args):
 
 
 @needs_mpi
+def test_unseeded_ranks_start_from_rank_0s_weights(tmp_path):
+    """Each rank draws different initial weights; the Trainer starts every rank from rank
+    0's, so the ranks stay identical (and fit's per-epoch check never fires)."""
+    out = str(tmp_path / "dp")
+    r = _mpirun(2, ["--unseeded", "--out", out])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rank0, rank1 = _load(out + ".rank0.npz"), _load(out + ".rank1.npz")
+    for k in rank0:
+        if k != "parallel":
+            np.testing.assert_array_equal(rank0[k], rank1[k], err_msg=k)
+
+
+@needs_mpi
 def test_checkpoint_written_once_resumes_on_any_number_of_workers(tmp_path):
     ckpt = str(tmp_path / "run.safetensors")
     r = _mpirun(2, ["--epochs", "2", "--ckpt", ckpt, "--out", str(tmp_path / "a")])

@@ -216,6 +216,8 @@ class MPIReducer(Workers):
             out.append(be.asarray(host))
         return nested_unflatten(tree, out)
 
+    start = broadcast  # every rank starts from rank 0's parameters (an unseeded model too)
+
     def check_identical(self, params: Params) -> None:
         """Raise on every rank at once if the ranks' parameters differ in a single bit."""
         h = hashlib.blake2b(digest_size=16)
