@@ -205,6 +205,31 @@ class MPIReducer(Workers):
         new = nested_map(lambda g: g / total, layout.unflatten(summed[:P]))
         return summed[P] / total, summed[P + 1], summed[P + 3] == 0, new
 
+    def sum_tree(self, tree: Any) -> Any:  # type: ignore[override]
+        """Every leaf summed over the ranks: one ``Allreduce`` of one flat buffer (on the
+        host, or on the GPU itself where MPI is CUDA-aware)."""
+        be = self.backend
+        xp = be.xp
+        leaves = nested_leaves(tree)
+        flat = xp.concat([xp.reshape(a, (-1,)) for a in leaves])
+        if self.cuda_aware:
+            be.synchronize(flat)
+            self._sum(flat)
+            summed = flat
+        else:
+            host = np.array(be.to_numpy(flat), copy=True)
+            self._sum(host)
+            summed = be.asarray(host)
+        out, at = [], 0
+        for a in leaves:
+            n = int(np.prod(a.shape))
+            out.append(xp.reshape(summed[at:at + n], tuple(a.shape)))
+            at += n
+        return nested_unflatten(tree, out)
+
+    def agree(self, value: Any) -> Any:  # type: ignore[override]
+        return self.comm.bcast(value, root=0)
+
     # -- start identical, stay identical ------------------------------------------------------------
     def broadcast(self, tree: Any) -> Any:
         """Rank 0's values of every leaf, on every rank."""

@@ -85,6 +85,14 @@ class JaxSharding(Workers):
             return a
         return self.jax.lax.with_sharding_constraint(a, self.rows)
 
+    def agree(self, value: Any) -> Any:
+        """Process 0's ``value`` in every process (one collective across processes)."""
+        if not self.multi_process:
+            return value
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.broadcast_one_to_all(np.asarray(value)).item()
+
     # (check_identical: replicated arrays are one array to JAX, nothing can drift apart;
     # check_same: one controller per process sees its own arguments, JAX checks shapes.)
 

@@ -79,7 +79,16 @@ class Workers:
         """``trainer.step(x, y, local=True)``: ``(x, y)`` is this worker's own part."""
         return trainer._step_global(x, y)
 
+    def sum_tree(self, tree: Any) -> Any:
+        """Every leaf summed over the workers (each worker passes the sums over its own rows:
+        the estimators of :mod:`bpcore.sklearn`, whose losses are sums, reduce by this)."""
+        return tree
+
     # -- agreeing ---------------------------------------------------------------------------
+    def agree(self, value: Any) -> Any:
+        """Worker 0's ``value`` (a Python object, small), on every worker."""
+        return value
+
     def data_settings(self, to_numpy: Callable[[Any], Any], *arrays: Any) -> tuple:
         """What the workers must agree on about ``fit``'s prepared data (beyond shapes)."""
         return ()

@@ -4,6 +4,7 @@ device, the forward pass, ``fit`` and scikit-learn's public surface."""
 from __future__ import annotations
 
 import copy
+import numbers
 import warnings
 from typing import Any
 
@@ -22,6 +23,7 @@ from .._array import Params, nested_map
 from ..backends._base import Backend
 from ..errors import BackendUnavailableError, DTypeError
 from ..nn.mlp import forward
+from ..parallel.mpi import _fingerprint
 
 from ._engine import _Diverged, _bucket, _compiled, _host, _padded
 from ._rules import (_PREDICT_CHUNK, _STOCHASTIC, OptimizerState, _Hyper, _acts,
@@ -116,7 +118,8 @@ class _BaseMLP(_Solvers, BaseEstimator):
             n = xb.shape[0]
             if be.compiles:  # a few compiled shapes for any number of rows
                 xb = _padded(xb, _bucket(n))
-            out.append(be.to_numpy(fwd(params, be.asarray(xb)))[:n])
+            xb = be.place_like(be.asarray(xb), params[0][0])  # (replicated: data parallel)
+            out.append(be.to_numpy(fwd(params, xb))[:n])
         return np.concatenate(out) if out else np.empty((0, params[-1][1].shape[0]), dtype)
 
     def _forward_pass_fast(self, X: Any, check_input: bool = True,
@@ -166,22 +169,49 @@ class _BaseMLP(_Solvers, BaseEstimator):
         self._check_dtype(be, dtype)  # a clear error now (float64 on JAX without x64, say)
         self.n_outputs_ = y.shape[1]
         layer_units = [n_features] + hidden + [self.n_outputs_]
+        workers = self._workers(be, X, y, sample_weight)
         self._random_state = check_random_state(self.random_state)
+        if workers.size > 1 and not isinstance(self.random_state, numbers.Integral):
+            # every worker draws the same weights, batches and validation split: worker 0's
+            self._random_state = np.random.RandomState(
+                workers.agree(int(self._random_state.randint(np.iinfo(np.int32).max))))
         if first_pass:
             self._initialize(y, layer_units, X.dtype)
         else:
             self._check_weights(layer_units)
-        params = self._device_params(be, dtype)
+        params = workers.start(self._device_params(be, dtype))
         if self.solver in _STOCHASTIC:
             params = self._fit_stochastic(be, dtype, params, X, y, sample_weight,
-                                          incremental)
+                                          incremental, workers)
         else:
-            params = self._fit_lbfgs(be, dtype, params, X, y, sample_weight, layer_units)
+            params = self._fit_lbfgs(be, dtype, params, X, y, sample_weight, layer_units,
+                                     workers)
+        workers.check_identical(params)  # (MPI: the ranks still hold the same bits)
+        self.parallel_ = workers.describe()
         self._store_params(be, params)
         if not all(np.isfinite(w).all() for w in self.coefs_ + self.intercepts_):
             raise _Diverged("Solver produced non-finite parameter weights. The input data "
                             "may contain large values and need to be preprocessed.")
         return self
+
+    def _workers(self, be: Backend, X: Any, y: Any, sample_weight: Any) -> Any:
+        """The data-parallel engine for ``data_parallel`` (:mod:`bpcore.parallel`; the single
+        worker when there is nothing to split). Every MPI rank must pass the same data:
+        checked here, on every rank at once, before any step."""
+        from .. import parallel
+
+        workers = parallel.setup(be, self.data_parallel) or parallel.SINGLE
+        if workers.size > 1:
+            def digest(a):
+                if a is None:
+                    return None
+                if scipy.sparse.issparse(a):
+                    a = scipy.sparse.csr_matrix(a)
+                    return tuple(_fingerprint(np.asarray(p)) for p in (a.data, a.indices,
+                                                                        a.indptr))
+                return (tuple(np.shape(a)), _fingerprint(np.asarray(a)))
+            workers.check_same("fit", tuple(digest(a) for a in (X, y, sample_weight)))
+        return workers
 
     def _initialize(self, y, layer_units, dtype):
         self.n_iter_ = 0

@@ -18,35 +18,45 @@ from . import _rules
 from ._rules import _finish, _grad_sums
 
 
-def _make_step(acts, loss: Loss, solver: str, nesterov: bool, select_on_host: bool):
-    """One guarded stochastic step: ``(params, opt, bad, x, Y, sw, h) -> (params, opt, bad,
-    loss)``: bpcore's :func:`~bpcore.training.step.train_step` with scikit-learn's loss, L2
-    penalty and optimizer (:mod:`bpcore.sklearn._rules`), its scalars ``h`` passed at run
-    time. ``bad`` (0-d bool) turns true at the first step the guard refuses (a loss or
+def _make_step(acts, loss: Loss, solver: str, nesterov: bool, select_on_host: bool,
+               workers: Any = None):
+    """One guarded stochastic step: ``(params, opt, bad, x, Y, sw, h, S=None) -> (params,
+    opt, bad, loss)``: bpcore's :func:`~bpcore.training.step.train_step` with scikit-learn's
+    loss, L2 penalty and optimizer (:mod:`bpcore.sklearn._rules`), its scalars ``h`` passed
+    at run time. ``bad`` (0-d bool) turns true at the first step the guard refuses (a loss or
     update that is not finite); that step and every later one leave parameters and
     optimizer state as they were.
 
     ``select_on_host``: for backends whose values are read without waiting for a device
     (NumPy, PyTorch on the CPU), the guard's decision is read and the old or new arrays
-    returned; elsewhere (JAX, CUDA) an elementwise ``where`` decides on the device."""
+    returned; elsewhere (JAX, CUDA) an elementwise ``where`` decides on the device.
+    ``workers`` (:mod:`bpcore.parallel`, data-parallel training): over MPI each rank passes
+    its rows of the batch and ``S``, the global batch's Σ sw, and the step adds the ranks'
+    sums before the penalty and the update; under JAX sharding the gathered batch is split
+    across the devices inside the compiled step."""
     select = host_select if select_on_host else where_select
+    reduce = _rules.summed_over(workers) if workers is not None and \
+        workers.reduce is not None else None
+    constrain = workers.constrain if workers is not None else (lambda a: a)
 
-    def step(params, opt, bad, x, Y, sw, h):
+    def step(params, opt, bad, x, Y, sw, h, S=None):
         xp, dev = array_namespace(x), array_device(x)
         zero = xp.zeros((), dtype=xp.int32, device=dev)
         nan = xp.full((), float("nan"), dtype=x.dtype, device=dev)  # (no reference loss)
         state = TrainState(params, opt, zero, GuardState(xp.astype(bad, xp.int32), zero, nan),
                            zero)
         optimizer = _rules.sgd(h, nesterov) if solver == "sgd" else _rules.adam(h)
-        new, metrics = train_step(state, (x, (Y, sw)), activations=acts, loss=loss,
+        T = (Y, sw) if S is None else (Y, sw, S)
+        new, metrics = train_step(state, (x, T), activations=acts, loss=loss,
                                   optimizer=optimizer, divergence_factor=None,
-                                  penalty=_rules.l2_penalty(h.alpha), select=select)
+                                  penalty=_rules.l2_penalty(h.alpha), select=select,
+                                  reduce=reduce)
         return new.params, new.opt_state, new.guard.bad_step != 0, metrics.loss
 
-    def step_indexed(params, opt, bad, X, Y, SW, idx, h):
+    def step_indexed(params, opt, bad, X, Y, SW, idx, h, S=None):
         xp = array_namespace(X)
-        return step(params, opt, bad, xp.take(X, idx, axis=0), xp.take(Y, idx, axis=0),
-                    xp.take(SW, idx, axis=0), h)
+        return step(params, opt, bad, *(constrain(xp.take(a, idx, axis=0)) for a in (X, Y, SW)),
+                    h, S)
 
     return step, step_indexed
 
@@ -78,15 +88,17 @@ def _padded(a: np.ndarray, rows: int) -> np.ndarray:
     return out
 
 
-def _compiled(be: Backend, key: tuple, build):
+def _compiled(be: Backend, key: tuple, build, workers: Any = None):
     """Compiled functions shared by every estimator with the same structure (so a
-    ``partial_fit`` loop or a grid search compiles once per backend and shape)."""
-    full = (be.name, id(be)) + key
+    ``partial_fit`` loop or a grid search compiles once per backend and shape). ``workers``:
+    the data-parallel engine the functions were built for (its jit options apply)."""
+    full = (be.name, id(be), id(workers)) + key
     fn = _COMPILED.get(full)
     if fn is None:
         if len(_COMPILED) > 64:
             _COMPILED.clear()
-        fn = _COMPILED[full] = tuple(be.jit(f) for f in build())
+        kw = workers.jit_options() if workers is not None else {}
+        fn = _COMPILED[full] = tuple(be.jit(f, **kw) for f in build())
     return fn
 
 

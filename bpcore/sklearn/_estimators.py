@@ -29,17 +29,27 @@ _BACKEND_DOC = """
         The compute dtype. None: as scikit-learn, float32 for float32 ``X`` and float64
         otherwise; on JAX without ``jax_enable_x64``, float32 with a warning.
         ``"float64"`` on JAX needs ``jax_enable_x64``.
+    data_parallel : bool, default=False
+        Split every batch (every full-batch pass, for lbfgs) across workers
+        (:mod:`bpcore.parallel`): on the jax backend across every JAX device (the batch
+        sharded, XLA's all-reduce inside the compiled step); on numpy, torch and cupy across
+        the ranks of ``mpiexec -n N`` (each rank sums its rows, one ``Allreduce`` adds them).
+        Every rank calls ``fit`` with the same data and gets the same model: the one a
+        single process fits, to round-off. Without ``mpiexec`` or with one JAX device it
+        changes nothing. After ``fit``, ``parallel_`` says how it was split ("one worker",
+        "MPI, rank 0 of 2", "JAX sharding over 4 devices in 1 process(es)").
 """
 
 _EXTRA_CONSTRAINTS = {"backend": [str, Backend],
-                      "dtype": [StrOptions({"float32", "float64"}), None]}
+                      "dtype": [StrOptions({"float32", "float64"}), None],
+                      "data_parallel": ["boolean"]}
 
 
 class MLPClassifier(ClassifierMixin, _BaseMLP):
     """scikit-learn's ``MLPClassifier``, trained by bpcore on any backend.
 
     Every parameter of ``sklearn.neural_network.MLPClassifier`` with its meaning and
-    default, plus ``backend`` and ``dtype``.
+    default, plus ``backend``, ``dtype`` and ``data_parallel``.
     """ + _BACKEND_DOC
 
     _parameter_constraints: dict = {**_SkMLPClassifier._parameter_constraints,
@@ -51,7 +61,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                  random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
                  nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
                  beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, max_fun=15000,
-                 backend="numpy", dtype=None):
+                 backend="numpy", dtype=None, data_parallel=False):
         self._keep_arguments(locals())
 
     loss = "log_loss"  # fixed, as in scikit-learn (not a parameter of the classifier)
@@ -129,7 +139,8 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     """scikit-learn's ``MLPRegressor``, trained by bpcore on any backend.
 
     Every parameter of ``sklearn.neural_network.MLPRegressor`` (``loss``: "squared_error"
-    or "poisson") with its meaning and default, plus ``backend`` and ``dtype``.
+    or "poisson") with its meaning and default, plus ``backend``, ``dtype`` and
+    ``data_parallel``.
     """ + _BACKEND_DOC
 
     _parameter_constraints: dict = {**_SkMLPRegressor._parameter_constraints,
@@ -141,7 +152,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
                  random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
                  nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
                  beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, max_fun=15000,
-                 backend="numpy", dtype=None):
+                 backend="numpy", dtype=None, data_parallel=False):
         self._keep_arguments(locals())
 
     def _validate_input(self, X, y, incremental, reset):

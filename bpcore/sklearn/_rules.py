@@ -26,7 +26,8 @@ _BATCH_DENSE = 2048    # rows densified at a time for sparse X in full-batch (lb
 
 # ---- the output layer and loss, exactly as scikit-learn computes them ---------------------
 # Each takes the last layer's pre-activation Z (the network's output activation is identity)
-# and targets T = (Y, sw): Y (B, n_out) in the compute dtype, sw (B, 1) sample weights. It
+# and targets T = (Y, sw) or (Y, sw, S): Y (B, n_out) in the compute dtype, sw (B, 1) sample
+# weights, S (0-d) the global batch's Σ sw where this worker holds only part of it. It
 # returns the *weighted sum* of the per-sample losses (divided by Σ sw later, so full-batch
 # passes can be split into chunks) and D = ∂(that sum)/∂Z = sw ⊙ (act(Z) - Y): scikit-learn's
 # canonical-link delta, multiplied by the weights as scikit-learn multiplies it.
@@ -40,7 +41,7 @@ def _clip(P: Any, eps: float) -> Any:
 
 
 def _log_loss_softmax(Z, T):
-    Y, sw = T
+    Y, sw = T[0], T[1]
     xp = array_namespace(Z)
     P = get_activation("softmax").forward(Z)  # (bpcore's softmax: the same arithmetic)
     # scikit-learn's log_loss clips the probabilities to [eps, 1 - eps] (for the value only;
@@ -50,7 +51,7 @@ def _log_loss_softmax(Z, T):
 
 
 def _log_loss_logistic(Z, T):
-    Y, sw = T
+    Y, sw = T[0], T[1]
     xp = array_namespace(Z)
     P = get_activation("sigmoid").forward(Z)
     Pc = _clip(P, _eps(Z))
@@ -59,7 +60,7 @@ def _log_loss_logistic(Z, T):
 
 
 def _squared_error(Z, T):
-    Y, sw = T
+    Y, sw = T[0], T[1]
     xp = array_namespace(Z)
     R = Y - Z
     # scikit-learn reports 0.5 * mean over the outputs of the mean squared error, but its
@@ -70,7 +71,7 @@ def _squared_error(Z, T):
 
 
 def _poisson(Z, T):
-    Y, sw = T
+    Y, sw = T[0], T[1]
     xp = array_namespace(Z)
     E = xp.exp(Z)  # the "exp" output activation: the mean of the Poisson distribution
     # half Poisson deviance: xlogy(y, y / mu) - y + mu (0 where y = 0)
@@ -147,10 +148,22 @@ class _Hyper(NamedTuple):
 
 def l2_penalty(alpha: Any) -> Any:
     """:func:`_finish` as :func:`bpcore.training.step.train_step`'s ``penalty``, on targets
-    ``T = (Y, sw)`` (``S = Σ sw``)."""
+    ``T = (Y, sw)`` (``S = Σ sw``) or, in data-parallel training over MPI, ``(Y, sw, S)``
+    with ``S`` the global batch's (each rank holds only its rows)."""
     def penalty(value, grads, params, T):
-        return _finish(value, grads, params, array_namespace(T[1]).sum(T[1]), alpha)
+        S = T[2] if len(T) > 2 else array_namespace(T[1]).sum(T[1])
+        return _finish(value, grads, params, S, alpha)
     return penalty
+
+
+def summed_over(workers: Any) -> Any:
+    """:func:`bpcore.training.step.train_step`'s ``reduce`` for data-parallel training over
+    MPI: the loss and gradient *sums* of every rank's rows, added (scikit-learn's losses are
+    sums over the batch, divided by the global Σ sw in :func:`l2_penalty`)."""
+    def reduce(value, correct, targets_ok, grads):
+        value, grads = workers.sum_tree((value, grads))
+        return value, correct, targets_ok, grads
+    return reduce
 
 
 def sgd(h: _Hyper, nesterov: bool) -> GradientTransformation:

@@ -15,6 +15,7 @@ from sklearn.utils import gen_batches
 from sklearn.utils import shuffle as _sk_shuffle
 
 from .._array import Params, nested_map
+from ..parallel import SINGLE, split_rows
 
 from ._engine import _Diverged, _bucket, _compiled, _make_step, _make_value_and_grad, _padded
 from ._rules import _BATCH_DENSE, _LOSSES, OptimizerState, _acts
@@ -34,14 +35,16 @@ class _Solvers:
                               state=(zeros, [tuple(xp.zeros_like(a) for a in layer)
                                              for layer in params]))
 
-    def _fit_stochastic(self, be, dtype, params, X, y, sample_weight, incremental):
+    def _fit_stochastic(self, be, dtype, params, X, y, sample_weight, incremental,
+                        workers=SINGLE):
         # As scikit-learn: partial_fit goes on with the optimizer it has, even after
         # set_params(solver=...) (fit starts a new one).
         if not incremental or not hasattr(self, "_optimizer"):
             self._optimizer = self._new_optimizer(be, params)
         opt = self._optimizer
         # the optimizer state on this backend (it is host NumPy after unpickling)
-        opt["state"] = nested_map(lambda a: be.asarray(a, dtype=dtype), opt["state"])
+        opt["state"] = workers.place(nested_map(lambda a: be.asarray(a, dtype=dtype),
+                                                opt["state"]))
         if self.early_stopping and incremental:
             raise ValueError("partial_fit does not support early_stopping=True")
         early_stopping = self.early_stopping
@@ -81,21 +84,29 @@ class _Solvers:
         # On a compiling backend (JAX) every batch is padded to the full batch size with a
         # zero row of weight 0, and the data to a nearby bucket size: one compiled step serves
         # the last batch and every data size within ~12% (a grid search's folds, say).
+        # Data parallel over MPI (workers.reduce set): each rank steps on its rows of every
+        # batch; a rank without rows takes the zero row of weight 0 (index n_samples).
         sparse = scipy.sparse.issparse(X_train)
         pad = be.compiles
-        rows = _bucket(n_samples + 1) if pad else n_samples
-        Yd = be.asarray(_padded(self._targets(y_train, dtype), rows))
-        SWd = be.asarray(_padded(np.ones((n_samples, 1), dtype) if sw_train is None else
-                                 np.asarray(sw_train, dtype=dtype).reshape(-1, 1), rows))
-        Xd = None if sparse else be.asarray(_padded(np.asarray(X_train, dtype=dtype), rows))
+        split = workers.reduce is not None
+        rows = _bucket(n_samples + 1) if pad else n_samples + 1 if split else n_samples
+        sw_host = (np.ones((n_samples, 1), dtype) if sw_train is None else
+                   np.asarray(sw_train, dtype=dtype).reshape(-1, 1))
+        place = workers.place
+        Yd = place(be.asarray(_padded(self._targets(y_train, dtype), rows)))
+        SWd = place(be.asarray(_padded(sw_host, rows)))
+        Xd = None if sparse else place(be.asarray(_padded(np.asarray(X_train, dtype=dtype),
+                                                          rows)))
         step, step_indexed = _compiled(
             be, ("step", self.activation, len(params) + 1, self.out_activation_, opt["solver"],
                  bool(self.nesterovs_momentum)),
             lambda: _make_step(_acts(self.activation, len(params) + 1),
                                _LOSSES[self.out_activation_], opt["solver"],
                                bool(self.nesterovs_momentum),
-                               select_on_host=not (be.compiles or be.asynchronous)))
-        bad = be.asarray(np.zeros((), dtype=bool))
+                               select_on_host=not (be.compiles or be.asynchronous),
+                               workers=None if workers is SINGLE else workers),
+            workers=None if workers is SINGLE else workers)
+        bad = place(be.asarray(np.zeros((), dtype=bool)))
         index_dtype = np.int32 if n_samples < 2**31 else np.int64
         state = opt["state"]
         best = params
@@ -108,20 +119,26 @@ class _Solvers:
                 for batch_slice in gen_batches(n_samples, batch_size):
                     idx = sample_idx[batch_slice]
                     h = self._hyper(self._learning_rate_for_step(opt))
+                    S = None
+                    if split:  # this rank's rows, and the global batch's Σ sw
+                        S = be.asarray(np.asarray(sw_host[idx].sum(), dtype=dtype))
+                        lo, hi = split_rows(len(idx), workers.size, workers.rank)
+                        idx = idx[lo:hi] if hi > lo else np.array([n_samples])
                     real = len(idx)
                     if pad and real < batch_size:  # n_samples: the zero row of weight 0
                         idx = np.concatenate([idx, np.full(batch_size - real, n_samples)])
                     if sparse:
-                        xb = np.asarray(X_train[idx[:real]].toarray(), dtype=dtype)
-                        xb = be.asarray(_padded(xb, len(idx)))
-                        ib = be.asarray(idx.astype(index_dtype))
+                        kept = idx[idx < n_samples]  # (the zero row is padding)
+                        xb = np.asarray(X_train[kept].toarray(), dtype=dtype)
+                        xb = place(be.asarray(_padded(xb, len(idx))))
+                        ib = place(be.asarray(idx.astype(index_dtype)))
                         params, state, bad, v = step(
                             params, state, bad, xb, be.xp.take(Yd, ib, axis=0),
-                            be.xp.take(SWd, ib, axis=0), h)
+                            be.xp.take(SWd, ib, axis=0), h, S)
                     else:
                         params, state, bad, v = step_indexed(
                             params, state, bad, Xd, Yd, SWd,
-                            be.asarray(idx.astype(index_dtype)), h)
+                            place(be.asarray(idx.astype(index_dtype))), h, S)
                     values.append(v)
                     sizes.append(batch_slice.stop - batch_slice.start)
                 # one host read per epoch: the batch losses and the guard
@@ -232,9 +249,11 @@ class _Solvers:
             return params  # the step is functional: these arrays are never written again
         return best
 
-    def _lbfgs_objective(self, be, dtype, X, y, sample_weight, layer_units):
+    def _lbfgs_objective(self, be, dtype, X, y, sample_weight, layer_units, workers=SINGLE):
         """scikit-learn's L-BFGS objective on its packed vector (coefficients, then
-        intercepts): ``(loss_grad(theta) -> (loss, flat gradient), unpack(theta) -> params)``."""
+        intercepts): ``(loss_grad(theta) -> (loss, flat gradient), unpack(theta) -> params)``.
+        Data parallel: over MPI each rank sums its rows and the ranks' sums are added; under
+        JAX sharding the rows are split across the devices."""
         n_params = len(layer_units)
         sums, finish = _compiled(
             be, ("lbfgs", self.activation, n_params, self.out_activation_),
@@ -245,14 +264,22 @@ class _Solvers:
             np.asarray(sample_weight, dtype=dtype).reshape(-1, 1)
         S = float(sw.sum()) if sample_weight is not None else n
         Yh = self._targets(y, dtype)
+        split = workers.reduce is not None
+        if split:  # this rank's rows (none: one zero row of weight 0)
+            lo, hi = split_rows(n, workers.size, workers.rank)
+            X, Yh, sw = ((X[lo:hi], Yh[lo:hi], sw[lo:hi]) if hi > lo else
+                         (X[:1] * 0, Yh[:1] * 0, sw[:1] * 0))
+            n = X.shape[0]
         # the data on the device once (sparse X: densified chunk by chunk at each evaluation)
         if scipy.sparse.issparse(X):
             chunks = [(X[i:i + _BATCH_DENSE], be.asarray(Yh[i:i + _BATCH_DENSE]),
                        be.asarray(sw[i:i + _BATCH_DENSE])) for i in range(0, n, _BATCH_DENSE)]
         else:  # padded rows have weight 0 (one compiled shape for nearby data sizes)
             rows = _bucket(n) if be.compiles else n
-            chunks = [(be.asarray(_padded(np.asarray(X, dtype=dtype), rows)),
-                       be.asarray(_padded(Yh, rows)), be.asarray(_padded(sw, rows)))]
+            if getattr(workers, "n_devices", 1) > 1:  # (JAX: rows the devices divide)
+                rows = -(-rows // workers.n_devices) * workers.n_devices
+            chunks = [tuple(workers.shard(be.asarray(_padded(a, rows))) for a in
+                            (np.asarray(X, dtype=dtype), Yh, sw))]
         shapes = [(a, b) for a, b in zip(layer_units[:-1], layer_units[1:])]
         sizes = [a * b for a, b in shapes] + [b for _, b in shapes]
         offsets = np.cumsum([0] + sizes)
@@ -268,7 +295,7 @@ class _Solvers:
             return out
 
         def loss_grad(theta):
-            p = unpack(theta)
+            p = workers.place(unpack(theta))
             value, grads = None, None
             for xc, yc, swc in chunks:
                 if scipy.sparse.issparse(xc):
@@ -277,6 +304,8 @@ class _Solvers:
                 value = v if value is None else value + v
                 grads = g if grads is None else [(a + c, b + d) for (a, b), (c, d)
                                                  in zip(grads, g)]
+            if split:
+                value, grads = workers.sum_tree((value, grads))
             value, grads = finish(value, grads, p, S, float(self.alpha))
             flat = np.hstack([be.to_numpy(gW).T.ravel() for gW, _ in grads] +
                              [be.to_numpy(gb).ravel() for _, gb in grads])
@@ -297,8 +326,10 @@ class _Solvers:
                                              sample_weight, layer_units)
         return loss_grad(np.asarray(packed, dtype=np.float64))
 
-    def _fit_lbfgs(self, be, dtype, params, X, y, sample_weight, layer_units):
-        loss_grad, unpack = self._lbfgs_objective(be, dtype, X, y, sample_weight, layer_units)
+    def _fit_lbfgs(self, be, dtype, params, X, y, sample_weight, layer_units,
+                   workers=SINGLE):
+        loss_grad, unpack = self._lbfgs_objective(be, dtype, X, y, sample_weight, layer_units,
+                                                  workers)
         theta0 = np.hstack([np.asarray(c).ravel() for c in self.coefs_] +
                            [np.asarray(b).ravel() for b in self.intercepts_])
         iprint = 1 if (self.verbose is True or self.verbose >= 1) else -1
