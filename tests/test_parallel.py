@@ -38,13 +38,14 @@ def _env(**extra: str) -> dict:
     return env
 
 
-def _python(args: list[str], env: dict | None = None, timeout: float = 300):
-    return subprocess.run([sys.executable, str(WORKER), *args], capture_output=True,
+def _python(args: list[str], env: dict | None = None, timeout: float = 300,
+            worker: Path = WORKER):
+    return subprocess.run([sys.executable, str(worker), *args], capture_output=True,
                           text=True, timeout=timeout, env=env or _env())
 
 
-def _mpirun(n: int, args: list[str], timeout: float = 300):
-    return subprocess.run([MPIEXEC, "-n", str(n), sys.executable, str(WORKER), *args],
+def _mpirun(n: int, args: list[str], timeout: float = 300, worker: Path = WORKER):
+    return subprocess.run([MPIEXEC, "-n", str(n), sys.executable, str(worker), *args],
                           capture_output=True, text=True, timeout=timeout, env=_env())
 
 
@@ -59,13 +60,16 @@ def _assert_close(ref: dict, got: dict, tol: float) -> None:
             np.testing.assert_allclose(got[k], v, rtol=0, atol=tol, err_msg=k)
 
 
-def _one_process_and_two_ranks(tmp_path, args: list[str]) -> tuple[dict, dict, dict]:
+def _one_process_and_two_ranks(tmp_path, args: list[str], worker: Path = WORKER
+                               ) -> tuple[dict, dict, dict]:
     """The worker's results: run plainly (the reference), then as ranks 0 and 1 of
     ``mpiexec -n 2``."""
+    if "torch" in args:
+        pytest.importorskip("torch")
     ref, dp = str(tmp_path / "ref"), str(tmp_path / "dp")
-    r = _python([*args, "--out", ref])
+    r = _python([*args, "--out", ref], worker=worker)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _mpirun(2, [*args, "--out", dp])
+    r = _mpirun(2, [*args, "--out", dp], worker=worker)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return (_load(ref + ".rank0.npz"), _load(dp + ".rank0.npz"), _load(dp + ".rank1.npz"))
 
@@ -150,12 +154,15 @@ CASES = [
 @needs_mpi
 @pytest.mark.parametrize("args", CASES, ids=lambda a: "-".join(x.strip("-") for x in a))
 def test_mpi_two_ranks_train_as_one_process(tmp_path, args):
-    if "torch" in args:
-        pytest.importorskip("torch")
     one, rank0, rank1 = _one_process_and_two_ranks(tmp_path, args)
     assert str(rank0["parallel"]) == "MPI, rank 0 of 2" and str(one["parallel"]) == ""
     _assert_close(one, rank0, TOL["float32" if "float32" in args else "float64"])
-    for k in rank0:  # the ranks stay bitwise identical
+    assert_ranks_identical(rank0, rank1)
+
+
+def assert_ranks_identical(rank0: dict, rank1: dict) -> None:
+    """Every result of the ranks bit for bit the same (but the rank's own description)."""
+    for k in rank0:
         if k != "parallel":
             np.testing.assert_array_equal(rank0[k], rank1[k], err_msg=k)
 
@@ -167,10 +174,7 @@ def test_unseeded_ranks_start_from_rank_0s_weights(tmp_path):
     out = str(tmp_path / "dp")
     r = _mpirun(2, ["--unseeded", "--out", out])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    rank0, rank1 = _load(out + ".rank0.npz"), _load(out + ".rank1.npz")
-    for k in rank0:
-        if k != "parallel":
-            np.testing.assert_array_equal(rank0[k], rank1[k], err_msg=k)
+    assert_ranks_identical(_load(out + ".rank0.npz"), _load(out + ".rank1.npz"))
 
 
 @needs_mpi

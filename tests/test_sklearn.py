@@ -115,6 +115,23 @@ def test_same_fit_as_sklearn(backend, solver, task):
     _assert_same_fit(sk, bp)
 
 
+@pytest.mark.parametrize("backend_name", ["numpy", "torch", "cupy"])
+def test_stochastic_solvers_run_the_buffered_executor(backend_name, monkeypatch):
+    """On a backend with in-place operations every batch is a step of bpcore's buffered
+    executor (the Trainer's), not a second engine; the 1e-10 tests above then hold it to
+    scikit-learn (early stopping included: its best weights are copied out of the buffers)."""
+    from bpcore.training.buffered import BufferedStep
+
+    be = _backend_or_skip(backend_name)
+    calls = []
+    real = BufferedStep.step
+    monkeypatch.setattr(BufferedStep, "step",
+                        lambda self, *a: calls.append(1) or real(self, *a))
+    est = MLPClassifier((8,), solver="sgd", batch_size=20, max_iter=2, random_state=0,
+                        backend=be.name).fit(X3[:100], y3[:100])
+    assert len(calls) == 2 * 5 and est.n_iter_ == 2
+
+
 def _skip_float64_unavailable(backend):
     if backend.float64_error():
         pytest.skip(backend.float64_error())

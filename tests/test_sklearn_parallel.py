@@ -13,24 +13,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from .test_parallel import (MPIEXEC, TOL, _assert_close, _env, _load, needs_mpi)
-
 import subprocess
 import sys
 from pathlib import Path
 
+from .test_parallel import (MPIEXEC, TOL, _assert_close, _env, _load, _mpirun,
+                            _one_process_and_two_ranks, _python, assert_ranks_identical,
+                            needs_mpi)
+
 pytest.importorskip("sklearn")
 WORKER = Path(__file__).with_name("dp_sklearn_worker.py")
-
-
-def _python(args, env=None):
-    return subprocess.run([sys.executable, str(WORKER), *args], capture_output=True,
-                          text=True, timeout=300, env=env or _env())
-
-
-def _mpirun(n, args):
-    return subprocess.run([MPIEXEC, "-n", str(n), sys.executable, str(WORKER), *args],
-                          capture_output=True, text=True, timeout=300, env=_env())
 
 
 CASES = [
@@ -46,22 +38,12 @@ CASES = [
 @needs_mpi
 @pytest.mark.parametrize("args", CASES, ids=lambda a: "-".join(x.strip("-") for x in a))
 def test_mpi_two_ranks_fit_as_one_process(tmp_path, args):
-    if "torch" in args:
-        pytest.importorskip("torch")
-    ref, dp = str(tmp_path / "ref"), str(tmp_path / "dp")
-    r = _python([*args, "--out", ref])
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = _mpirun(2, [*args, "--out", dp])
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    one, rank0, rank1 = _load(ref + ".rank0.npz"), _load(dp + ".rank0.npz"), \
-        _load(dp + ".rank1.npz")
+    one, rank0, rank1 = _one_process_and_two_ranks(tmp_path, args, WORKER)
     assert int(one["n_iter"]) == int(rank0["n_iter"])
     assert str(one["parallel"]) == "one worker"
     assert str(rank0["parallel"]) == "MPI, rank 0 of 2"
     _assert_close(one, rank0, TOL["float64"])
-    for k in rank0:  # the ranks stay bitwise identical
-        if k != "parallel":
-            np.testing.assert_array_equal(rank0[k], rank1[k], err_msg=k)
+    assert_ranks_identical(rank0, rank1)
 
 
 @needs_mpi
@@ -69,12 +51,9 @@ def test_mpi_unseeded_ranks_fit_one_model(tmp_path):
     """random_state=None: each rank would draw its own weights, batches and split; they take
     rank 0's seed instead, and end identical."""
     out = str(tmp_path / "dp")
-    r = _mpirun(2, ["--unseeded", "--early-stopping", "--out", out])
+    r = _mpirun(2, ["--unseeded", "--early-stopping", "--out", out], worker=WORKER)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    rank0, rank1 = _load(out + ".rank0.npz"), _load(out + ".rank1.npz")
-    for k in rank0:
-        if k != "parallel":
-            np.testing.assert_array_equal(rank0[k], rank1[k], err_msg=k)
+    assert_ranks_identical(_load(out + ".rank0.npz"), _load(out + ".rank1.npz"))
 
 
 @needs_mpi
@@ -105,7 +84,7 @@ def test_jax_sharded_over_4_devices_fits_as_one_device(tmp_path, args):
     out = str(tmp_path / "jax")
     r = _python(["--backend", "jax", "--jax-devices", *args, "--out", out],
                 env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                         JAX_PLATFORMS="cpu"))
+                         JAX_PLATFORMS="cpu"), worker=WORKER)
     assert r.returncode == 0, r.stderr[-3000:]
     ref, dp = _load(out + ".ref.npz"), _load(out + ".dp.npz")
     assert str(dp["parallel"]) == "JAX sharding over 4 devices in 1 process(es)"

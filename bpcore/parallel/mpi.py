@@ -155,6 +155,18 @@ class MPIReducer(Workers):
     def _sum(self, buf: Any) -> None:
         self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
 
+    def _sum_device(self, flat: Any) -> Any:
+        """The 1-d backend array ``flat`` summed over the ranks: on the GPU itself where MPI
+        is CUDA-aware, else through one host copy."""
+        be = self.backend
+        if self.cuda_aware:
+            be.synchronize(flat)
+            self._sum(flat)
+            return flat
+        host = np.array(be.to_numpy(flat), copy=True)
+        self._sum(host)
+        return be.asarray(host)
+
     def reduce_flat_(self, g: np.ndarray, value: float,  # type: ignore[override]
                      correct: float, targets_ok: bool) -> tuple[float, float, bool]:
         """The in-place step's flat gradient ``g`` (a host NumPy view), summed over ranks as
@@ -190,16 +202,9 @@ class MPIReducer(Workers):
                   xp.ones_like(value) * n, (1.0 - xp.astype(targets_ok, value.dtype)) * (1 if n
                                                                                        else 0)
                   + poison]
-        flat = xp.concat([layout.flatten(grads, n)] +
-                         [xp.reshape(xp.astype(e, value.dtype), (1,)) for e in extras])
-        if self.cuda_aware:
-            be.synchronize(flat)
-            self._sum(flat)
-            summed = flat
-        else:
-            host = np.array(be.to_numpy(flat), copy=True)
-            self._sum(host)
-            summed = be.asarray(host)
+        summed = self._sum_device(xp.concat(
+            [layout.flatten(grads, n)] +
+            [xp.reshape(xp.astype(e, value.dtype), (1,)) for e in extras]))
         P = layout.size
         total = summed[P + 2]
         new = nested_map(lambda g: g / total, layout.unflatten(summed[:P]))
@@ -208,18 +213,9 @@ class MPIReducer(Workers):
     def sum_tree(self, tree: Any) -> Any:  # type: ignore[override]
         """Every leaf summed over the ranks: one ``Allreduce`` of one flat buffer (on the
         host, or on the GPU itself where MPI is CUDA-aware)."""
-        be = self.backend
-        xp = be.xp
+        xp = self.backend.xp
         leaves = nested_leaves(tree)
-        flat = xp.concat([xp.reshape(a, (-1,)) for a in leaves])
-        if self.cuda_aware:
-            be.synchronize(flat)
-            self._sum(flat)
-            summed = flat
-        else:
-            host = np.array(be.to_numpy(flat), copy=True)
-            self._sum(host)
-            summed = be.asarray(host)
+        summed = self._sum_device(xp.concat([xp.reshape(a, (-1,)) for a in leaves]))
         out, at = [], 0
         for a in leaves:
             n = int(np.prod(a.shape))

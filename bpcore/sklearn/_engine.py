@@ -12,6 +12,7 @@ import scipy.sparse
 from .._array import array_device, array_namespace
 from ..backends._base import Backend, cpu_array_to_numpy, on_cpu
 from ..nn.losses import Loss
+from ..parallel import SINGLE
 from ..training.guard import GuardState, where_select
 from ..training.step import TrainState, host_select, train_step
 from . import _rules
@@ -57,6 +58,45 @@ def _make_step(acts, loss: Loss, solver: str, nesterov: bool, select_on_host: bo
         xp = array_namespace(X)
         return step(params, opt, bad, *(constrain(xp.take(a, idx, axis=0)) for a in (X, Y, SW)),
                     h, S)
+
+    return step, step_indexed
+
+
+def _make_buffered_step(be: Backend, dtype: str, params, opt_state, acts, loss: Loss,
+                        solver: str, nesterov: bool, workers: Any = None):
+    """:func:`_make_step`'s two functions, run by bpcore's buffered executor
+    (:class:`bpcore.training.buffered.BufferedStep`) on a backend with in-place operations
+    (NumPy, PyTorch, CuPy): the same ``train_step`` with the same parts, its forward and
+    backward on preallocated buffers (each activation's in-place kernel), the update on the
+    flat parameter vector, the guard's decision committed by selection. The parameters and
+    optimizer state it returns are views of its buffers, overwritten by the next step: one
+    executor per ``fit``, never shared."""
+    from types import SimpleNamespace
+
+    from ..training.buffered import BufferedStep
+
+    sizes = [int(params[0][0].shape[1])] + [int(W.shape[0]) for W, _ in params]
+    model = SimpleNamespace(backend=be, sizes=sizes, dtype=be.dtype(dtype),
+                            activations=tuple(acts), params=params)
+    split = workers is not None and workers.reduce is not None
+    exe = BufferedStep(SimpleNamespace(
+        model=model, loss=loss, optimizer=None, opt_template=opt_state, penalty=None,
+        check_finite=True, divergence_factor=None, _workers=workers or SINGLE,
+        reduce=_rules.summed_over(workers) if split else None))
+    xp = be.xp
+    zero = be.asarray(np.int32(0))
+    nan = be.asarray(np.asarray(np.nan, dtype=dtype))  # (no reference loss)
+
+    def step(params, opt, bad, x, Y, sw, h, S=None):
+        exe.optimizer = _rules.sgd(h, nesterov) if solver == "sgd" else _rules.adam(h)
+        exe.penalty = _rules.l2_penalty(h.alpha)
+        state = TrainState(params, opt, zero, GuardState(xp.astype(bad, xp.int32), zero, nan),
+                           zero)
+        new, metrics = exe.step(state, x, (Y, sw) if S is None else (Y, sw, S))
+        return new.params, new.opt_state, new.guard.bad_step != 0, metrics.loss
+
+    def step_indexed(params, opt, bad, X, Y, SW, idx, h, S=None):
+        return step(params, opt, bad, *(xp.take(a, idx, axis=0) for a in (X, Y, SW)), h, S)
 
     return step, step_indexed
 

@@ -17,7 +17,8 @@ from sklearn.utils import shuffle as _sk_shuffle
 from .._array import Params, nested_map
 from ..parallel import SINGLE, split_rows
 
-from ._engine import _Diverged, _bucket, _compiled, _make_step, _make_value_and_grad, _padded
+from ._engine import (_Diverged, _bucket, _compiled, _make_buffered_step, _make_step,
+                      _make_value_and_grad, _padded)
 from ._rules import _BATCH_DENSE, _LOSSES, OptimizerState, _acts
 
 
@@ -97,15 +98,24 @@ class _Solvers:
         SWd = place(be.asarray(_padded(sw_host, rows)))
         Xd = None if sparse else place(be.asarray(_padded(np.asarray(X_train, dtype=dtype),
                                                           rows)))
-        step, step_indexed = _compiled(
-            be, ("step", self.activation, len(params) + 1, self.out_activation_, opt["solver"],
-                 bool(self.nesterovs_momentum)),
-            lambda: _make_step(_acts(self.activation, len(params) + 1),
-                               _LOSSES[self.out_activation_], opt["solver"],
-                               bool(self.nesterovs_momentum),
-                               select_on_host=not (be.compiles or be.asynchronous),
-                               workers=None if workers is SINGLE else workers),
-            workers=None if workers is SINGLE else workers)
+        acts, loss = _acts(self.activation, len(params) + 1), _LOSSES[self.out_activation_]
+        dp = None if workers is SINGLE else workers
+        # The step: bpcore's buffered executor where the backend has in-place operations
+        # (its results are views of its buffers: copy what must outlive a step), else the
+        # pure step, compiled (JAX) and shared by every estimator of the same structure.
+        buffered = be.inplace_ops is not None
+        if buffered:
+            step, step_indexed = _make_buffered_step(
+                be, dtype, params, opt["state"], acts, loss, opt["solver"],
+                bool(self.nesterovs_momentum), dp)
+        else:
+            step, step_indexed = _compiled(
+                be, ("step", self.activation, len(params) + 1, self.out_activation_,
+                     opt["solver"], bool(self.nesterovs_momentum)),
+                lambda: _make_step(acts, loss, opt["solver"], bool(self.nesterovs_momentum),
+                                   select_on_host=not (be.compiles or be.asynchronous),
+                                   workers=dp),
+                workers=dp)
         bad = place(be.asarray(np.zeros((), dtype=bool)))
         index_dtype = np.int32 if n_samples < 2**31 else np.int64
         state = opt["state"]
@@ -168,6 +178,8 @@ class _Solvers:
                 if early_stopping:
                     best = self._early_stopping_update(be, dtype, params, best, X_val, y_val,
                                                        sw_val, diverged)
+                    if buffered and best is params:  # (views: the next step writes them)
+                        best = nested_map(lambda a: be.xp.asarray(a, copy=True), params)
                 else:
                     self._update_no_improvement_count_loss()
                 self._iteration_ends(opt)
@@ -246,7 +258,8 @@ class _Solvers:
             self._no_improvement_count = 0
         if score > self.best_validation_score_:
             self.best_validation_score_ = score
-            return params  # the step is functional: these arrays are never written again
+            return params  # (the pure step's arrays are never written again; the buffered
+            #             step's are copied by the caller)
         return best
 
     def _lbfgs_objective(self, be, dtype, X, y, sample_weight, layer_units, workers=SINGLE):

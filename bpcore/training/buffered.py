@@ -60,6 +60,22 @@ def buffered_unsupported_reason(trainer: Any) -> str | None:
     return None
 
 
+def _as_one_layer(template: Any, n_layers: int) -> Any:
+    """``template`` (an optimizer state) with each parameter-shaped part ``[(W1, b1), ...,
+    (WL, bL)]`` replaced by one layer ``[(W, b)]``: the structure of the same state over the
+    flat buffers seen as one layer (the leaves are placeholders)."""
+    if isinstance(template, list) and len(template) == n_layers and all(
+            isinstance(layer, tuple) and len(layer) == 2 and
+            not any(isinstance(a, (list, tuple)) for a in layer) for layer in template):
+        return [(None, None)]
+    if isinstance(template, (list, tuple)):
+        parts = [_as_one_layer(t, n_layers) for t in template]
+        if hasattr(template, "_fields"):
+            return type(template)(*parts)
+        return type(template)(parts)
+    return template
+
+
 class BufferedStep:
     """The buffered step for one Trainer; ``step(state, x, T) -> (state, metrics)``."""
 
@@ -68,10 +84,13 @@ class BufferedStep:
         self.ops = ops = model.backend.inplace_ops
         self.activations = model.activations
         self.loss = trainer.loss
-        self.optimizer = trainer.optimizer
+        self.optimizer = trainer.optimizer  # (a caller may set another before a step)
+        self.penalty = getattr(trainer, "penalty", None)  # train_step's penalty, or None
         self.check_finite = trainer.check_finite
         self.divergence_factor = trainer.divergence_factor
         self.workers = trainer._workers
+        # data parallel: how the workers' gradients become the global batch's (None: one)
+        self.reduce = getattr(trainer, "reduce", self.workers.reduce)
 
         self.layout = layout = FlatLayout(model.sizes)  # all W, then all b
         self.nW, self.n = layout.n_weights, layout.size
@@ -81,7 +100,9 @@ class BufferedStep:
         self.params = layout.views(self.p_flat)
         self.grads = layout.views(self.g_flat)
         # The optimizer state: sets of parameter-shaped moments, one flat buffer each.
-        template = self.optimizer.init(model.params)
+        template = getattr(trainer, "opt_template", None)
+        if template is None:
+            template = self.optimizer.init(model.params)
         shapes = [tuple(a.shape) for a in nested_leaves(model.params)]
         leaves = nested_leaves(template)
         n_sets = len(leaves) // len(shapes)
@@ -92,10 +113,10 @@ class BufferedStep:
         self.opt_leaves = [leaf for s in self.s_flat for layer in layout.views(s)
                            for leaf in layer]
         self.opt_state = nested_unflatten(template, self.opt_leaves)
-        # The same buffers as one layer: what the update runs on.
+        # The same buffers as one layer, [(all W, all b)]: what the update runs on.
         halves = lambda f: [(f[:self.nW], f[self.nW:])]  # noqa: E731
         self.flat_params, self.flat_grads = halves(self.p_flat), halves(self.g_flat)
-        self.flat_opt = nested_unflatten(self.optimizer.init(self.flat_params),
+        self.flat_opt = nested_unflatten(_as_one_layer(template, len(model.params)),
                                          [h for s in self.s_flat for h in halves(s)[0]])
         self._flat_leaves = nested_leaves((self.flat_params, self.flat_opt))
         self._labels_ok = model.backend.asarray(np.bool_(True))
@@ -242,23 +263,23 @@ class BufferedStep:
         value, correct = self._gradient(x, T, labels)
         # (labels were range-checked at the boundary)
         targets_ok = self._labels_ok if T is None else self.loss.targets_valid(T)
-        if self.workers.reduce is not None:  # data parallel: the global batch's gradient
-            value, correct, targets_ok, grads = self.workers.reduce(
+        if self.reduce is not None:  # data parallel: the global batch's gradient
+            value, correct, targets_ok, grads = self.reduce(
                 value, correct, targets_ok, self.grads)
             for d, s in zip(nested_leaves(self.grads), nested_leaves(grads)):
                 self.ops.copy_(d, s)
-        return self._apply(state, value, correct, targets_ok)
+        return self._apply(state, value, correct, targets_ok, T)
 
-    def _apply(self, state: TrainState, value: Any, correct: Any, targets_ok: Any
+    def _apply(self, state: TrainState, value: Any, correct: Any, targets_ok: Any, T: Any
                ) -> tuple[TrainState, StepMetrics]:
         """The rest of :func:`train_step` on the gradient in ``g_flat``: the optimizer, the
         guard, and the commit by selection."""
         new, metrics = train_step(
-            state._replace(params=self.flat_params, opt_state=self.flat_opt), (None, None),
+            state._replace(params=self.flat_params, opt_state=self.flat_opt), (None, T),
             activations=self.activations, loss=self.loss, optimizer=self.optimizer,
             check_finite=self.check_finite, divergence_factor=self.divergence_factor,
             gradient=lambda *_: (value, self.flat_grads, correct, targets_ok),
-            select=self._commit)
+            penalty=self.penalty, select=self._commit)
         if not self.check_finite:  # applied as computed: new arrays, into the buffers
             for d, s in zip(self._flat_leaves, nested_leaves((new.params, new.opt_state))):
                 self.ops.copy_(d, s)
