@@ -127,8 +127,10 @@ def test_stochastic_solvers_run_the_buffered_executor(backend_name, monkeypatch)
     real = BufferedStep.step
     monkeypatch.setattr(BufferedStep, "step",
                         lambda self, *a: calls.append(1) or real(self, *a))
-    est = MLPClassifier((8,), solver="sgd", batch_size=20, max_iter=2, random_state=0,
-                        backend=be.name).fit(X3[:100], y3[:100])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est = MLPClassifier((8,), solver="sgd", batch_size=20, max_iter=2, random_state=0,
+                            backend=be.name).fit(X3[:100], y3[:100])
     assert len(calls) == 2 * 5 and est.n_iter_ == 2
 
 
