@@ -13,6 +13,8 @@ them at the public API boundary.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -156,13 +158,23 @@ class Loss:
 
         Classes: finite and >= 0 (a label that was out of range on the device arrives as a
         row of NaN, see :func:`bpcore.nn.targets.prepare_target`). Binary: in [0, 1]. Values: finite.
+        Decided from the smallest and the largest target: two reductions, no temporary (a
+        NaN anywhere makes both NaN, and every comparison with NaN is false).
         """
         xp = array_namespace(T)
+        if math.prod(T.shape) == 0:  # (no targets: nothing invalid)
+            return xp.all(T == T)
+        return self.targets_in_range(xp.min(T), xp.max(T))
+
+    def targets_in_range(self, lo: Any, hi: Any) -> Any:
+        """The rule of :meth:`targets_valid`, on the smallest and the largest target: 0-d
+        arrays on the device, or Python floats where the host reads them for free (the
+        in-place step). NaN in either fails every comparison."""
         if self.targets == "classes":
-            return xp.all(xp.isfinite(T) & (T >= 0))
+            return (lo >= 0) & (hi < math.inf)
         if self.targets == "binary":
-            return xp.all((T >= 0) & (T <= 1))
-        return xp.all(xp.isfinite(T))
+            return (lo >= 0) & (hi <= 1)
+        return (lo > -math.inf) & (hi < math.inf)
 
     def correct_per_row(self, T: Array) -> int:
         """How many predictions :meth:`correct` counts per sample."""

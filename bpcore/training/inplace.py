@@ -154,8 +154,9 @@ class InplaceStep(BufferedStep):
             return self._fallback(state, x, T, labels)
         ops = self.ops
         value, correct = self._gradient(x, T, labels)
-        # (labels were range-checked at the boundary)
-        targets_ok = T is None or bool(self.loss.targets_valid(T))
+        # (labels were range-checked at the boundary; T: the loss's rule on host floats)
+        targets_ok = T is None or bool(self.loss.targets_in_range(float(T.min()),
+                                                                  float(T.max())))
         if self.reduce_flat_ is not None:  # data parallel: the global batch's gradient
             value, correct, targets_ok = self.reduce_flat_(
                 ops.host_view(self.g_flat), value, correct, targets_ok)
