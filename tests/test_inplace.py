@@ -336,3 +336,62 @@ def test_relu_kernel_keeps_nan_and_zeroes_minus_inf_as_the_generic_one(backend):
     be.inplace_ops.relu_(Z)
     want = be.to_numpy(bpcore.ACTIVATIONS["relu"].forward(be.asarray(values)))
     np.testing.assert_array_equal(be.to_numpy(Z), want)
+
+
+# ---- the device path on the CPU ------------------------------------------------------------
+def _numpy_as_a_device():
+    """The numpy backend with CuPy's in-place operations (``CupyOps`` on NumPy, which spells
+    its reductions the same way) and ``host_reads`` False: the Trainer then runs the buffered
+    step exactly as on a GPU (labels turned into one-hot rows on the device, no host read),
+    so the CuPy adapter's logic is tested where no GPU is."""
+    import dataclasses
+
+    be = backend_or_skip("numpy")
+    ops = bpcore.backends._ops.CupyOps(np)
+    assert not ops.host_reads
+    return dataclasses.replace(be, name="numpy-as-device", inplace_ops=ops)
+
+
+@pytest.mark.parametrize("opt", ["adam", "nesterov_wd", "sgd_cosine"])
+@pytest.mark.parametrize("act,loss", [("relu", "softmax_cross_entropy"),
+                                      ("tanh", "binary_cross_entropy")])
+def test_cupy_ops_run_the_buffered_step_as_on_a_gpu(opt, act, loss):
+    be = _numpy_as_a_device()
+    runs = []
+    for inplace in (None, False):
+        m = bpcore.MLP([6, 16, 12, 4], act, backend=be, dtype="float64", seed=3)
+        tr = bpcore.Trainer(m, loss, OPTIMIZERS[opt](), inplace=inplace)
+        assert (type(tr._inplace) is BufferedStep) == (inplace is None)
+        for i in range(8):
+            X, y = _data(9, m.sizes, loss, seed=i)
+            tr.step(X, y)
+        xb, T = tr.prepare_batch(*_data(16, m.sizes, loss, seed=99))
+        T[5, :] = math.nan  # (a label out of range on a device arrives as a row of NaN)
+        tr.step_prepared(xb, T)  # refused on the device: nothing changes but the guard
+        runs.append(tr)
+    _assert_same_state(*runs)
+    for tr in runs:
+        assert int(tr.state.guard.bad_step) == 9
+        with pytest.raises(ShapeError):
+            tr.check()
+
+
+def test_cupy_ops_run_the_estimators_as_on_a_gpu():
+    """bpcore.sklearn on the same stand-in: the buffered step with CuPy's operations fits
+    scikit-learn's model (adam, early stopping, sample weights)."""
+    sknn = pytest.importorskip("sklearn.neural_network")
+    from bpcore.sklearn import MLPClassifier
+
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((120, 5)), rng.integers(0, 3, 120)
+    sw = rng.uniform(0.5, 2.0, 120)
+    kw = dict(hidden_layer_sizes=(9,), max_iter=5, batch_size=16, random_state=0,
+              early_stopping=True, n_iter_no_change=100, learning_rate_init=0.02)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk = sknn.MLPClassifier(**kw).fit(X, y, sample_weight=sw)
+        bp = MLPClassifier(backend=_numpy_as_a_device(), **kw).fit(X, y, sample_weight=sw)
+    for a, b in zip(sk.coefs_ + sk.intercepts_, bp.coefs_ + bp.intercepts_):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-10)
