@@ -135,11 +135,16 @@ def test_jax_step_is_split_across_the_devices(tmp_path):
         "hlo = t._label_step_fn.lower(t.state, xb, lab).compile().as_text()\n"
         "print(len(xb.sharding.device_set), 'all-reduce' in hlo, "
         "t.state.params[0][0].sharding.is_fully_replicated)\n")
+    assert on_4_jax_devices(code) == ["4", "True", "True"]
+
+
+def on_4_jax_devices(code: str) -> list[str]:
+    """What ``code`` prints, run in a fresh Python on 4 simulated JAX CPU devices."""
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=300, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4",
                                              JAX_PLATFORMS="cpu"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.split() == ["4", "True", "True"]
+    return r.stdout.split()
 
 
 # ---- MPI: numpy and torch under mpiexec -n 2 -------------------------------------------------

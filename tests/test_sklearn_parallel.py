@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .test_parallel import (MPIEXEC, TOL, _assert_close, _env, _load, _mpirun,
                             _one_process_and_two_ranks, _python, assert_ranks_identical,
-                            needs_mpi)
+                            needs_mpi, on_4_jax_devices)
 
 pytest.importorskip("sklearn")
 WORKER = Path(__file__).with_name("dp_sklearn_worker.py")
@@ -116,11 +116,7 @@ def test_jax_step_is_split_across_the_devices():
         "              data_parallel=True).fit(X, y)\n"
         "hlo = seen['f'].lower(*seen['a']).compile().as_text()\n"
         "print('all-reduce' in hlo)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=300, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                                             JAX_PLATFORMS="cpu"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.split() == ["True"]
+    assert on_4_jax_devices(code) == ["True"]
 
 
 def test_data_parallel_is_a_parameter():
