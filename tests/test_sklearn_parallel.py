@@ -124,5 +124,10 @@ def test_data_parallel_is_a_parameter():
 
     est = MLPClassifier(data_parallel=True)
     assert est.get_params()["data_parallel"] is True
+    X, y = np.random.default_rng(0).standard_normal((20, 3)), np.arange(20) % 2
+    for flag in (np.True_, np.False_):  # (scikit-learn's "boolean" takes NumPy's too)
+        est = MLPClassifier((3,), max_iter=1, data_parallel=flag, random_state=0)
+        with pytest.warns(Warning):  # (ConvergenceWarning: one iteration)
+            assert est.fit(X, y).parallel_ == "one worker"
     with pytest.raises(ValueError, match="data_parallel"):
         MLPClassifier(data_parallel="yes").fit(np.zeros((4, 2)), [0, 1, 0, 1])

@@ -28,6 +28,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
+
 from ..errors import ConfigError
 from .mpi import MPIReducer
 from .sharding import JaxSharding
@@ -55,6 +57,8 @@ def setup(backend: Any, data_parallel: bool) -> Any:
     """The engine for ``Trainer(..., data_parallel=...)``: None (one worker: nothing to
     split; the Trainer then runs :data:`SINGLE`), a :class:`JaxSharding`, or an
     :class:`MPIReducer`."""
+    if isinstance(data_parallel, np.bool_):  # NumPy's bool (a config's, scikit-learn's)
+        data_parallel = bool(data_parallel)
     if data_parallel is False:
         return None
     if data_parallel is not True:
