@@ -395,3 +395,14 @@ def test_cupy_ops_run_the_estimators_as_on_a_gpu():
         bp = MLPClassifier(backend=_numpy_as_a_device(), **kw).fit(X, y, sample_weight=sw)
     for a, b in zip(sk.coefs_ + sk.intercepts_, bp.coefs_ + bp.intercepts_):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend,mode", EXECUTORS)
+def test_unguarded_steps_match_too(backend, mode):
+    """check_finite=False: every step applied as computed (the buffered step copies the new
+    state into its buffers instead of selecting it)."""
+    fast, ref = _pair(backend, mode, "adamw", check_finite=False)
+    for i in range(6):
+        X, y = _data(10, fast.model.sizes, "softmax_cross_entropy", seed=i)
+        fast.step(X, y), ref.step(X, y)
+    _assert_same_state(fast, ref)
