@@ -20,7 +20,11 @@ __all__ = ["MPIReducer"]
 
 def _fingerprint(a: Any) -> str:
     """A digest of prepared data (after conversion: a list, a pandas table and a torch tensor
-    of the same values give the same digest; data on a GPU is copied to the host once)."""
+    of the same values give the same digest; data on a GPU is copied to the host once). A
+    SciPy sparse matrix is digested by its CSR arrays."""
+    if hasattr(a, "tocsr"):
+        a = a.tocsr()
+        return "|".join(_fingerprint(p) for p in (a.data, a.indices, a.indptr))
     a = np.ascontiguousarray(a)
     return hashlib.blake2b(a.view(np.uint8).reshape(-1).data, digest_size=12).hexdigest()
 
@@ -143,8 +147,8 @@ class MPIReducer(Workers):
     def data_settings(self, to_numpy: Callable[[Any], Any], *arrays: Any) -> tuple:
         """Digests of the prepared data (and validation data), as trained on: every rank must
         hold the same (``None`` for an absent array)."""
-        return tuple(None if a is None else (tuple(a.shape), _fingerprint(to_numpy(a)))
-                     for a in arrays)
+        return tuple(None if a is None else (tuple(a.shape), _fingerprint(
+            a if hasattr(a, "tocsr") else to_numpy(a))) for a in arrays)
 
     # -- one Allreduce per step -------------------------------------------------------------------
     def _buffer(self, n: int, dtype: Any) -> np.ndarray:

@@ -23,7 +23,6 @@ from .._array import Params, nested_map
 from ..backends._base import Backend
 from ..errors import BackendUnavailableError, DTypeError
 from ..nn.mlp import forward
-from ..parallel.mpi import _fingerprint
 
 from ._engine import _Diverged, _bucket, _compiled, _host, _padded
 from ._rules import (_PREDICT_CHUNK, _STOCHASTIC, OptimizerState, _Hyper, _acts,
@@ -201,16 +200,7 @@ class _BaseMLP(_Solvers, BaseEstimator):
         from .. import parallel
 
         workers = parallel.setup(be, self.data_parallel) or parallel.SINGLE
-        if workers.size > 1:
-            def digest(a):
-                if a is None:
-                    return None
-                if scipy.sparse.issparse(a):
-                    a = scipy.sparse.csr_matrix(a)
-                    return tuple(_fingerprint(np.asarray(p)) for p in (a.data, a.indices,
-                                                                        a.indptr))
-                return (tuple(np.shape(a)), _fingerprint(np.asarray(a)))
-            workers.check_same("fit", tuple(digest(a) for a in (X, y, sample_weight)))
+        workers.check_same("fit", workers.data_settings(np.asarray, X, y, sample_weight))
         return workers
 
     def _initialize(self, y, layer_units, dtype):

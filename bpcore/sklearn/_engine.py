@@ -36,30 +36,40 @@ def _make_step(acts, loss: Loss, solver: str, nesterov: bool, select_on_host: bo
     sums before the penalty and the update; under JAX sharding the gathered batch is split
     across the devices inside the compiled step."""
     select = host_select if select_on_host else where_select
-    reduce = _rules.summed_over(workers) if workers is not None and \
-        workers.reduce is not None else None
-    constrain = workers.constrain if workers is not None else (lambda a: a)
+    reduce = _rules.summed_over(workers)
 
     def step(params, opt, bad, x, Y, sw, h, S=None):
         xp, dev = array_namespace(x), array_device(x)
         zero = xp.zeros((), dtype=xp.int32, device=dev)
         nan = xp.full((), float("nan"), dtype=x.dtype, device=dev)  # (no reference loss)
-        state = TrainState(params, opt, zero, GuardState(xp.astype(bad, xp.int32), zero, nan),
-                           zero)
-        optimizer = _rules.sgd(h, nesterov) if solver == "sgd" else _rules.adam(h)
-        T = (Y, sw) if S is None else (Y, sw, S)
-        new, metrics = train_step(state, (x, T), activations=acts, loss=loss,
-                                  optimizer=optimizer, divergence_factor=None,
-                                  penalty=_rules.l2_penalty(h.alpha), select=select,
+        optimizer, penalty, T = _rules.step_parts(solver, nesterov, h, Y, sw, S)
+        new, metrics = train_step(_state(params, opt, bad, zero, nan), (x, T),
+                                  activations=acts, loss=loss, optimizer=optimizer,
+                                  divergence_factor=None, penalty=penalty, select=select,
                                   reduce=reduce)
         return new.params, new.opt_state, new.guard.bad_step != 0, metrics.loss
+
+    return step, _indexed(step, workers)
+
+
+def _state(params, opt, bad, zero, nan) -> TrainState:
+    """The training state of one estimator step: ``bad`` (0-d bool) as the guard's refused
+    step, no reference loss (``divergence_factor=None``)."""
+    xp = array_namespace(zero)
+    return TrainState(params, opt, zero, GuardState(xp.astype(bad, xp.int32), zero, nan), zero)
+
+
+def _indexed(step, workers: Any = None):
+    """``step`` on rows ``idx`` of the data on the device (the gather inside the compiled
+    step on JAX, where sharding splits the gathered batch across the devices)."""
+    constrain = workers.constrain if workers is not None else (lambda a: a)
 
     def step_indexed(params, opt, bad, X, Y, SW, idx, h, S=None):
         xp = array_namespace(X)
         return step(params, opt, bad, *(constrain(xp.take(a, idx, axis=0)) for a in (X, Y, SW)),
                     h, S)
 
-    return step, step_indexed
+    return step_indexed
 
 
 def _make_buffered_step(be: Backend, dtype: str, params, opt_state, acts, loss: Loss,
@@ -78,27 +88,19 @@ def _make_buffered_step(be: Backend, dtype: str, params, opt_state, acts, loss: 
     sizes = [int(params[0][0].shape[1])] + [int(W.shape[0]) for W, _ in params]
     model = SimpleNamespace(backend=be, sizes=sizes, dtype=be.dtype(dtype),
                             activations=tuple(acts), params=params)
-    split = workers is not None and workers.reduce is not None
     exe = BufferedStep(SimpleNamespace(
         model=model, loss=loss, optimizer=None, opt_template=opt_state, penalty=None,
         check_finite=True, divergence_factor=None, _workers=workers or SINGLE,
-        reduce=_rules.summed_over(workers) if split else None))
-    xp = be.xp
-    zero = be.asarray(np.int32(0))
+        reduce=_rules.summed_over(workers)))
+    zero = be.asarray(np.asarray(0, dtype=np.int32))
     nan = be.asarray(np.asarray(np.nan, dtype=dtype))  # (no reference loss)
 
     def step(params, opt, bad, x, Y, sw, h, S=None):
-        exe.optimizer = _rules.sgd(h, nesterov) if solver == "sgd" else _rules.adam(h)
-        exe.penalty = _rules.l2_penalty(h.alpha)
-        state = TrainState(params, opt, zero, GuardState(xp.astype(bad, xp.int32), zero, nan),
-                           zero)
-        new, metrics = exe.step(state, x, (Y, sw) if S is None else (Y, sw, S))
+        exe.optimizer, exe.penalty, T = _rules.step_parts(solver, nesterov, h, Y, sw, S)
+        new, metrics = exe.step(_state(params, opt, bad, zero, nan), x, T)
         return new.params, new.opt_state, new.guard.bad_step != 0, metrics.loss
 
-    def step_indexed(params, opt, bad, X, Y, SW, idx, h, S=None):
-        return step(params, opt, bad, *(xp.take(a, idx, axis=0) for a in (X, Y, SW)), h, S)
-
-    return step, step_indexed
+    return step, _indexed(step)
 
 
 def _make_value_and_grad(acts, loss: Loss):

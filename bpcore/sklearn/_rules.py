@@ -158,12 +158,25 @@ def l2_penalty(alpha: Any) -> Any:
 
 def summed_over(workers: Any) -> Any:
     """:func:`bpcore.training.step.train_step`'s ``reduce`` for data-parallel training over
-    MPI: the loss and gradient *sums* of every rank's rows, added (scikit-learn's losses are
-    sums over the batch, divided by the global Σ sw in :func:`l2_penalty`)."""
+    MPI (None: nothing to reduce): the loss and gradient *sums* of every rank's rows, added
+    (scikit-learn's losses are sums over the batch, divided by the global Σ sw in
+    :func:`l2_penalty`)."""
+    if workers is None or workers.reduce is None:
+        return None
+
     def reduce(value, correct, targets_ok, grads):
         value, grads = workers.sum_tree((value, grads))
         return value, correct, targets_ok, grads
     return reduce
+
+
+def step_parts(solver: str, nesterov: bool, h: "_Hyper", Y: Any, sw: Any, S: Any = None
+               ) -> tuple[GradientTransformation, Any, tuple]:
+    """What one stochastic step of scikit-learn's gives :func:`bpcore.training.step.
+    train_step`, whichever executor runs it: the optimizer and the penalty for the scalars
+    ``h``, and the targets ``(Y, sw)`` (``(Y, sw, S)`` with the global batch's Σ sw)."""
+    optimizer = sgd(h, nesterov) if solver == "sgd" else adam(h)
+    return optimizer, l2_penalty(h.alpha), ((Y, sw) if S is None else (Y, sw, S))
 
 
 def sgd(h: _Hyper, nesterov: bool) -> GradientTransformation:
