@@ -112,19 +112,30 @@ class NumpyOps:
                 self.mul(va, -lr, t)
             self.add(p[a:b], t, p[a:b])
 
-    def adam_update_(self, p: Any, g: Any, m: Any, v: Any, t: float, lr: float, b1: float,
-                     b2: float, eps: float, decoupled: float, n_weights: int,
-                     tmp: tuple[Any, Any]) -> None:
-        """Adam step number ``t`` (1-based) with bias correction; AdamW's decoupled decay
-        ``decoupled`` on the first ``n_weights`` entries (the weights, not the biases).
+    def velocity_update_(self, p: Any, g: Any, v: Any, lr: float, mu: float,
+                         nesterov: bool, tmp: tuple[Any, Any]) -> None:
+        """The velocity form (scikit-learn's): ``v ← μ v - lr g``; ``θ ← θ + (μ v - lr g if
+        nesterov else v)``, with the new ``v``."""
+        for a, b, t1, t2 in self._chunks(0, p.shape[0], tmp):
+            va, ga = v[a:b], g[a:b]
+            self.mul(ga, lr, t2)
+            self.mul(va, mu, va)
+            self.sub(va, t2, va)
+            if nesterov:
+                self.mul(va, mu, t1)
+                self.sub(t1, t2, t1)
+                self.add(p[a:b], t1, p[a:b])
+            else:
+                self.add(p[a:b], va, p[a:b])
 
-        In Adam's "efficient form" (Kingma & Ba, sec. 2): lr (m/c1) / (sqrt(v/c2) + eps) =
-        alpha m / (sqrt(v) + eps'), alpha = lr sqrt(c2) / c1, eps' = eps sqrt(c2): the same
-        update to round-off, in two fewer passes.
-        """
-        c1 = 1.0 - b1 ** t
-        c2 = 1.0 - b2 ** t
-        alpha, eps_hat = lr * c2 ** 0.5 / c1, eps * c2 ** 0.5
+    def adam_update_(self, p: Any, g: Any, m: Any, v: Any, alpha: float, eps: float,
+                     b1: float, b2: float, decay: float, n_weights: int,
+                     tmp: tuple[Any, Any]) -> None:
+        """``m ← b1 m + (1 - b1) g``, ``v ← b2 v + (1 - b2) g²``, ``θ ← θ - alpha m /
+        (sqrt(v) + eps)``, and ``θ_W -= decay·θ_W`` on the first ``n_weights`` entries (the
+        weights, not the biases: AdamW's decoupled decay, ``lr·wd``). Bias corrections are
+        the caller's, folded into ``alpha`` and ``eps`` (:class:`bpcore.optim.inplace.
+        AdamUpdate`), or already in ``alpha`` (scikit-learn's Adam)."""
         for lo, hi in ((0, n_weights), (n_weights, p.shape[0])):
             for a, b, t1, t2 in self._chunks(lo, hi, tmp):
                 ma, va, ga, pa = m[a:b], v[a:b], g[a:b], p[a:b]
@@ -135,12 +146,12 @@ class NumpyOps:
                 self.mul(t1, 1.0 - b2, t1)
                 self.mul(va, b2, va)
                 self.add(va, t1, va)
-                self.sqrt(va, t1)                             # u = -alpha m / (sqrt(v) + eps')
-                self.add(t1, eps_hat, t1)
+                self.sqrt(va, t1)                             # u = -alpha m / (sqrt(v) + eps)
+                self.add(t1, eps, t1)
                 self.div(ma, t1, t2)
                 self.mul(t2, -alpha, t2)
-                if decoupled and lo == 0:                     # AdamW: u - lr wd W
-                    self.mul(pa, -lr * decoupled, t1)
+                if decay and lo == 0:                         # AdamW: u - lr wd W
+                    self.mul(pa, -decay, t1)
                     self.add(t2, t1, t2)
                 self.add(pa, t2, pa)
 
@@ -311,17 +322,30 @@ class TorchOps(NumpyOps):
                                dampening=0.0, nesterov=nesterov, maximize=False,
                                is_first_step=False)
 
-    def adam_update_(self, p, g, m, v, t, lr, b1, b2, eps, decoupled, n_weights, tmp):
+    def velocity_update_(self, p, g, v, lr, mu, nesterov, tmp):
+        v.mul_(mu).add_(g, alpha=-lr)
+        if nesterov:
+            p.add_(v, alpha=mu).add_(g, alpha=-lr)
+        else:
+            p.add_(v)
+
+    def adam_update_(self, p, g, m, v, alpha, eps, b1, b2, decay, n_weights, tmp):
+        # PyTorch's kernel corrects the bias itself, for a step count it is given: at step 1
+        # (c1 = 1 - b1, c2 = 1 - b2) it computes lr/c1 · m / (sqrt(v)/sqrt(c2) + eps_f),
+        # which is alpha m / (sqrt(v) + eps) for lr = alpha c1 / sqrt(c2), eps_f = eps /
+        # sqrt(c2); its AdamW decay multiplies θ by 1 - lr·wd, so wd = decay / lr.
         torch = self.torch
-        step = torch.full((), float(t), dtype=p.dtype, device=p.device)
-        kw = dict(lr=lr, beta1=b1, beta2=b2, eps=eps, amsgrad=False, maximize=False)
-        parts = [(slice(0, n_weights), decoupled), (slice(n_weights, p.shape[0]), 0.0)]
-        if not decoupled:  # one call for weights and biases alike
+        s2 = (1.0 - b2) ** 0.5
+        lr = alpha * (1.0 - b1) / s2
+        kw = dict(lr=lr, beta1=b1, beta2=b2, eps=eps / s2, amsgrad=False, maximize=False)
+        parts = [(slice(0, n_weights), decay / lr if lr else 0.0),
+                 (slice(n_weights, p.shape[0]), 0.0)]
+        if not decay:  # one call for weights and biases alike
             parts = [(slice(0, p.shape[0]), 0.0)]
         for sl, wd in parts:
             fused = torch._fused_adamw_ if wd else torch._fused_adam_
-            fused([p[sl]], [g[sl]], [m[sl]], [v[sl]], [], [step.clone()], weight_decay=wd,
-                  **kw)
+            step = torch.ones((), dtype=p.dtype, device=p.device)
+            fused([p[sl]], [g[sl]], [m[sl]], [v[sl]], [], [step], weight_decay=wd, **kw)
 
     def softmax_xent_labels(self, Z, labels, D):
         """Softmax cross-entropy on integer labels in PyTorch's own kernels (fewer calls

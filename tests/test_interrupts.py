@@ -175,6 +175,78 @@ def test_ctrl_c_during_fit_then_fit_again_equals_one_fit(backend):
         assert np.array_equal(a, b), f"leaf {i} differs from the uninterrupted fit"
 
 
+@pytest.mark.parametrize("solver", ["adam", "sgd"])
+def test_ctrl_c_during_an_estimators_fit_keeps_whole_steps(backend, solver, monkeypatch):
+    """scikit-learn's estimators catch a KeyboardInterrupt in ``fit`` and keep the model
+    they stopped at ("Training interrupted by user."). On the in-place executors that model
+    must be that of a whole number of steps: bit for bit the weights of an uninterrupted fit
+    after as many steps as the optimizer counted (Adam's ``t``; SGD: the weights of some step)."""
+    import warnings
+
+    from sklearn.datasets import make_classification
+
+    from bpcore.sklearn import MLPClassifier
+    from bpcore.training.buffered import BufferedStep
+
+    be = bpcore.backends.get(backend)
+    X, y = make_classification(240, 12, n_informative=6, n_classes=3, random_state=0)
+    kw = dict(hidden_layer_sizes=(48,), solver=solver, batch_size=24, max_iter=40, tol=0,
+              n_iter_no_change=10**6, momentum=0.9, random_state=0, backend=backend,
+              dtype="float64")
+    snaps = []  # the weights after 0, 1, 2, ... steps of the uninterrupted fit
+    real = BufferedStep.step
+
+    def recording(self, state, x, T):
+        if not snaps:
+            snaps.append(_weights(be, state.params))
+        out = real(self, state, x, T)
+        snaps.append(_weights(be, out[0].params))
+        return out
+
+    monkeypatch.setattr(BufferedStep, "step", recording)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t0 = time.perf_counter()
+        MLPClassifier(**kw).fit(X, y)
+        fit_s = time.perf_counter() - t0
+    monkeypatch.setattr(BufferedStep, "step", real)
+    assert len(snaps) == 40 * 10 + 1
+    sender = _Sender(max_delay=fit_s, seed=11)
+    landed = 0
+    try:
+        for _ in range(25):
+            clf = MLPClassifier(**kw)
+            try:
+                sender.arm()
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    clf.fit(X, y)
+                if not any("interrupted" in str(c.message) for c in caught):
+                    sender.wait_for_it()  # (the signal lands here when fit was faster)
+            except KeyboardInterrupt:
+                pass
+            if not hasattr(clf, "coefs_"):  # (it landed before the first step: no model)
+                continue
+            landed += 1
+            got = [np.asarray(a) for a in clf.coefs_ + clf.intercepts_]
+            if solver == "adam":
+                want = snaps[clf._optimizer.t]
+                assert all(np.array_equal(a, b) for a, b in zip(got, want)), (
+                    f"interrupted after {clf._optimizer.t} Adam steps: the weights are not "
+                    "those of as many whole steps")
+            else:
+                assert any(all(np.array_equal(a, b) for a, b in zip(got, want))
+                           for want in snaps), "the weights are not those of any whole step"
+    finally:
+        sender.close()
+    assert landed
+
+
+def _weights(be, params):
+    return ([np.array(be.to_numpy(W).T, copy=True) for W, _ in params] +
+            [np.array(be.to_numpy(b), copy=True) for _, b in params])
+
+
 def test_a_handler_of_the_users_own_is_called_after_the_step():
     """A SIGINT handler of the user's own runs once, after the commit; between steps every
     SIGINT reaches it at once; it is back in place when the last Trainer is gone."""

@@ -24,6 +24,7 @@ from .._array import (Array, Params, array_namespace, clip_above, clip_below, ne
                      nested_map)
 from .._registry import lookup
 from ..errors import ConfigError
+from .inplace import inplace_form
 from .schedules import (SCHEDULES, Schedule, check_rate, constant, cosine_decay,
                         schedule_from_spec, step_decay)
 
@@ -40,19 +41,23 @@ LearningRate = Union[float, Callable[[Any], Any]]
 
 class GradientTransformation(NamedTuple):
     """A pair of pure functions: ``init(params)`` and ``update(updates, state, params, *,
-    step)``."""
+    step)``; optionally ``inplace``, the same update in place on flat buffers
+    (:class:`bpcore.optim.inplace.InplaceUpdate`, which the in-place step runs)."""
 
     init: Callable[[Params], Any]
     update: Callable[..., tuple[Params, Any]]
+    inplace: Any = None
 
 
 class Optimizer(NamedTuple):
     """A :class:`GradientTransformation` built by name, with its ``spec`` (None when a part
-    of it, such as a custom learning-rate function, has no description)."""
+    of it, such as a custom learning-rate function, has no description) and its in-place
+    form ``inplace`` (:mod:`bpcore.optim.inplace`; None: the executors run ``update``)."""
 
     init: Callable[[Params], Any]
     update: Callable[..., tuple[Params, Any]]
     spec: dict | None
+    inplace: Any = None
 
 
 class EmptyState(NamedTuple):
@@ -192,20 +197,19 @@ def apply_updates(params: Params, updates: Params) -> Params:
 
 # ---- the optimizers users pick by name ------------------------------------------------------
 def _named(name: str, parts: list[GradientTransformation], **settings: Any) -> Optimizer:
-    lr = settings["lr"]
-    if isinstance(lr, Schedule):
-        settings["lr"] = lr.spec
-    elif callable(lr):  # a function of the user's own: it cannot be described
-        settings = None
+    lr, inplace, spec = settings["lr"], None, None
+    if isinstance(lr, Schedule) or not callable(lr):  # (not a function of the user's own,
+        inplace = inplace_form(name, settings)          # which cannot be described)
+        spec = {"name": name, **settings, "lr": lr.spec if isinstance(lr, Schedule) else lr}
     t = chain(*parts)
-    if settings is not None:
+    if spec is not None:
         _BUILT_BY_NAME.add(t.update)
-    return Optimizer(t.init, t.update, None if settings is None else {"name": name, **settings})
+    return Optimizer(t.init, t.update, spec, inplace)
 
 
-# The update functions of the optimizers built here by name. A fast path that implements a
-# named optimizer's arithmetic itself (bpcore.training.inplace) takes only these: an Optimizer of
-# your own whose spec says "adam" keeps its own update.
+# The update functions of the optimizers built here by name: elementwise, so the buffered
+# step (bpcore.training.buffered) may run them on the flat parameter vector. An Optimizer of
+# your own whose spec says "adam" keeps its own update, run by the generic step.
 _BUILT_BY_NAME: "weakref.WeakSet[Callable]" = weakref.WeakSet()
 
 

@@ -23,6 +23,7 @@ from .._array import Params, nested_map
 from ..backends._base import Backend
 from ..errors import BackendUnavailableError, DTypeError
 from ..nn.mlp import forward
+from ..training import interrupts
 
 from ._engine import _Diverged, _bucket, _compiled, _host, _padded
 from ._rules import (_PREDICT_CHUNK, _STOCHASTIC, OptimizerState, _Hyper, _acts,
@@ -180,8 +181,9 @@ class _BaseMLP(_Solvers, BaseEstimator):
             self._check_weights(layer_units)
         params = workers.start(self._device_params(be, dtype))
         if self.solver in _STOCHASTIC:
-            params = self._fit_stochastic(be, dtype, params, X, y, sample_weight,
-                                          incremental, workers)
+            with interrupts.scope():  # (its steps' commits then cost two counter updates)
+                params = self._fit_stochastic(be, dtype, params, X, y, sample_weight,
+                                              incremental, workers)
         else:
             params = self._fit_lbfgs(be, dtype, params, X, y, sample_weight, layer_units,
                                      workers)

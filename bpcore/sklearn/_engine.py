@@ -73,30 +73,40 @@ def _indexed(step, workers: Any = None):
 
 
 def _make_buffered_step(be: Backend, dtype: str, params, opt_state, acts, loss: Loss,
-                        solver: str, nesterov: bool, workers: Any = None):
-    """:func:`_make_step`'s two functions, run by bpcore's buffered executor
-    (:class:`bpcore.training.buffered.BufferedStep`) on a backend with in-place operations
-    (NumPy, PyTorch, CuPy): the same ``train_step`` with the same parts, its forward and
-    backward on preallocated buffers (each activation's in-place kernel), the update on the
-    flat parameter vector, the guard's decision committed by selection. The parameters and
-    optimizer state it returns are views of its buffers, overwritten by the next step: one
-    executor per ``fit``, never shared."""
+                        solver: str, nesterov: bool, h: _rules._Hyper, workers: Any = None):
+    """:func:`_make_step`'s two functions, run by bpcore's executors of the one step on a
+    backend with in-place operations (NumPy, PyTorch, CuPy): the same ``train_step`` with the
+    same parts, its forward and backward on preallocated buffers (each activation's in-place
+    kernel). Where the host reads values for free (NumPy, PyTorch on the CPU) and no
+    data-parallel sums are added, the in-place step (:class:`bpcore.training.inplace.
+    InplaceStep`) runs it: the penalty and the optimizer's in-place forms
+    (:mod:`bpcore.sklearn._rules`), the guard proved on the host before anything is written.
+    Elsewhere the buffered step (:class:`bpcore.training.buffered.BufferedStep`): the
+    update on the flat parameter vector, the guard's decision committed by selection. The
+    parameters and optimizer state it returns are views of its buffers, overwritten by the
+    next step: one executor per ``fit``, never shared. ``h``: scalars of a step (their
+    values do not matter: each step passes its own)."""
     from types import SimpleNamespace
 
     from ..training.buffered import BufferedStep
+    from ..training.inplace import InplaceStep
 
     sizes = [int(params[0][0].shape[1])] + [int(W.shape[0]) for W, _ in params]
-    model = SimpleNamespace(backend=be, sizes=sizes, dtype=be.dtype(dtype),
+    model = SimpleNamespace(backend=be, sizes=sizes, dtype=be.dtype(dtype), dtype_name=dtype,
                             activations=tuple(acts), params=params)
-    exe = BufferedStep(SimpleNamespace(
-        model=model, loss=loss, optimizer=None, opt_template=opt_state, penalty=None,
-        check_finite=True, divergence_factor=None, _workers=workers or SINGLE,
-        reduce=_rules.summed_over(workers)))
+    reduce = _rules.summed_over(workers)
+    optimizer, penalty, _ = _rules.step_parts(solver, nesterov, h, None, None)
+    parts = SimpleNamespace(
+        model=model, loss=loss, optimizer=optimizer, base_optimizer=optimizer,
+        opt_template=opt_state, penalty=penalty, check_finite=True, divergence_factor=None,
+        _workers=SINGLE if reduce is None else workers, reduce=reduce)
+    exe = (InplaceStep if be.inplace_ops.host_reads and reduce is None else BufferedStep)(parts)
     zero = be.asarray(np.asarray(0, dtype=np.int32))
     nan = be.asarray(np.asarray(np.nan, dtype=dtype))  # (no reference loss)
 
     def step(params, opt, bad, x, Y, sw, h, S=None):
         exe.optimizer, exe.penalty, T = _rules.step_parts(solver, nesterov, h, Y, sw, S)
+        exe.base_optimizer = exe.optimizer
         new, metrics = exe.step(_state(params, opt, bad, zero, nan), x, T)
         return new.params, new.opt_state, new.guard.bad_step != 0, metrics.loss
 

@@ -12,6 +12,7 @@ from .._array import Params, array_namespace, nested_map
 from ..nn.activations import get_activation
 from ..nn.losses import Loss
 from ..optim import GradientTransformation
+from ..optim.inplace import AdamUpdate, InplaceUpdate
 from ..nn.mlp import loss_grad_output
 from ..training.guard import tree_sq_norm
 
@@ -146,14 +147,31 @@ class _Hyper(NamedTuple):
     eps: float
 
 
-def l2_penalty(alpha: Any) -> Any:
+class l2_penalty:
     """:func:`_finish` as :func:`bpcore.training.step.train_step`'s ``penalty``, on targets
     ``T = (Y, sw)`` (``S = Σ sw``) or, in data-parallel training over MPI, ``(Y, sw, S)``
-    with ``S`` the global batch's (each rank holds only its rows)."""
-    def penalty(value, grads, params, T):
+    with ``S`` the global batch's (each rank holds only its rows). :meth:`inplace_` is the
+    same on the in-place step's flat buffers."""
+
+    def __init__(self, alpha: Any):
+        self.alpha = alpha
+
+    def __call__(self, value, grads, params, T):
         S = T[2] if len(T) > 2 else array_namespace(T[1]).sum(T[1])
-        return _finish(value, grads, params, S, alpha)
-    return penalty
+        return _finish(value, grads, params, S, self.alpha)
+
+    def inplace_(self, ops: Any, value: Any, g: Any, p: Any, n_weights: int, T: Any,
+                 tmp: Any) -> Any:
+        """:func:`_finish` on the flat gradient ``g`` and parameters ``p`` (weights first):
+        ``g_W += α W``, ``g /= S``; returns the penalised loss."""
+        alpha = self.alpha
+        S = T[2] if len(T) > 2 else ops.total(T[1])
+        W = p[:n_weights]
+        value = value / S + (0.5 * alpha) * ops.dot(W, W) / S
+        if alpha:
+            ops.axpy_(g[:n_weights], alpha, W, tmp)
+        ops.div(g, S, g)
+        return value
 
 
 def summed_over(workers: Any) -> Any:
@@ -183,13 +201,59 @@ def sgd(h: _Hyper, nesterov: bool) -> GradientTransformation:
     """scikit-learn's SGD with momentum as a transformation (state: the velocities)."""
     return GradientTransformation(
         lambda p: None, lambda g, state, params, step=None: _sgd_update(g, state, params, h,
-                                                                        nesterov))
+                                                                        nesterov),
+        _VelocitySGD(h, nesterov))
 
 
 def adam(h: _Hyper) -> GradientTransformation:
     """scikit-learn's Adam as a transformation (state: the moments ``(ms, vs)``)."""
     return GradientTransformation(
-        lambda p: None, lambda g, state, params, step=None: _adam_update(g, state, params, h))
+        lambda p: None, lambda g, state, params, step=None: _adam_update(g, state, params, h),
+        _SklearnAdam(h))
+
+
+class _VelocitySGD(InplaceUpdate):
+    """:func:`_sgd_update` in place (``ops.velocity_update_``), with its bound: ||v'|| <=
+    μ||v|| + lr||g||, and Nesterov's μv' - lr g adds μ||v'|| + lr||g||."""
+
+    n_moments = 1
+    scratch = True
+
+    def __init__(self, h: _Hyper, nesterov: bool):
+        self.h, self.nesterov = h, nesterov  # (h: traced arrays under jax.jit, never read)
+
+    def apply_(self, ops, p, g, moments, step, n_weights, g_norm, norms, limit, guarded, tmp):
+        lr, mu = float(self.h.lr), float(self.h.momentum)
+        v_norm = mu * norms.m + lr * g_norm
+        bound = mu * v_norm + lr * g_norm if self.nesterov else v_norm
+        if guarded and not (v_norm <= limit and bound <= limit):
+            return False
+        ops.velocity_update_(p, g, moments[0], lr, mu, self.nesterov, tmp)
+        norms.m, norms.p = v_norm, norms.p + bound
+        return True
+
+
+class _SklearnAdam(InplaceUpdate):
+    """:func:`_adam_update` in place (``ops.adam_update_`` with scikit-learn's corrected
+    rate and its eps on the raw moment), with its bound ||u|| <= lr ||m'|| / eps."""
+
+    n_moments = 2
+    scratch = True
+
+    def __init__(self, h: _Hyper):
+        self.h = h  # (traced arrays under jax.jit, never read there)
+
+    moments_ok = AdamUpdate.moments_ok
+
+    def apply_(self, ops, p, g, moments, step, n_weights, g_norm, norms, limit, guarded, tmp):
+        lr, b1, b2, eps = (float(x) for x in (self.h.lr, self.h.b1, self.h.b2, self.h.eps))
+        m_norm = b1 * norms.m + (1.0 - b1) * g_norm
+        bound = lr * m_norm / eps
+        if guarded and not bound <= limit:
+            return False
+        ops.adam_update_(p, g, moments[0], moments[1], lr, eps, b1, b2, 0.0, n_weights, tmp)
+        norms.m, norms.p = m_norm, norms.p + bound
+        return True
 
 
 def _sgd_update(grads, velocities, params, h: _Hyper, nesterov: bool):

@@ -16,6 +16,7 @@ from sklearn.utils import shuffle as _sk_shuffle
 
 from .._array import Params, nested_map
 from ..parallel import SINGLE, split_rows
+from ..training.interrupts import Commit
 
 from ._engine import (_Diverged, _bucket, _compiled, _make_buffered_step, _make_step,
                       _make_value_and_grad, _padded)
@@ -107,7 +108,7 @@ class _Solvers:
         if buffered:
             step, step_indexed = _make_buffered_step(
                 be, dtype, params, opt["state"], acts, loss, opt["solver"],
-                bool(self.nesterovs_momentum), dp)
+                bool(self.nesterovs_momentum), self._hyper(1.0), dp)
         else:
             step, step_indexed = _compiled(
                 be, ("step", self.activation, len(params) + 1, self.out_activation_,
@@ -127,30 +128,34 @@ class _Solvers:
                     sample_idx = _sk_shuffle(sample_idx, random_state=self._random_state)
                 values, sizes = [], []
                 for batch_slice in gen_batches(n_samples, batch_size):
-                    idx = sample_idx[batch_slice]
-                    h = self._hyper(self._learning_rate_for_step(opt))
-                    S = None
-                    if split:  # this rank's rows, and the global batch's Σ sw
-                        S = be.asarray(np.asarray(sw_host[idx].sum(), dtype=dtype))
-                        lo, hi = split_rows(len(idx), workers.size, workers.rank)
-                        idx = idx[lo:hi] if hi > lo else np.array([n_samples])
-                    real = len(idx)
-                    if pad and real < batch_size:  # n_samples: the zero row of weight 0
-                        idx = np.concatenate([idx, np.full(batch_size - real, n_samples)])
-                    if sparse:
-                        kept = idx[idx < n_samples]  # (the zero row is padding)
-                        xb = np.asarray(X_train[kept].toarray(), dtype=dtype)
-                        xb = place(be.asarray(_padded(xb, len(idx))))
-                        ib = place(be.asarray(idx.astype(index_dtype)))
-                        params, state, bad, v = step(
-                            params, state, bad, xb, be.xp.take(Yd, ib, axis=0),
-                            be.xp.take(SWd, ib, axis=0), h, S)
-                    else:
-                        params, state, bad, v = step_indexed(
-                            params, state, bad, Xd, Yd, SWd,
-                            place(be.asarray(idx.astype(index_dtype))), h, S)
-                    values.append(v)
-                    sizes.append(batch_slice.stop - batch_slice.start)
+                    # A Ctrl-C waits for the step's end (bpcore.training.interrupts): the
+                    # buffered executors write buffer after buffer, and scikit-learn keeps the
+                    # model it stopped at: that of whole steps (Adam's count included).
+                    with Commit():
+                        idx = sample_idx[batch_slice]
+                        h = self._hyper(self._learning_rate_for_step(opt))
+                        S = None
+                        if split:  # this rank's rows, and the global batch's Σ sw
+                            S = be.asarray(np.asarray(sw_host[idx].sum(), dtype=dtype))
+                            lo, hi = split_rows(len(idx), workers.size, workers.rank)
+                            idx = idx[lo:hi] if hi > lo else np.array([n_samples])
+                        real = len(idx)
+                        if pad and real < batch_size:  # n_samples: the zero row of weight 0
+                            idx = np.concatenate([idx, np.full(batch_size - real, n_samples)])
+                        if sparse:
+                            kept = idx[idx < n_samples]  # (the zero row is padding)
+                            xb = np.asarray(X_train[kept].toarray(), dtype=dtype)
+                            xb = place(be.asarray(_padded(xb, len(idx))))
+                            ib = place(be.asarray(idx.astype(index_dtype)))
+                            params, state, bad, v = step(
+                                params, state, bad, xb, be.xp.take(Yd, ib, axis=0),
+                                be.xp.take(SWd, ib, axis=0), h, S)
+                        else:
+                            params, state, bad, v = step_indexed(
+                                params, state, bad, Xd, Yd, SWd,
+                                place(be.asarray(idx.astype(index_dtype))), h, S)
+                        values.append(v)
+                        sizes.append(batch_slice.stop - batch_slice.start)
                 # one host read per epoch: the batch losses and the guard
                 host = be.to_numpy(be.xp.stack(values + [be.xp.astype(bad, values[0].dtype)]))
                 # Under early stopping scikit-learn trains on with NaN weights, scores them NaN

@@ -140,7 +140,11 @@ class BufferedStep:
 
     # -- the state --------------------------------------------------------------------------
     def _adopt(self, state: TrainState) -> TrainState:
-        """Copy a state produced elsewhere into the buffers."""
+        """Copy a state produced elsewhere into the buffers (nothing to copy when it holds
+        this step's own buffers: a caller that rebuilds the TrainState around them)."""
+        if self._holds_buffers(state):
+            self._out = state
+            return state
         dst = nested_leaves(self.params) + self.opt_leaves
         src = nested_leaves(state.params) + nested_leaves(state.opt_state)
         for d, s in zip(dst, src):
@@ -148,6 +152,9 @@ class BufferedStep:
                 self.ops.copy_(d, s)
         self._out = state._replace(params=self.params, opt_state=self.opt_state)
         return self._out
+
+    def _holds_buffers(self, state: TrainState) -> bool:
+        return state.params is self.params and state.opt_state is self.opt_state
 
     # -- buffers per batch size ---------------------------------------------------------------
     def _buffers(self, B: int, like: Any) -> list[tuple[Any, Any, Any]]:
