@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated (default: every available except array_api_strict)")
     p.add_argument("--cases", default=None, help="comma-separated subset of small,mnist,large,wide")
     p.add_argument("--no-sweep", action="store_true", help="skip the batch-size sweep")
+    p.add_argument("--smoke", action="store_true",
+                   help="every measurement in two short blocks: checks that the suite and "
+                        "its report run end to end (the figures are not for reading)")
     p.add_argument("--generic", action="store_true",
                    help="also time the generic step (Trainer(inplace=False)) beside the "
                         "buffered executors, on the backends that have them (numpy, torch, "
@@ -247,6 +250,7 @@ def _run_and_report(args, backends, profile, cases, dtypes, info) -> int:
 
     result = run_suite(backends, profile, gpu=args.gpu, cases=cases, sweep=not args.no_sweep,
                        max_seconds=args.max_seconds, dtypes=dtypes, generic=args.generic,
+                       smoke=args.smoke,
                        on_progress=lambda partial: write_json(partial, info, args.out))
     # A second Ctrl-C while the report is written would lose it: hold signals until done.
     old = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM,

@@ -20,6 +20,7 @@
 #      ones first; bpcore.sklearn's last, and scikit-learn's estimator checks (hundreds of
 #      small fits) after them, CuPy's first, so a limit that cuts them short costs no other
 #      test; no -x; a GPU test that would skip fails instead (BPCORE_REQUIRE_GPU=1).
+#      Narrowed by GPU_CHECK_TEST_K (a -k expression) and GPU_CHECK_TEST_PATHS (default tests).
 #   3. benchmark (GPU_CHECK_BENCH_LIMIT, default 150 s): `python -m benchmarks --gpu`, which
 #      takes no new measurement after GPU_CHECK_BENCH_BUDGET seconds (default: the limit
 #      less 25 s) and writes a partial report if stopped.
@@ -51,6 +52,7 @@ BENCH_BUDGET="${GPU_CHECK_BENCH_BUDGET:-$(( BENCH_LIMIT > 35 ? BENCH_LIMIT - 25 
 BENCH_ARGS="${GPU_CHECK_BENCH_ARGS:---gpu}"
 PRECISION="${GPU_CHECK_PRECISION:-highest}"
 TEST_K="${GPU_CHECK_TEST_K:-}"      # optional pytest -k expression (narrows the selection)
+TEST_PATHS="${GPU_CHECK_TEST_PATHS:-tests}"  # test files or folders, space-separated
 
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
@@ -164,7 +166,8 @@ fi
 kexpr=()
 [ -n "$TEST_K" ] && kexpr=(-k "$TEST_K")
 BPCORE_TESTS=gpu BPCORE_REQUIRE_GPU=$([ $DRY = 1 ] && echo 0 || echo 1) \
-  run_phase "$TEST_LIMIT" $PY -m pytest tests -p no:cacheprovider -ra --benchmark-disable \
+  # shellcheck disable=SC2086  # TEST_PATHS is a list of paths
+  run_phase "$TEST_LIMIT" $PY -m pytest $TEST_PATHS -p no:cacheprovider -ra --benchmark-disable \
   "${per_test[@]}" "${kexpr[@]}" --junitxml="$OUT/gpu_tests.xml"
 rc=$?
 counts=$($PY - "$OUT/gpu_tests.xml" <<'PY' 2>/dev/null

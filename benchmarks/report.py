@@ -117,8 +117,13 @@ def run_suite(backends: Iterable[str], profile: str = "quick", gpu: bool = False
               cases: Iterable[str] | None = None, sweep: bool = True, *,
               max_seconds: float | None = None,
               on_progress: Callable[[dict], None] | None = None,
-              dtypes: Iterable[str] | None = None, generic: bool = False) -> dict:
+              dtypes: Iterable[str] | None = None, generic: bool = False,
+              smoke: bool = False) -> dict:
     """Take every measurement of :func:`plan`, as many as time and the user allow.
+
+    ``smoke``: each measurement in two blocks of a few calls (:data:`SMOKE_TIMING`): the run
+    proves the suite and its report work end to end (the tests, the GPU check's dry run);
+    its figures are not for reading, and the report says so.
 
     Stops early, keeping what it measured, on ``KeyboardInterrupt`` (Ctrl-C, or SIGINT /
     SIGTERM from a time limit: ``status`` "interrupted") or once ``max_seconds`` have passed
@@ -127,7 +132,8 @@ def run_suite(backends: Iterable[str], profile: str = "quick", gpu: bool = False
     partial result after every measurement (the CLI saves it, so even a hard kill leaves data).
     """
     prof = PROFILES[profile]
-    timing = {"blocks": prof["blocks"], "block_s": prof["block_s"]}
+    timing = (SMOKE_TIMING if smoke else
+              {"blocks": prof["blocks"], "block_s": prof["block_s"]})
     tasks = plan(backends, profile, gpu, cases, sweep, dtypes, generic)
     rows: list[dict] = []
     skipped: dict[str, str] = {}
@@ -139,7 +145,7 @@ def run_suite(backends: Iterable[str], profile: str = "quick", gpu: bool = False
         return {"rows": add_ratios([dict(r) for r in rows]), "skipped": skipped,
                 "failed": failed, "missing": [t.key for t in tasks[done:]], "status": status,
                 "planned": len(tasks), "wall_s": time.perf_counter() - t_start,
-                "profile": profile, "gpu": gpu}
+                "profile": profile, "gpu": gpu, "smoke": smoke}
 
     try:
         for task in tasks:
@@ -150,7 +156,7 @@ def run_suite(backends: Iterable[str], profile: str = "quick", gpu: bool = False
                 _log(f"time budget of {max_seconds:.0f}s spent: {len(tasks) - done} of "
                      f"{len(tasks)} measurements not taken")
                 break
-            _measure_one(task, gpu, timing, rows, skipped, failed)
+            _measure_one(task, gpu, timing, rows, skipped, failed, floor_rounds=1 if smoke else 2)
             done += 1
             if on_progress is not None:
                 on_progress(result())
@@ -161,7 +167,7 @@ def run_suite(backends: Iterable[str], profile: str = "quick", gpu: bool = False
 
 
 def _measure_one(task: Task, gpu: bool, timing: dict, rows: list, skipped: dict,
-                 failed: dict) -> None:
+                 failed: dict, floor_rounds: int = 2) -> None:
     t0 = time.perf_counter()
     try:
         runner = task.build(gpu)
@@ -169,7 +175,8 @@ def _measure_one(task: Task, gpu: bool, timing: dict, rows: list, skipped: dict,
         if task.impl == "floor":
             from .impls import _backend
 
-            m = measure_floor(*runner, timing, flops=task.case.gemm_flops(),
+            m = measure_floor(*runner, timing, rounds=floor_rounds,
+                              flops=task.case.gemm_flops(),
                               compiles=_backend(task.backend, task.dtype).compiles)
         else:
             m = measure(runner, **timing)
@@ -192,6 +199,9 @@ def _measure_one(task: Task, gpu: bool, timing: dict, rows: list, skipped: dict,
     _log(f"  {case.name:<12} {task.dtype:<8} {task.impl:<8} {task.backend:<10} "
          f"{task.kind:<15} {m['time_s'] * 1e3:9.3f} ms   (built in {build_s:.1f}s, "
          f"{time.perf_counter() - t0:.1f}s in all)")
+
+# --smoke: two blocks of a few calls each, no settling time (figures not for reading).
+SMOKE_TIMING = {"blocks": 2, "block_s": 0.002, "warmup": 1, "warmup_s": 0.0}
 
 
 def measure_floor(parts: list, peak: Any, timing: dict, rounds: int = 2, *,
@@ -432,6 +442,9 @@ def write_report(result: dict, machine: dict, out: str) -> list[str]:
     with open(p, "w") as f:
         f.write(f"# bpcore benchmark ({result['profile']} profile"
                 f"{', GPU' if result['gpu'] else ''})\n\n")
+        if result.get("smoke"):
+            f.write("**Smoke run (`--smoke`): every measurement in two short blocks, to "
+                    "check that the suite runs. The figures are not for reading.**\n\n")
         status = status_section(result)
         if status:
             f.write(status + "\n\n")

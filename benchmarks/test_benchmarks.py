@@ -132,7 +132,7 @@ def test_report_end_to_end(tmp_path):
 
     from .__main__ import main
 
-    assert main(["--cases", "small", "--no-sweep", "--backends", "numpy",
+    assert main(["--cases", "small", "--no-sweep", "--backends", "numpy", "--smoke",
                  "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "results.json").read_text())
     rows = data["rows"]
@@ -143,7 +143,8 @@ def test_report_end_to_end(tmp_path):
     assert all("ratio_to_floor" in r for r in rows if r["impl"] == "bpcore")
     assert any("ratio_to_best_peer" in r for r in rows if r["impl"] == "bpcore")
     assert "blas" in data["machine"] and "cores" in data["machine"]
-    assert "| small | float32 | numpy | sgd |" in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "| small | float32 | numpy | sgd |" in md and "Smoke run" in md and data["smoke"]
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -68,12 +68,20 @@ def _gpu_rank(item) -> int | None:
     return None
 
 
-def pytest_collection_modifyitems(config, items):
+def _selection() -> str:
     selection = os.environ.get("BPCORE_TESTS", "")
-    if not selection:
-        return
-    if selection != "gpu":
+    if selection not in ("", "gpu"):
         raise pytest.UsageError(f"BPCORE_TESTS={selection!r}: the only selection is 'gpu'")
+    return selection
+
+
+def pytest_configure(config):
+    _selection()  # (a misspelt selection is refused before minutes of collection)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not _selection():
+        return
     ranked = [(_gpu_rank(it), i, it) for i, it in enumerate(items)]
     keep = sorted((r, i, it) for r, i, it in ranked if r is not None)
     dropped = [it for r, _, it in ranked if r is None]

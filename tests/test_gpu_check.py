@@ -2,8 +2,9 @@
 runner it drives. A GPU machine is rare and its time short; what can go wrong in the script
 (refusals, time limits, interrupts, partial reports, exit codes) is tested here instead.
 
-Each run is narrowed (one or two tests, one case, one backend) to keep CI short; what is
-checked is the script's behaviour, not the figures.
+Each run is narrowed (one or two tests of one file, one case, one backend, `--smoke` timing
+where nothing is interrupted) to keep CI short; what is checked is the script's behaviour,
+not the figures.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from benchmarks.report import plan, run_suite
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 NARROW = {"GPU_CHECK_TEST_K": "cross_backend_agreement and sgd",
-          "GPU_CHECK_BENCH_ARGS": "--cases small --no-sweep --backends numpy"}
+          "GPU_CHECK_TEST_PATHS": "tests/test_training.py",
+          "GPU_CHECK_BENCH_ARGS": "--cases small --no-sweep --backends numpy --smoke"}
 
 
 def _env(tmp_path, smi_answers=False, **extra):
@@ -98,6 +100,7 @@ def test_dry_run_passes_and_writes_every_report(tmp_path):
 
 def test_sigint_mid_benchmark_leaves_a_partial_report(tmp_path):
     env = _env(tmp_path, GPU_CHECK_TEST_K=NARROW["GPU_CHECK_TEST_K"],
+               GPU_CHECK_TEST_PATHS=NARROW["GPU_CHECK_TEST_PATHS"],
                GPU_CHECK_BENCH_ARGS="--cases small,mnist --backends numpy")
     proc = subprocess.Popen(["bash", str(SCRIPT), "--dry-run"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -136,14 +139,16 @@ def test_test_phase_stopped_at_its_limit_keeps_its_reports(tmp_path):
     # the selection holds a test that sleeps until it is stopped, so the limit is always hit
     # after collection, never before it.
     k = "sleeps_until_stopped or two_spirals"
+    paths = "tests/test_gpu_check.py tests/test_training.py"
     env = _env(tmp_path, BPCORE_TESTS="gpu", **{SLEEPER: "1"})
     t0 = time.monotonic()
-    subprocess.run([sys.executable, "-m", "pytest", "tests", "--collect-only", "-q",
+    subprocess.run([sys.executable, "-m", "pytest", *paths.split(), "--collect-only", "-q",
                     "-p", "no:cacheprovider", "-k", k], cwd=ROOT, env=env,
                    capture_output=True, text=True)
     limit = int(max(10.0, 3 * (time.monotonic() - t0) + 5))
     rc, out, outdir = _run(tmp_path, "--dry-run", GPU_CHECK_TEST_LIMIT=str(limit),
-                           GPU_CHECK_TEST_K=k, GPU_CHECK_BENCH_ARGS=NARROW["GPU_CHECK_BENCH_ARGS"],
+                           GPU_CHECK_TEST_K=k, GPU_CHECK_TEST_PATHS=paths,
+                           GPU_CHECK_BENCH_ARGS=NARROW["GPU_CHECK_BENCH_ARGS"],
                            **{SLEEPER: "1"})
     assert rc == 1, out  # tests incomplete; benchmark complete
     assert f"== tests: STOPPED at the {limit}s limit" in out and "KeyboardInterrupt" in out
@@ -186,7 +191,7 @@ def test_bpcore_bench_interrupted_writes_a_partial_report(tmp_path, sig, entry):
 
 
 def test_bpcore_bench_time_budget(tmp_path):
-    proc = _bench(tmp_path, "--cases", "small,mnist", "--max-seconds", "0.001")
+    proc = _bench(tmp_path, "--cases", "small,mnist", "--max-seconds", "0.001", "--smoke")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2, out
     data = json.loads((tmp_path / "results.json").read_text())
@@ -203,7 +208,7 @@ def test_a_failing_measurement_is_recorded_and_the_run_goes_on(monkeypatch):
         return real(backend, kind, case, dtype, path=path)
 
     monkeypatch.setattr(report, "bpcore_runner", flaky)
-    result = run_suite(["numpy"], cases=["small"], sweep=False)
+    result = run_suite(["numpy"], cases=["small"], sweep=False, smoke=True)
     assert result["status"] == "complete" and result["missing"] == []
     assert list(result["failed"]) == ["small/float32/bpcore/numpy/adam"]
     assert "illegal memory access" in result["failed"]["small/float32/bpcore/numpy/adam"]

@@ -106,8 +106,9 @@ def test_without_a_launcher_data_parallel_changes_nothing(rng):
 
 
 # ---- JAX: one compiled step over 4 devices ------------------------------------------------------
-@pytest.mark.parametrize("dtype,optimizer", [("float64", "momentum"), ("float64", "adam"),
-                                             ("float32", "adam")])
+# (Adam's state, two moments and a count, covers momentum's one; each case compiles a step
+# for each of 11 batch sizes, sharded and not: about 30 s on 2 cores.)
+@pytest.mark.parametrize("dtype,optimizer", [("float64", "adam"), ("float32", "adam")])
 def test_jax_sharded_over_4_devices_trains_as_one_device(tmp_path, dtype, optimizer):
     pytest.importorskip("jax")
     out = str(tmp_path / "jax")

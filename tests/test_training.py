@@ -103,7 +103,7 @@ def test_two_spirals_reach_full_training_accuracy(backend):
     model = bpcore.MLP([2, 64, 64, 2], "tanh", backend=backend, seed=0)
     trainer = bpcore.Trainer(model, "softmax_cross_entropy", optim.adam(0.01))
     prepared = trainer.prepare_batch(X, y)
-    for _ in range(1500):
+    for _ in range(600):  # (every backend is at 100% from step 400 on, and stays there)
         trainer.step_prepared(*prepared)
     pred = np.argmax(backend.to_numpy(model(X)), axis=1)
     assert (pred == y).mean() == 1.0, (pred == y).mean()
