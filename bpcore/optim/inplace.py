@@ -11,8 +11,9 @@ of your own whose spec says ``"adam"`` carries no in-place form and keeps its ow
 The bound is what lets the in-place step decide its guard before writing anything: given
 bounds on the 2-norms of the gradient, the parameters and the first moment (``Norms``), an
 update returns False (and writes nothing) unless every updated value provably stays finite,
-``|u_i| <= limit = sqrt(dtype_max) / 2``. Each class's ``apply_`` holds its optimizer's
-algebra for that bound next to the kernel call.
+``|u_i| <= limit = sqrt(dtype_max) / 2``. Each form states its optimizer's algebra for that
+bound (``bounds``) beside its kernel call (``write_``); :meth:`InplaceUpdate.apply_`, the
+decision between them, is written once.
 
 :func:`inplace_form` builds the form of a named optimizer from its settings, and builds none
 when a setting is one it does not implement: a new option added to an optimizer in
@@ -62,15 +63,32 @@ class InplaceUpdate:
 
     def moments_ok(self, ops: Any, moments: list[Any], g_sq_limit: float) -> bool:
         """Whether moments made elsewhere (a checkpoint, another executor) satisfy what
-        :meth:`apply_`'s bound assumes beyond ``Norms.m`` (measured by the step)."""
+        :meth:`bounds` assumes beyond ``Norms.m`` (measured by the step)."""
         return True
+
+    def bounds(self, lr: float, step: int, g_norm: float, norms: Norms, ops: Any, p: Any,
+               limit: float) -> tuple[float, float]:
+        """``(m, u)``: bounds on the 2-norms of the new first moment and of the update, from
+        the gradient's norm and ``norms`` (this optimizer's algebra)."""
+        raise NotImplementedError
+
+    def write_(self, ops: Any, p: Any, g: Any, moments: list[Any], lr: float, step: int,
+               n_weights: int, tmp: Any) -> None:
+        """The update itself, in place (``g`` may be overwritten)."""
+        raise NotImplementedError
 
     def apply_(self, ops: Any, p: Any, g: Any, moments: list[Any], step: int, n_weights: int,
                g_norm: float, norms: Norms, limit: float, guarded: bool, tmp: Any) -> bool:
-        """Apply the update for the gradient ``g`` (which it may overwrite); update ``norms``.
-        With ``guarded``, return False and write nothing unless the bound proves every
-        ``|u_i| <= limit``."""
-        raise NotImplementedError
+        """Apply the update for the gradient ``g`` and update ``norms``. With ``guarded``,
+        return False and write nothing unless the bounds prove every ``|u_i| <= limit``
+        (and the new moment's norm within it)."""
+        lr = self.rate(step)
+        m_norm, bound = self.bounds(lr, step, g_norm, norms, ops, p, limit)
+        if guarded and not (m_norm <= limit and bound <= limit):
+            return False
+        self.write_(ops, p, g, moments, lr, step, n_weights, tmp)
+        norms.m, norms.p = m_norm, norms.p + bound
+        return True
 
 
 class SGDUpdate(InplaceUpdate):
@@ -83,22 +101,17 @@ class SGDUpdate(InplaceUpdate):
         self.n_moments = 1 if self.beta else 0
         self.scratch = bool(self.beta)
 
-    def apply_(self, ops, p, g, moments, step, n_weights, g_norm, norms, limit, guarded, tmp):
-        lr = self.rate(step)
-        if not self.beta:  # u = -lr g, ||u|| = lr ||g||
-            if guarded and not lr * g_norm <= limit:
-                return False
-            ops.add_scaled_(p, g, -lr)              # θ ← θ - lr g
-            norms.p += lr * g_norm
-            return True
-        beta = self.beta
-        v_norm = beta * norms.m + g_norm                 # ||β v + g|| <= β||v|| + ||g||
-        bound = lr * (g_norm + beta * v_norm if self.nesterov else v_norm)
-        if guarded and not (v_norm <= limit and bound <= limit):
-            return False
-        ops.momentum_update_(p, g, moments[0], lr, beta, self.nesterov, tmp)
-        norms.m, norms.p = v_norm, norms.p + bound
-        return True
+    def bounds(self, lr, step, g_norm, norms, ops, p, limit):
+        if not self.beta:  # u = -lr g
+            return 0.0, lr * g_norm
+        v_norm = self.beta * norms.m + g_norm                # ||β v + g|| <= β||v|| + ||g||
+        return v_norm, lr * (g_norm + self.beta * v_norm if self.nesterov else v_norm)
+
+    def write_(self, ops, p, g, moments, lr, step, n_weights, tmp):
+        if not self.beta:
+            ops.add_scaled_(p, g, -lr)                       # θ ← θ - lr g
+        else:
+            ops.momentum_update_(p, g, moments[0], lr, self.beta, self.nesterov, tmp)
 
 
 class AdamUpdate(InplaceUpdate):
@@ -120,28 +133,31 @@ class AdamUpdate(InplaceUpdate):
         nu = moments[1]  # the second moment: finite, small, never negative
         return ops.dot(nu, nu) <= g_sq_limit and float(nu.min()) >= 0.0
 
-    def apply_(self, ops, p, g, moments, step, n_weights, g_norm, norms, limit, guarded, tmp):
-        lr, b1, b2, eps = self.rate(step), self.b1, self.b2, self.eps
-        t = float(step) + 1.0
-        c1 = 1.0 - math.exp(t * math.log(b1)) if b1 > 0 else 1.0
-        c2 = 1.0 - math.exp(t * math.log(b2)) if b2 > 0 else 1.0
-        m_norm = b1 * norms.m + (1.0 - b1) * g_norm
+    def _corrections(self, step: int) -> tuple[float, float]:
+        t = float(step) + 1.0  # this is update number t (1-based): 1 - b^t
+        return tuple(1.0 - math.exp(t * math.log(b)) if b > 0 else 1.0
+                     for b in (self.b1, self.b2))
+
+    def bounds(self, lr, step, g_norm, norms, ops, p, limit):
+        c1, _ = self._corrections(step)
+        m_norm = self.b1 * norms.m + (1.0 - self.b1) * g_norm
         # |m̂ / (sqrt(v̂) + eps)| <= |m̂| / eps, and AdamW adds wd·W.
         decay = self.decoupled
-        bound = lr * (m_norm / (c1 * eps) + decay * norms.p)
-        if guarded and not bound <= limit and decay:
+        bound = lr * (m_norm / (c1 * self.eps) + decay * norms.p)
+        if not bound <= limit and decay:
             # norms.p is a bound that only grows: measure the parameters' norm afresh.
             p_sq = ops.dot(p, p)
             norms.p = math.sqrt(p_sq) if math.isfinite(p_sq) else math.inf
-            bound = lr * (m_norm / (c1 * eps) + decay * norms.p)
-        if guarded and not bound <= limit:
-            return False
+            bound = lr * (m_norm / (c1 * self.eps) + decay * norms.p)
+        return m_norm, bound
+
+    def write_(self, ops, p, g, moments, lr, step, n_weights, tmp):
         # Adam's "efficient form" (Kingma & Ba, sec. 2): lr (m/c1) / (sqrt(v/c2) + eps) =
         # alpha m / (sqrt(v) + eps sqrt(c2)), alpha = lr sqrt(c2) / c1.
+        c1, c2 = self._corrections(step)
         ops.adam_update_(p, g, moments[0], moments[1], lr * math.sqrt(c2) / c1,
-                         eps * math.sqrt(c2), b1, b2, lr * decay, n_weights, tmp)
-        norms.m, norms.p = m_norm, norms.p + bound  # 2-norm bounds
-        return True
+                         self.eps * math.sqrt(c2), self.b1, self.b2, lr * self.decoupled,
+                         n_weights, tmp)
 
 
 # The settings of each named optimizer that its in-place form implements.

@@ -213,7 +213,7 @@ def adam(h: _Hyper) -> GradientTransformation:
 
 
 class _VelocitySGD(InplaceUpdate):
-    """:func:`_sgd_update` in place (``ops.velocity_update_``), with its bound: ||v'|| <=
+    """:func:`_sgd_update` in place (``ops.velocity_update_``), with its bounds: ||v'|| <=
     μ||v|| + lr||g||, and Nesterov's μv' - lr g adds μ||v'|| + lr||g||."""
 
     n_moments = 1
@@ -222,15 +222,16 @@ class _VelocitySGD(InplaceUpdate):
     def __init__(self, h: _Hyper, nesterov: bool):
         self.h, self.nesterov = h, nesterov  # (h: traced arrays under jax.jit, never read)
 
-    def apply_(self, ops, p, g, moments, step, n_weights, g_norm, norms, limit, guarded, tmp):
-        lr, mu = float(self.h.lr), float(self.h.momentum)
+    def rate(self, step):
+        return float(self.h.lr)
+
+    def bounds(self, lr, step, g_norm, norms, ops, p, limit):
+        mu = float(self.h.momentum)
         v_norm = mu * norms.m + lr * g_norm
-        bound = mu * v_norm + lr * g_norm if self.nesterov else v_norm
-        if guarded and not (v_norm <= limit and bound <= limit):
-            return False
-        ops.velocity_update_(p, g, moments[0], lr, mu, self.nesterov, tmp)
-        norms.m, norms.p = v_norm, norms.p + bound
-        return True
+        return v_norm, (mu * v_norm + lr * g_norm if self.nesterov else v_norm)
+
+    def write_(self, ops, p, g, moments, lr, step, n_weights, tmp):
+        ops.velocity_update_(p, g, moments[0], lr, float(self.h.momentum), self.nesterov, tmp)
 
 
 class _SklearnAdam(InplaceUpdate):
@@ -245,15 +246,17 @@ class _SklearnAdam(InplaceUpdate):
 
     moments_ok = AdamUpdate.moments_ok
 
-    def apply_(self, ops, p, g, moments, step, n_weights, g_norm, norms, limit, guarded, tmp):
-        lr, b1, b2, eps = (float(x) for x in (self.h.lr, self.h.b1, self.h.b2, self.h.eps))
-        m_norm = b1 * norms.m + (1.0 - b1) * g_norm
-        bound = lr * m_norm / eps
-        if guarded and not bound <= limit:
-            return False
-        ops.adam_update_(p, g, moments[0], moments[1], lr, eps, b1, b2, 0.0, n_weights, tmp)
-        norms.m, norms.p = m_norm, norms.p + bound
-        return True
+    def rate(self, step):
+        return float(self.h.lr)
+
+    def bounds(self, lr, step, g_norm, norms, ops, p, limit):
+        m_norm = float(self.h.b1) * norms.m + (1.0 - float(self.h.b1)) * g_norm
+        return m_norm, lr * m_norm / float(self.h.eps)
+
+    def write_(self, ops, p, g, moments, lr, step, n_weights, tmp):
+        h = self.h
+        ops.adam_update_(p, g, moments[0], moments[1], lr, float(h.eps), float(h.b1),
+                         float(h.b2), 0.0, n_weights, tmp)
 
 
 def _sgd_update(grads, velocities, params, h: _Hyper, nesterov: bool):
