@@ -215,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         backends = [b for b in bpcore.backends.available() if b != "array_api_strict"]
     if args.gpu:
         backends = [b for b in backends if b != "numpy"]
+    if args.smoke and (args.scaling or args.estimators):
+        p.error("--smoke shortens the step suite's timing; --estimators and --scaling time "
+                "whole fits and runs (make them short with their own options: --rounds 1, "
+                "--cases)")
     if args.scaling:
         from . import scaling
 

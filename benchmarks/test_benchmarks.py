@@ -190,3 +190,14 @@ def test_scaling_benchmark_runs_and_reports(tmp_path):
     paths = scaling.write(result, {"cpu": "test"}, str(tmp_path))
     with open(paths[1]) as f:
         assert "| efficiency |" in f.read()
+
+
+def test_smoke_is_refused_where_it_would_change_nothing(capsys):
+    """``--smoke`` shortens the step suite's timing only: with --estimators or --scaling it
+    would be silently ignored, so it is refused with the options that do shorten them."""
+    from .__main__ import main
+
+    for other in ("--estimators", "--scaling"):
+        with pytest.raises(SystemExit) as e:
+            main(["--smoke", other])
+        assert e.value.code == 2 and "--smoke" in capsys.readouterr().err
