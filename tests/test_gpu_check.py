@@ -48,9 +48,17 @@ def _env(tmp_path, smi_answers=False, **extra):
     return env
 
 
+def _interruptible() -> None:
+    """(preexec_fn) SIGINT back to its default in the child: a test run started as a
+    background job of a non-interactive shell has SIGINT ignored, a child inherits that,
+    and a shell cannot trap a signal ignored at its start: the script's limits and Ctrl-C,
+    which are what these tests check, would then never reach their phases."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run(tmp_path, *args, smi_answers=False, **extra):
     proc = subprocess.run(["bash", str(SCRIPT), *args],
-                          env=_env(tmp_path, smi_answers, **extra),
+                          env=_env(tmp_path, smi_answers, **extra), preexec_fn=_interruptible,
                           capture_output=True, text=True, timeout=600)
     return proc.returncode, proc.stdout + proc.stderr, tmp_path / "out"
 
@@ -103,6 +111,7 @@ def test_sigint_mid_benchmark_leaves_a_partial_report(tmp_path):
                GPU_CHECK_TEST_PATHS=NARROW["GPU_CHECK_TEST_PATHS"],
                GPU_CHECK_BENCH_ARGS="--cases small,mnist --backends numpy")
     proc = subprocess.Popen(["bash", str(SCRIPT), "--dry-run"], env=env,
+                            preexec_fn=_interruptible,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = tmp_path / "out" / "gpu_check.log"
     deadline = time.monotonic() + 300  # a guard against a hang, not a timing assertion
@@ -169,6 +178,7 @@ def test_bad_argument_is_refused(tmp_path):
 def _bench(tmp_path, *args, entry=("benchmarks",)):
     return subprocess.Popen([sys.executable, "-m", *entry, "--no-sweep", "--backends",
                              "numpy", "--out", str(tmp_path), *args], cwd=ROOT,
+                            preexec_fn=_interruptible,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

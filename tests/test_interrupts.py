@@ -35,9 +35,15 @@ def backend(request):
     if request.param == "torch":
         pytest.importorskip("torch")
     gc.collect()  # (Trainers of earlier tests hold bpcore's handler while they live)
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:  # (a run started as a background job of a shell: Python's default, here)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if not _default_or_held_default(signal.getsignal(signal.SIGINT)):
         pytest.skip("SIGINT has another handler in this process")
-    return request.param
+    yield request.param
+    if ignored:
+        gc.collect()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _default_or_held_default(handler) -> bool:
