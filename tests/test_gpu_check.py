@@ -48,17 +48,24 @@ def _env(tmp_path, smi_answers=False, **extra):
     return env
 
 
-def _interruptible() -> None:
-    """(preexec_fn) SIGINT back to its default in the child: a test run started as a
-    background job of a non-interactive shell has SIGINT ignored, a child inherits that,
-    and a shell cannot trap a signal ignored at its start: the script's limits and Ctrl-C,
-    which are what these tests check, would then never reach their phases."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+@pytest.fixture(autouse=True)
+def _children_can_be_interrupted():
+    """A test run started as a background job of a shell has SIGINT ignored, every child
+    inherits that, and a shell cannot trap a signal ignored at its start: the script's
+    limits and Ctrl-C, which these tests check, would never reach their phases. So SIGINT
+    has Python's handler here meanwhile (a child starts with the default: handlers are reset
+    on exec, an ignored signal is not). (Not a preexec_fn: it forks, and JAX warns of that.)"""
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if ignored:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run(tmp_path, *args, smi_answers=False, **extra):
     proc = subprocess.run(["bash", str(SCRIPT), *args],
-                          env=_env(tmp_path, smi_answers, **extra), preexec_fn=_interruptible,
+                          env=_env(tmp_path, smi_answers, **extra),
                           capture_output=True, text=True, timeout=600)
     return proc.returncode, proc.stdout + proc.stderr, tmp_path / "out"
 
@@ -111,7 +118,6 @@ def test_sigint_mid_benchmark_leaves_a_partial_report(tmp_path):
                GPU_CHECK_TEST_PATHS=NARROW["GPU_CHECK_TEST_PATHS"],
                GPU_CHECK_BENCH_ARGS="--cases small,mnist --backends numpy")
     proc = subprocess.Popen(["bash", str(SCRIPT), "--dry-run"], env=env,
-                            preexec_fn=_interruptible,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = tmp_path / "out" / "gpu_check.log"
     deadline = time.monotonic() + 300  # a guard against a hang, not a timing assertion
@@ -178,7 +184,6 @@ def test_bad_argument_is_refused(tmp_path):
 def _bench(tmp_path, *args, entry=("benchmarks",)):
     return subprocess.Popen([sys.executable, "-m", *entry, "--no-sweep", "--backends",
                              "numpy", "--out", str(tmp_path), *args], cwd=ROOT,
-                            preexec_fn=_interruptible,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
