@@ -128,10 +128,15 @@ def _grad_sums(params: Params, acts, loss: Loss, x, Y, sw):
 def _finish(value, grads: Params, params: Params, S, alpha):
     """scikit-learn's L2 penalty and normalisation: loss = value/S + α/2 Σ‖W‖²/S, and
     ∇W = (Σ sw δ aᵀ + α W)/S, ∇b = Σ sw δ / S."""
-    sq = tree_sq_norm([W for W, _ in params])
-    value = value / S + (0.5 * alpha) * sq / S
+    value = _penalised(value, tree_sq_norm([W for W, _ in params]), S, alpha)
     grads = [((gW + alpha * W) / S, gb / S) for (gW, gb), (W, _) in zip(grads, params)]
     return value, grads
+
+
+def _penalised(value, sq, S, alpha):
+    """The loss scikit-learn reports: the weighted sum ``value`` and ``sq = Σ‖W‖²``, over
+    ``S = Σ sw``, with the L2 term (both forms of :class:`l2_penalty`)."""
+    return value / S + (0.5 * alpha) * sq / S
 
 
 class _Hyper(NamedTuple):
@@ -167,7 +172,7 @@ class l2_penalty:
         alpha = self.alpha
         S = T[2] if len(T) > 2 else ops.total(T[1])
         W = p[:n_weights]
-        value = value / S + (0.5 * alpha) * ops.dot(W, W) / S
+        value = _penalised(value, ops.dot(W, W), S, alpha)
         if alpha:
             ops.axpy_(g[:n_weights], alpha, W, tmp)
         ops.div(g, S, g)
