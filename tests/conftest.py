@@ -5,15 +5,25 @@ reason bpcore gives, never silently absent. JAX runs with 64-bit mode on (for fl
 gradient checks) and with strict dtype and rank promotion, so a silent upcast or an
 implicit broadcast in the core fails loudly.
 
-``BPCORE_TESTS=gpu`` (what ``benchmarks/gpu_check.sh`` sets) keeps only the tests that
-exercise a GPU-capable backend (cupy, jax, torch): the ``cross_backend`` ones first, then the
-``gpu`` ones, then every test parametrised on or named after one of those backends. The rest
-is reported as deselected.
+Two tiers. The default run (the README's test command, and CI) leaves out, as *deselected*:
+
+* tests marked ``extended``: the same behaviour as a default test, on another backend or
+  case (a second dtype of a multi-process run, a second signal of an interrupt test);
+* on JAX, where each test compiles its own programs (about a second each on 2 cores), the
+  cases of a test function's parameter grid beyond ``JAX_CASES``, spread evenly over it, as
+  JAX's own suite runs ``JAX_NUM_GENERATED_CASES`` of its generated cases. Every test function
+  still runs on JAX at least once.
+
+``BPCORE_TESTS=all`` runs every test. ``BPCORE_TESTS=gpu`` (what ``benchmarks/gpu_check.sh``
+sets) keeps only the tests that exercise a GPU-capable backend (cupy, jax, torch), every case
+of them: the ``cross_backend`` ones first, then the ``gpu`` ones, then every test
+parametrised on or named after one of those backends. The rest is reported as deselected.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 import pytest
@@ -68,10 +78,16 @@ def _gpu_rank(item) -> int | None:
     return None
 
 
+SELECTIONS = ("", "all", "gpu")
+JAX_CASES = 4  # the default run's cases per test function on JAX (see the module docstring)
+
+
 def _selection() -> str:
     selection = os.environ.get("BPCORE_TESTS", "")
-    if selection not in ("", "gpu"):
-        raise pytest.UsageError(f"BPCORE_TESTS={selection!r}: the only selection is 'gpu'")
+    if selection not in SELECTIONS:
+        raise pytest.UsageError(
+            f"BPCORE_TESTS={selection!r}: the selections are 'all' (every test) and 'gpu' "
+            "(the GPU check's); unset, the default run")
     return selection
 
 
@@ -79,8 +95,52 @@ def pytest_configure(config):
     _selection()  # (a misspelt selection is refused before minutes of collection)
 
 
+def _spread(n: int, k: int) -> set[int]:
+    """``k`` of ``range(n)``, evenly spread, the first and the last included."""
+    return set(range(n)) if n <= k else {round(i * (n - 1) / (k - 1)) for i in range(k)}
+
+
+def _default_tier(items) -> tuple[list, list]:
+    """``(kept, left out)`` for the default run (see the module docstring)."""
+    jax_cases: dict[Any, list[int]] = {}
+    for i, it in enumerate(items):
+        spec = getattr(it, "callspec", None)
+        if spec is not None and any(isinstance(v, str) and v == "jax"
+                                    for v in spec.params.values()):
+            jax_cases.setdefault(it.nodeid.split("[")[0], []).append(i)
+    thinned = set()
+    for idx in jax_cases.values():
+        keep = _spread(len(idx), JAX_CASES)
+        thinned.update(i for n, i in enumerate(idx) if n not in keep)
+    kept, left = [], []
+    for i, it in enumerate(items):
+        (left if i in thinned or _extended(it) else kept).append(it)
+    return kept, left
+
+
+def _extended(item) -> bool:
+    """Marked ``extended``, or ``extended(cases=[ids])`` and one of those parameter ids."""
+    mark = item.get_closest_marker("extended")
+    if mark is None:
+        return False
+    cases = mark.kwargs.get("cases")
+    spec = getattr(item, "callspec", None)
+    return cases is None or (spec is not None and spec.id in cases)
+
+
+EXTENDED_LEFT_OUT: list[int] = []  # how many tests the default run left out (for the summary)
+
+
 def pytest_collection_modifyitems(config, items):
-    if not _selection():
+    selection = _selection()
+    if selection == "all":
+        return
+    if selection == "":
+        kept, left = _default_tier(items)
+        if left:
+            config.hook.pytest_deselected(items=left)
+            EXTENDED_LEFT_OUT.append(len(left))
+        items[:] = kept
         return
     ranked = [(_gpu_rank(it), i, it) for i, it in enumerate(items)]
     keep = sorted((r, i, it) for r, i, it in ranked if r is not None)
@@ -143,6 +203,10 @@ def pytest_terminal_summary(terminalreporter):
         lines.append("tests per backend: " + "; ".join(
             f"{k}: " + ", ".join(f"{n} {o}" for o, n in v.items())
             for k, v in sorted(counts.items())))
+    if EXTENDED_LEFT_OUT:
+        n = EXTENDED_LEFT_OUT[0]
+        lines.append(f"default run: {n} test{'s' * (n != 1)} of the extended tier left out "
+                     "(more JAX cases, more backends; BPCORE_TESTS=all runs them)")
     if lines:
         terminalreporter.section("bpcore figures")
         for line in lines:

@@ -16,6 +16,7 @@ from bpcore.cli import main
 from bpcore.io.datasets import load_file, make_spirals, train_test_split
 
 
+@pytest.mark.extended(cases=["jax"])
 @pytest.mark.parametrize("backend_name", ["numpy", "jax"])
 def test_default_train_reaches_95_percent_on_digits(tmp_path, capsys, backend_name):
     pytest.importorskip("sklearn")

@@ -152,7 +152,8 @@ def test_test_phase_stopped_at_its_limit_keeps_its_reports(tmp_path):
     # Independent of the machine's speed: the phase's limit is derived from how long
     # collecting the same selection takes here now (a busy machine gets a longer limit), and
     # the selection holds a test that sleeps until it is stopped, so the limit is always hit
-    # after collection, never before it.
+    # after collection, never before it. The benchmark phase is stopped by its own limit
+    # (2 s: while it starts), so both phases' limits are checked in one run.
     k = "sleeps_until_stopped or two_spirals"
     paths = "tests/test_gpu_check.py tests/test_training.py"
     env = _env(tmp_path, BPCORE_TESTS="gpu", **{SLEEPER: "1"})
@@ -164,10 +165,10 @@ def test_test_phase_stopped_at_its_limit_keeps_its_reports(tmp_path):
     rc, out, outdir = _run(tmp_path, "--dry-run", GPU_CHECK_TEST_LIMIT=str(limit),
                            GPU_CHECK_TEST_K=k, GPU_CHECK_TEST_PATHS=paths,
                            GPU_CHECK_BENCH_ARGS=NARROW["GPU_CHECK_BENCH_ARGS"],
-                           **{SLEEPER: "1"})
-    assert rc == 1, out  # tests incomplete; benchmark complete
+                           GPU_CHECK_BENCH_LIMIT="2", **{SLEEPER: "1"})
+    assert rc == 3, out  # tests incomplete; benchmark incomplete
     assert f"== tests: STOPPED at the {limit}s limit" in out and "KeyboardInterrupt" in out
-    assert "== benchmark: COMPLETE" in out
+    assert "== benchmark: PARTIAL, stopped by a signal or the 2s limit" in out
     # pytest wrote its XML on the way out (the sleeper, stopped, is not among the tests it
     # counts: none may have finished, but a missing or torn XML is a failure)
     counts = _xml_counts(outdir / "gpu_tests.xml")
@@ -188,6 +189,7 @@ def _bench(tmp_path, *args, entry=("benchmarks",)):
 
 
 # `bpcore bench` (the installed command) and `python -m benchmarks` are the same code path.
+@pytest.mark.extended(cases=["15-entry1"])
 @pytest.mark.parametrize("sig,entry", [(signal.SIGINT, ("bpcore", "bench")),
                                        (signal.SIGTERM, ("benchmarks",))])
 def test_bpcore_bench_interrupted_writes_a_partial_report(tmp_path, sig, entry):
@@ -248,29 +250,42 @@ def test_gpu_profile_plan():
 
 
 # ---- the GPU test selection --------------------------------------------------------------------
-def _collect(env_value, *args):
+def _collect(env_value, *args, tmp_path=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("BPCORE_")}
     env["BPCORE_TESTS"] = env_value
+    if tmp_path is not None:  # and a plugin that lists each selected test with its markers
+        (tmp_path / "list_marks.py").write_text(
+            "import os\n"
+            "def pytest_collection_finish(session):\n"
+            "    with open(os.environ['LIST_MARKS_TO'], 'w') as f:\n"
+            "        for it in session.items:\n"
+            "            marks = {m.name for m in it.iter_markers()}\n"
+            "            f.write(f\"{it.nodeid}\\t{'cross_backend' in marks}\\t{'gpu' in marks}\\n\")\n")
+        env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{env.get('PYTHONPATH', '')}"
+        env["LIST_MARKS_TO"] = str(tmp_path / "items.tsv")
+        args = ("-p", "list_marks", *args)
     return subprocess.run([sys.executable, "-m", "pytest", "tests", "--collect-only", "-q",
                            "-p", "no:cacheprovider", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
-def test_gpu_selection_keeps_every_gpu_test_cross_backend_first():
-    proc = _collect("gpu")
+def test_gpu_selection_keeps_every_gpu_test_cross_backend_first(tmp_path):
+    proc = _collect("gpu", tmp_path=tmp_path)  # one collection: ids with their markers
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    ids = [line for line in proc.stdout.splitlines() if "::" in line]
     assert "deselected" in proc.stdout
-    crossing = _collect("gpu", "-m", "cross_backend")
-    cross_ids = [line for line in crossing.stdout.splitlines() if "::" in line]
+    rows = [line.split("\t") for line in (tmp_path / "items.tsv").read_text().splitlines()]
+    ids = [r[0] for r in rows]
+    assert ids == [line for line in proc.stdout.splitlines() if "::" in line]
+    cross_ids = [i for i, cross, _ in rows if cross == "True"]
     assert any("test_cross_backend_agreement" in t for t in cross_ids)
     assert ids[:len(cross_ids)] == cross_ids  # the cross-backend tests come first
     for gpu_backend in ("cupy", "jax", "torch"):
         assert any(f"[{gpu_backend}" in t for t in ids)
+    # every case on those backends: none of the default run's thinning of JAX cases
+    assert sum("test_sklearn_estimator_checks" in t and "-jax]" in t for t in ids) > 100
     # Nothing that runs on numpy or array_api_strict alone: apart from the cross_backend and
     # gpu tests, each one names a GPU-capable backend.
-    rest = _collect("gpu", "-m", "not cross_backend and not gpu")
-    rest_ids = [line for line in rest.stdout.splitlines() if "::" in line]
+    rest_ids = [i for i, cross, gpu in rows if cross == gpu == "False"]
     assert rest_ids and len(rest_ids) < len(ids)
     assert all(any(b in t for b in ("cupy", "jax", "torch")) for t in rest_ids), [
         t for t in rest_ids if not any(b in t for b in ("cupy", "jax", "torch"))]
@@ -284,6 +299,39 @@ def test_gpu_selection_keeps_every_gpu_test_cross_backend_first():
     assert sk == list(range(len(ids) - len(sk), len(ids)))          # tests just before them
     order = [next(b for b in ("cupy", "jax", "torch") if f"-{b}]" in ids[i]) for i in checks]
     assert order == sorted(order, key=("cupy", "jax", "torch").index)
+
+
+def test_default_run_leaves_out_the_extended_tier():
+    """The default run thins JAX's parameter grids (evenly, first and last kept) and leaves
+    out ``extended`` cases; every test function still runs on JAX; other backends keep every
+    case. (On stand-ins for collected tests: the rule itself, with no collection to wait for.)"""
+    from types import SimpleNamespace
+
+    from .conftest import JAX_CASES, _default_tier, _spread
+
+    def item(fn, case, marks=()):
+        marks = {m.name: m for m in marks}
+        spec = SimpleNamespace(id=case, params={"backend": case.split("-")[0]})
+        return SimpleNamespace(nodeid=f"tests/t.py::{fn}[{case}]", callspec=spec,
+                               get_closest_marker=marks.get)
+
+    ext = pytest.mark.extended(cases=["torch-b"]).mark
+    items = ([item("test_grid", f"jax-{i}") for i in range(20)] +
+             [item("test_grid", f"numpy-{i}") for i in range(20)] +
+             [item("test_small", f"jax-{i}") for i in range(3)] +
+             [item("test_marked", c, [ext]) for c in ("torch-a", "torch-b")] +
+             [item("test_all_extended", "numpy", [pytest.mark.extended.mark])])
+    kept, left = _default_tier(items)
+    names = lambda pool: [it.nodeid.split("::")[1] for it in pool]  # noqa: E731
+    jax_kept = [n for n in names(kept) if n.startswith("test_grid[jax")]
+    assert len(jax_kept) == JAX_CASES and jax_kept[0] == "test_grid[jax-0]" and \
+        jax_kept[-1] == "test_grid[jax-19]"
+    assert sum(n.startswith("test_grid[numpy") for n in names(kept)) == 20
+    assert sum(n.startswith("test_small") for n in names(kept)) == 3
+    assert "test_marked[torch-a]" in names(kept) and "test_marked[torch-b]" in names(left)
+    assert "test_all_extended[numpy]" in names(left)
+    assert len(kept) + len(left) == len(items)
+    assert _spread(3, 4) == {0, 1, 2} and _spread(11, 4) == {0, 3, 7, 10}
 
 
 def test_unknown_selection_is_a_usage_error():

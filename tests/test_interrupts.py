@@ -181,6 +181,7 @@ def test_ctrl_c_during_fit_then_fit_again_equals_one_fit(backend):
         assert np.array_equal(a, b), f"leaf {i} differs from the uninterrupted fit"
 
 
+@pytest.mark.extended(cases=["torch-sgd"])
 @pytest.mark.parametrize("solver", ["adam", "sgd"])
 def test_ctrl_c_during_an_estimators_fit_keeps_whole_steps(backend, solver, monkeypatch):
     """scikit-learn's estimators catch a KeyboardInterrupt in ``fit`` and keep the model

@@ -106,14 +106,16 @@ def test_without_a_launcher_data_parallel_changes_nothing(rng):
 
 
 # ---- JAX: one compiled step over 4 devices ------------------------------------------------------
-# (Adam's state, two moments and a count, covers momentum's one; each case compiles a step
-# for each of 11 batch sizes, sharded and not: about 30 s on 2 cores.)
+# (Adam's state, two moments and a count, covers momentum's one. Six steps on global batches
+# of 1, 6, 11, 5, 10 and 4 rows: one that leaves three devices without a row, uneven splits,
+# an even one; each size compiles a step, sharded and not. float32 is the extended tier's.)
+@pytest.mark.extended(cases=["float32-adam"])
 @pytest.mark.parametrize("dtype,optimizer", [("float64", "adam"), ("float32", "adam")])
 def test_jax_sharded_over_4_devices_trains_as_one_device(tmp_path, dtype, optimizer):
     pytest.importorskip("jax")
     out = str(tmp_path / "jax")
     r = _python(["--backend", "jax", "--jax-devices", "--dtype", dtype, "--optimizer", optimizer,
-                 "--out", out], env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                 "--steps", "6", "--out", out], env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4",
                                          JAX_PLATFORMS="cpu"))
     assert r.returncode == 0, r.stderr[-3000:]
     ref, dp = _load(out + ".ref.npz"), _load(out + ".dp.npz")

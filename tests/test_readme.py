@@ -66,6 +66,7 @@ def test_the_sklearn_dropin_is_five_lines_and_one_import_apart():
     assert "bpcore.sklearn" in differ[0][0] and 'backend="jax"' in differ[1][0]
 
 
+@pytest.mark.extended(cases=["torch"])
 @pytest.mark.parametrize("name", ["numpy", "jax", "torch", "cupy"])
 def test_the_sklearn_dropin_runs_and_scores_as_sklearn(name):
     """The drop-in, as printed, on each backend, scores within one point of the scikit-learn

@@ -74,6 +74,7 @@ def test_mpi_ranks_with_different_data_are_refused_together(tmp_path):
     assert r.stdout.count("ConfigError") == 2 and r.stdout.count("True") == 2, r.stdout
 
 
+@pytest.mark.extended(cases=["solver-lbfgs-estimator-regressor", "solver-sgd-early-stopping"])
 @pytest.mark.parametrize("args", [["--solver", "adam", "--sample-weight"],
                                   ["--solver", "lbfgs", "--estimator", "regressor"],
                                   ["--solver", "sgd", "--early-stopping"]],
