@@ -67,3 +67,25 @@ def test_stable_at_huge_logits(backend, loss, dtype):
     if loss == "binary_cross_entropy":
         assert value == pytest.approx((0 + 2e4 + 2 * np.log(2)) / 3, rel=1e-6)
         np.testing.assert_allclose(D, np.array([[0, 0], [-1, 1], [0, 0]]) / 3, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch"])
+def test_targets_rule_on_the_host_equals_the_devices(name):
+    """The in-place step reads the smallest and largest target on the host: the same rule,
+    the same answer as the device's, for every loss, on valid, negative, out-of-range, NaN,
+    infinite and empty targets."""
+    import bpcore
+
+    be = bpcore.backends.get(name) if name in bpcore.backends.available() else None
+    if be is None or be.inplace_ops is None or not be.inplace_ops.host_reads:
+        pytest.skip(f"{name}: no host-read in-place operations here")
+    cases = [np.eye(3)[[0, 2, 1]], np.full((2, 3), 0.5), -np.eye(3), 2 * np.eye(3),
+             np.array([[0.0, np.nan, 1.0]]), np.array([[np.inf, 0.0, 0.0]]),
+             np.array([[-np.inf, 1.0, 0.0]]), np.zeros((0, 3))]
+    for loss in LOSSES.values():
+        for T in cases:
+            for dtype in ("float32", "float64"):
+                Tb = be.asarray(T, dtype=dtype)
+                on_device = bool(loss.targets_valid(Tb))
+                on_host = loss.targets_valid(Tb, be.inplace_ops)
+                assert on_host is on_device, (loss.name, T, dtype)

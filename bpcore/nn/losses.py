@@ -153,17 +153,21 @@ class Loss:
             return xp.zeros((), dtype=Y.dtype, device=array_device(Y))
         return xp.sum(xp.astype(hit, Y.dtype))
 
-    def targets_valid(self, T: Array) -> Array:
+    def targets_valid(self, T: Array, host_ops: Any = None) -> Array:
         """0-d boolean, on the device: every target is one this loss accepts.
 
         Classes: finite and >= 0 (a label that was out of range on the device arrives as a
         row of NaN, see :func:`bpcore.nn.targets.prepare_target`). Binary: in [0, 1]. Values: finite.
         Decided from the smallest and the largest target: two reductions, no temporary (a
         NaN anywhere makes both NaN, and every comparison with NaN is false).
+        ``host_ops``: a backend's in-place operations whose values the host reads for free
+        (the in-place step's): the same rule on host floats, a Python bool.
         """
-        xp = array_namespace(T)
         if math.prod(T.shape) == 0:  # (no targets: nothing invalid)
-            return xp.all(T == T)
+            return True if host_ops is not None else array_namespace(T).all(T == T)
+        if host_ops is not None:
+            return bool(self.targets_in_range(*host_ops.min_max(T)))
+        xp = array_namespace(T)
         return self.targets_in_range(xp.min(T), xp.max(T))
 
     def targets_in_range(self, lo: Any, hi: Any) -> Any:

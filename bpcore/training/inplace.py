@@ -147,7 +147,7 @@ class InplaceStep(BufferedStep):
         ops = self.ops
         value, correct = self._gradient(x, T, labels)
         # (labels were range-checked at the boundary; T: the loss's rule, read on the host)
-        targets_ok = T is None or bool(self.loss.targets_valid(T))
+        targets_ok = T is None or self.loss.targets_valid(T, ops)
         if self.reduce_flat_ is not None:  # data parallel: the global batch's gradient
             value, correct, targets_ok = self.reduce_flat_(
                 ops.host_view(self.g_flat), value, correct, targets_ok)
