@@ -12,7 +12,8 @@ Two tiers. The default run (the README's test command, and CI) leaves out, as *d
 * on JAX, where each test compiles its own programs (about a second each on 2 cores), the
   cases of a test function's parameter grid beyond ``JAX_CASES``, spread evenly over it, as
   JAX's own suite runs ``JAX_NUM_GENERATED_CASES`` of its generated cases. Every test function
-  still runs on JAX at least once.
+  still runs on JAX at least once. ``extended(thin=[backends])`` thins a large grid on more
+  backends alike (scikit-learn's estimator checks on PyTorch).
 
 ``BPCORE_TESTS=all`` runs every test. ``BPCORE_TESTS=gpu`` (what ``benchmarks/gpu_check.sh``
 sets) keeps only the tests that exercise a GPU-capable backend (cupy, jax, torch), every case
@@ -105,9 +106,12 @@ def _default_tier(items) -> tuple[list, list]:
     jax_cases: dict[Any, list[int]] = {}
     for i, it in enumerate(items):
         spec = getattr(it, "callspec", None)
-        if spec is not None and any(isinstance(v, str) and v == "jax"
-                                    for v in spec.params.values()):
-            jax_cases.setdefault(it.nodeid.split("[")[0], []).append(i)
+        mark = it.get_closest_marker("extended")
+        thin = ("jax", *(mark.kwargs.get("thin", ()) if mark else ()))
+        name = next((v for v in (spec.params.values() if spec else ())
+                     if isinstance(v, str) and v in thin), None)
+        if name is not None:
+            jax_cases.setdefault((it.nodeid.split("[")[0], name), []).append(i)
     thinned = set()
     for idx in jax_cases.values():
         keep = _spread(len(idx), JAX_CASES)
@@ -119,9 +123,10 @@ def _default_tier(items) -> tuple[list, list]:
 
 
 def _extended(item) -> bool:
-    """Marked ``extended``, or ``extended(cases=[ids])`` and one of those parameter ids."""
+    """Marked ``extended``, or ``extended(cases=[ids])`` and one of those parameter ids
+    (``extended(thin=[backends])`` thins those backends' cases as JAX's instead)."""
     mark = item.get_closest_marker("extended")
-    if mark is None:
+    if mark is None or "thin" in mark.kwargs:
         return False
     cases = mark.kwargs.get("cases")
     spec = getattr(item, "callspec", None)

@@ -316,11 +316,14 @@ def test_default_run_leaves_out_the_extended_tier():
                                get_closest_marker=marks.get)
 
     ext = pytest.mark.extended(cases=["torch-b"]).mark
+    thin = pytest.mark.extended(thin=["torch"]).mark
     items = ([item("test_grid", f"jax-{i}") for i in range(20)] +
              [item("test_grid", f"numpy-{i}") for i in range(20)] +
              [item("test_small", f"jax-{i}") for i in range(3)] +
              [item("test_marked", c, [ext]) for c in ("torch-a", "torch-b")] +
-             [item("test_all_extended", "numpy", [pytest.mark.extended.mark])])
+             [item("test_all_extended", "numpy", [pytest.mark.extended.mark])] +
+             [item("test_thin", f"{b}-{i}", [thin]) for b in ("torch", "numpy")
+              for i in range(9)])
     kept, left = _default_tier(items)
     names = lambda pool: [it.nodeid.split("::")[1] for it in pool]  # noqa: E731
     jax_kept = [n for n in names(kept) if n.startswith("test_grid[jax")]
@@ -330,6 +333,8 @@ def test_default_run_leaves_out_the_extended_tier():
     assert sum(n.startswith("test_small") for n in names(kept)) == 3
     assert "test_marked[torch-a]" in names(kept) and "test_marked[torch-b]" in names(left)
     assert "test_all_extended[numpy]" in names(left)
+    assert sum(n.startswith("test_thin[torch") for n in names(kept)) == JAX_CASES
+    assert sum(n.startswith("test_thin[numpy") for n in names(kept)) == 9
     assert len(kept) + len(left) == len(items)
     assert _spread(3, 4) == {0, 1, 2} and _spread(11, 4) == {0, 3, 7, 10}
 

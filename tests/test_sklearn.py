@@ -66,6 +66,7 @@ def _both(est_sk, est_bp, X, y, **fit):
 
 # ---- scikit-learn's own estimator checks, on every backend --------------------------------
 @pytest.mark.gpu_last(per_backend=True)
+@pytest.mark.extended(thin=["torch"])  # (numpy runs every check in the default run)
 @pytest.mark.parametrize("backend_name", CHECK_BACKENDS)
 @quiet
 @parametrize_with_checks([MLPClassifier(max_iter=100), MLPRegressor(max_iter=100)])
