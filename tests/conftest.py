@@ -23,7 +23,9 @@ parametrised on or named after one of those backends. The rest is reported as de
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from typing import Any
 
 import numpy as np
@@ -103,34 +105,26 @@ def _spread(n: int, k: int) -> set[int]:
 
 def _default_tier(items) -> tuple[list, list]:
     """``(kept, left out)`` for the default run (see the module docstring)."""
-    jax_cases: dict[Any, list[int]] = {}
+    grids: dict[Any, list[int]] = {}  # (test function, thinned backend) -> its cases
+    left = set()
     for i, it in enumerate(items):
         spec = getattr(it, "callspec", None)
         mark = it.get_closest_marker("extended")
-        thin = ("jax", *(mark.kwargs.get("thin", ()) if mark else ()))
+        kw = mark.kwargs if mark is not None else {}
+        if mark is not None and "thin" not in kw and (
+                "cases" not in kw or (spec is not None and spec.id in kw["cases"])):
+            left.add(i)  # marked extended (all of it, or this case)
+            continue
+        thin = ("jax", *kw.get("thin", ()))
         name = next((v for v in (spec.params.values() if spec else ())
                      if isinstance(v, str) and v in thin), None)
         if name is not None:
-            jax_cases.setdefault((it.nodeid.split("[")[0], name), []).append(i)
-    thinned = set()
-    for idx in jax_cases.values():
+            grids.setdefault((it.nodeid.split("[")[0], name), []).append(i)
+    for idx in grids.values():
         keep = _spread(len(idx), JAX_CASES)
-        thinned.update(i for n, i in enumerate(idx) if n not in keep)
-    kept, left = [], []
-    for i, it in enumerate(items):
-        (left if i in thinned or _extended(it) else kept).append(it)
-    return kept, left
-
-
-def _extended(item) -> bool:
-    """Marked ``extended``, or ``extended(cases=[ids])`` and one of those parameter ids
-    (``extended(thin=[backends])`` thins those backends' cases as JAX's instead)."""
-    mark = item.get_closest_marker("extended")
-    if mark is None or "thin" in mark.kwargs:
-        return False
-    cases = mark.kwargs.get("cases")
-    spec = getattr(item, "callspec", None)
-    return cases is None or (spec is not None and spec.id in cases)
+        left.update(i for n, i in enumerate(idx) if n not in keep)
+    return ([it for i, it in enumerate(items) if i not in left],
+            [it for i, it in enumerate(items) if i in left])
 
 
 EXTENDED_LEFT_OUT: list[int] = []  # how many tests the default run left out (for the summary)
@@ -169,6 +163,24 @@ def dtype(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+@contextlib.contextmanager
+def sigint_not_ignored(on_restore=None):
+    """Python's own SIGINT handler meanwhile, where the run inherited SIGINT ignored (a test
+    run started as a background job of a shell). Tests of Ctrl-C need it, and so do their
+    children: handlers are reset on exec, an ignored signal is not. ``on_restore``: called
+    before SIG_IGN is put back."""
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if ignored:
+            if on_restore is not None:
+                on_restore()
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def tonp(backend, a):

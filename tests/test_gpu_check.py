@@ -24,6 +24,8 @@ from benchmarks import report
 from benchmarks.cases import CASES
 from benchmarks.report import plan, run_suite
 
+from .conftest import sigint_not_ignored
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 NARROW = {"GPU_CHECK_TEST_K": "cross_backend_agreement and sgd",
@@ -55,12 +57,8 @@ def _children_can_be_interrupted():
     limits and Ctrl-C, which these tests check, would never reach their phases. So SIGINT
     has Python's handler here meanwhile (a child starts with the default: handlers are reset
     on exec, an ignored signal is not). (Not a preexec_fn: it forks, and JAX warns of that.)"""
-    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-    if ignored:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    if ignored:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with sigint_not_ignored():
+        yield
 
 
 def _run(tmp_path, *args, smi_answers=False, **extra):

@@ -22,6 +22,8 @@ import pytest
 import bpcore
 from bpcore._array import nested_leaves
 
+from .conftest import sigint_not_ignored
+
 BACKENDS = ["numpy", "torch"]
 OPTIMIZERS = {
     "momentum": lambda: bpcore.optim.sgd(0.05, momentum=0.9, weight_decay=1e-3),
@@ -35,15 +37,10 @@ def backend(request):
     if request.param == "torch":
         pytest.importorskip("torch")
     gc.collect()  # (Trainers of earlier tests hold bpcore's handler while they live)
-    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-    if ignored:  # (a run started as a background job of a shell: Python's default, here)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if not _default_or_held_default(signal.getsignal(signal.SIGINT)):
-        pytest.skip("SIGINT has another handler in this process")
-    yield request.param
-    if ignored:
-        gc.collect()
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with sigint_not_ignored(on_restore=gc.collect):
+        if not _default_or_held_default(signal.getsignal(signal.SIGINT)):
+            pytest.skip("SIGINT has another handler in this process")
+        yield request.param
 
 
 def _default_or_held_default(handler) -> bool:
