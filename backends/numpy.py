@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._base import Backend, numpy_errstate_jit
-from ._ops import NumpyOps
+from ._numba import numba_ops
 
 
 def make() -> Backend:
@@ -22,6 +22,6 @@ def make() -> Backend:
         dlpack_device=(1, 0),
         from_dlpack=np.from_dlpack,
         jit=numpy_errstate_jit,
-        inplace_ops=NumpyOps(np),
+        inplace_ops=numba_ops(np),  # NumPy's, with Numba's fused updates where it runs
         version=np.__version__,
     )

@@ -6,7 +6,7 @@ Uses the first CUDA device when one is present, else the CPU.
 from __future__ import annotations
 
 from ._base import Backend, unavailable
-from ._ops import TorchOps
+from ._ops_torch import TorchOps
 
 
 def make() -> Backend:

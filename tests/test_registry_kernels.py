@@ -234,7 +234,21 @@ def _forms():
 FORMS = _forms()
 
 
-@pytest.mark.parametrize("backend", INPLACE_BACKENDS)
+def _ops(variant: str):
+    """``(backend, in-place operations)``: ``numpy`` is the backend's own (Numba's fused
+    updates where Numba is installed), ``numpy-plain`` NumPy's own kernels on it."""
+    if variant == "numpy-plain":
+        from bpcore.backends._ops import NumpyOps
+
+        return backend_or_skip("numpy"), NumpyOps(np)
+    be = backend_or_skip(variant)
+    return be, be.inplace_ops
+
+
+OPS_VARIANTS = ["numpy", "numpy-plain", "torch"]
+
+
+@pytest.mark.parametrize("backend", OPS_VARIANTS)
 @pytest.mark.parametrize("label,opt,penalty", FORMS, ids=[f[0] for f in FORMS])
 @settings(max_examples=25, deadline=None)
 @given(data=st.data())
@@ -244,8 +258,8 @@ def test_an_optimizers_inplace_form_equals_its_update(backend, label, opt, penal
     ``penalty``) on the same buffers seen as one layer, three steps in a row, float64."""
     from bpcore.optim.inplace import Norms
 
-    be = backend_or_skip(backend)
-    ops, form = be.inplace_ops, opt.inplace
+    be, ops = _ops(backend)
+    form = opt.inplace
     assert form is not None
     n = data.draw(st.integers(2, 40), label="n")
     nW = data.draw(st.integers(1, n - 1), label="n_weights")
@@ -277,3 +291,126 @@ def test_an_optimizers_inplace_form_equals_its_update(backend, label, opt, penal
                                False, tmp)
     want = np.concatenate([be.to_numpy(a) for a in nested_leaves(params)])
     np.testing.assert_allclose(be.to_numpy(p), want, rtol=1e-12, atol=1e-14)
+
+
+# ---- Numba's fused updates: NumPy's own numbers, bit for bit ---------------------------------
+_any = st.one_of(st.sampled_from([0.0, -0.0, 1.0, -1.0, 1e-300, 1e308, -1e308, float("inf"),
+                                  float("-inf"), float("nan")]),
+                 st.floats(-1e3, 1e3, allow_nan=False, width=64))
+
+
+def _update_calls():
+    """(label, call(ops, p, g, m, v, tmp)) for every update NumbaOps overrides."""
+    return [
+        ("axpy", lambda o, p, g, m, v, t: o.axpy_(p, 0.37, g, t)),
+        ("sgd", lambda o, p, g, m, v, t: o.add_scaled_(p, g.copy(), -0.1)),
+        ("momentum", lambda o, p, g, m, v, t: o.momentum_update_(p, g, m, 0.1, 0.9, False, t)),
+        ("nesterov", lambda o, p, g, m, v, t: o.momentum_update_(p, g, m, 0.1, 0.9, True, t)),
+        ("velocity", lambda o, p, g, m, v, t: o.velocity_update_(p, g, m, 0.05, 0.9, False, t)),
+        ("velocity-nesterov",
+         lambda o, p, g, m, v, t: o.velocity_update_(p, g, m, 0.05, 0.9, True, t)),
+        ("adam", lambda o, p, g, m, v, t: o.adam_update_(p, g, m, v, 1e-3, 1e-8, 0.9, 0.999,
+                                                           0.0, p.shape[0] // 2, t)),
+        ("adamw", lambda o, p, g, m, v, t: o.adam_update_(p, g, m, v, 3e-3, 1e-7, 0.8, 0.99,
+                                                            1e-2, p.shape[0] // 2, t)),
+    ]
+
+
+UPDATE_CALLS = _update_calls()
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("label,call", UPDATE_CALLS, ids=[c[0] for c in UPDATE_CALLS])
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_numba_updates_are_numpys_bit_for_bit(dtype, label, call, data):
+    """NumbaOps's single-pass updates against NumpyOps's chunked ones, on the same
+    hypothesis-drawn buffers (NaN, infinities, signed zeros, huge values), float64 and
+    float32 (every scalar rounded to the dtype as NumPy rounds it): the same bits."""
+    pytest.importorskip("numba")
+    from bpcore.backends._numba import NumbaOps
+    from bpcore.backends._ops import NumpyOps
+
+    n = data.draw(st.integers(1, 40), label="n")
+    vec = hnp.arrays(np.float64, n, elements=_any)
+    with np.errstate(over="ignore"):  # (1e308 in float32 is inf)
+        arrays = [data.draw(vec, label=k).astype(dtype) for k in ("p", "g", "m")]
+        arrays.append(np.abs(data.draw(vec, label="v")).astype(dtype))
+    out = []
+    for ops in (NumbaOps(np), NumpyOps(np)):
+        bufs = [a.copy() for a in arrays]
+        tmp = (np.empty(7, dtype), np.empty(7, dtype))  # (NumPy's chunks shorter than n)
+        with np.errstate(all="ignore"):
+            for _ in range(2):
+                call(ops, *bufs, tmp)
+        out.append(bufs)
+    for got, want in zip(*out):
+        np.testing.assert_array_equal(got, want)  # (NaN == NaN here; -0.0 == 0.0 too)
+        real = ~np.isnan(want)  # (and the sign of every zero; a NaN's sign means nothing)
+        assert np.array_equal(np.signbit(got[real]), np.signbit(want[real]))
+
+
+def test_the_numpy_backend_runs_numbas_updates_where_numba_is_installed(monkeypatch):
+    import importlib.util
+
+    from bpcore.backends import _numba
+    from bpcore.backends._ops import NumpyOps
+
+    be = backend_or_skip("numpy")
+    if importlib.util.find_spec("numba") is None:
+        assert type(be.inplace_ops) is NumpyOps
+        assert "not installed" in _numba.numba_unavailable_reason()
+        return
+    assert isinstance(be.inplace_ops, _numba.NumbaOps)
+    assert _numba._kernels() is not None, _numba.numba_unavailable_reason()
+    monkeypatch.setenv("BPCORE_NUMBA", "0")  # the switch that turns them off
+    assert type(_numba.numba_ops(np)) is NumpyOps
+    assert _numba.numba_unavailable_reason() == "BPCORE_NUMBA=0"
+
+
+# ---- scikit-learn's losses: each entry's kernel against its generic form ----------------------
+def _sklearn_loss_entries():
+    from bpcore.sklearn._rules import _LOSSES
+
+    return sorted((k, v) for k, v in _LOSSES.items() if v.kernel is not None)
+
+
+SK_LOSSES = _sklearn_loss_entries()
+
+
+def test_scikit_learns_losses_carry_kernels():
+    assert [k for k, _ in SK_LOSSES] == ["identity", "logistic", "softmax"]
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name,loss", SK_LOSSES, ids=[k for k, _ in SK_LOSSES])
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_scikit_learns_loss_kernel_equals_its_generic_form(backend, dtype, name, loss, data):
+    """The value and D of each scikit-learn loss's in-place kernel equal its generic form's
+    (logits with zeros, ties, ±1e3 and NaN; 0/1 or real targets; sample weights with zeros)."""
+    be = backend_or_skip(backend)
+    ops = be.inplace_ops
+    B = data.draw(st.integers(1, 9), label="B")
+    C = 1 if name == "logistic" and data.draw(st.booleans(), label="binary") else \
+        data.draw(st.integers(1, 6), label="C")
+    z = st.one_of(st.sampled_from([0.0, -0.0, 1e3, -1e3, 40.0, -40.0, float("nan")]),
+                  st.floats(-20, 20, allow_nan=False, width=32))
+    Zh = data.draw(hnp.arrays(np.float64, (B, C), elements=z), label="Z").astype(dtype)
+    if name == "identity":
+        Yh = data.draw(hnp.arrays(np.float64, (B, C), elements=st.floats(-5, 5, width=32)))
+    else:
+        Yh = data.draw(hnp.arrays(np.float64, (B, C), elements=st.sampled_from([0.0, 1.0])))
+    swh = data.draw(hnp.arrays(np.float64, (B, 1), elements=st.sampled_from([0.0, 0.5, 1.0,
+                                                                              3.0])))
+    Z, T = be.asarray(Zh), (be.asarray(Yh.astype(dtype)), be.asarray(swh.astype(dtype)))
+    with np.errstate(all="ignore"):
+        v_want, D_want = loss.forward(Z, T)
+        v_got, D_got = loss.kernel(ops, Z, T, loss.kernel.buffers(ops, Z))
+    exact = backend == "numpy"  # (PyTorch spells 1 - x and 1/x with other kernels)
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-6 if dtype == "float32" else 1e-14,
+                                                  atol=0)
+    np.testing.assert_allclose(float(v_got), float(v_want), **tol, equal_nan=True)
+    np.testing.assert_allclose(be.to_numpy(D_got), be.to_numpy(D_want), **tol)
+    assert float(loss.kernel.correct(ops, Z, T)) == float(loss.correct(Z, T)) == 0.0

@@ -146,7 +146,8 @@ def cmd_info(args) -> int:
     print(f"bpcore {info['bpcore']} on Python {info['python']}, {info['platform']}")
     print(f"cpu: {info['cpu']} ({info['cores']} cores)")
     for name, d in info["backends"].items():
-        print(f"  {name:<17} available  {d['version']:<14} device {d['device']}")
+        kernels = f"  in-place kernels {d['kernels']}" if "kernels" in d else ""
+        print(f"  {name:<17} available  {d['version']:<14} device {d['device']}{kernels}")
     for name, why in info["unavailable"].items():
         print(f"  {name:<17} unavailable: {why}")
     if isinstance(info["blas"], list):
@@ -155,6 +156,7 @@ def cmd_info(args) -> int:
                   f"arch={d['architecture']}")
     else:
         print(f"blas: {info['blas']}")
+    print(f"numba: {info['numba']}")
     for k, v in info["env"].items():
         print(f"env: {k}={v}")
     return 0

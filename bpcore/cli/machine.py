@@ -21,6 +21,13 @@ def machine_info() -> dict:
     for name in backends.available():
         be = backends.get(name)
         info["backends"][name] = {"version": be.version, "device": str(be.device)}
+        if be.inplace_ops is not None:  # whose in-place kernels the buffered steps run
+            ops = be.inplace_ops
+            info["backends"][name]["kernels"] = getattr(ops, "kernels", ops.name)
+    from ..backends._numba import numba_unavailable_reason
+
+    why = numba_unavailable_reason()
+    info["numba"] = why if why is not None else _version("numba")
     try:
         from threadpoolctl import threadpool_info
 
@@ -32,6 +39,12 @@ def machine_info() -> dict:
     info["env"] = {k: os.environ[k] for k in sorted(os.environ)
                    if k.startswith(("OPENBLAS", "OMP_", "MKL_", "XLA_", "JAX_"))}
     return info
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import version
+
+    return version(dist)
 
 
 def _cpu_model() -> str:

@@ -98,6 +98,11 @@ class SoftmaxXentKernel:
         ops.div(D, B, D)
         return value, D
 
+    def correct(self, ops: Any, Z: Array, T: Array) -> Any:
+        """:meth:`Loss.correct` on canonical targets (``argmax`` of the logits equals
+        ``argmax`` of the target row)."""
+        return ops.count(ops.argmax_rows(Z) == ops.argmax_rows(T), Z)
+
     @staticmethod
     def _logsumexp_rows(ops: Any, Z: Array, work: Array, lse: Array, rows: Array) -> None:
         """``lse ← m + log Σ exp(Z - m)`` per row, ``m`` the row's max (``work``, ``rows``:

@@ -33,7 +33,10 @@ _BATCH_DENSE = 2048    # rows densified at a time for sparse X in full-batch (lb
 # passes can be split into chunks) and D = ∂(that sum)/∂Z = sw ⊙ (act(Z) - Y): scikit-learn's
 # canonical-link delta, multiplied by the weights as scikit-learn multiplies it.
 def _eps(Z: Any) -> float:
-    return float(np.finfo(str(Z.dtype).split(".")[-1]).eps)
+    return _EPS[str(Z.dtype).split(".")[-1]]
+
+
+_EPS = {name: float(np.finfo(name).eps) for name in ("float16", "float32", "float64")}
 
 
 def _clip(P: Any, eps: float) -> Any:
@@ -80,6 +83,84 @@ def _poisson(Z, T):
     return xp.sum(sw * (ylog - Y + E)), sw * (E - Y)
 
 
+# ---- their in-place forms, beside them ------------------------------------------------------
+class _WeightedKernel:
+    """The in-place form of one of the losses above (the executors' ``Loss.kernel``, with
+    the backend's in-place operations ``ops``): the same operations in the same order, in
+    buffers, so the same numbers (``tests/test_registry_kernels.py``). ``Z`` are the logits
+    (the output layer is the identity); ``T = (Y, sw)`` or ``(Y, sw, S)``."""
+
+    def buffers(self, ops: Any, Z: Any) -> tuple:
+        """Scratch for a batch shaped like ``Z``: ``(D, rows, work, work2, work3)``."""
+        B, C = Z.shape
+        return (ops.empty((B, C), Z.dtype), ops.empty((B, 1), Z.dtype),
+                *(ops.empty((B, C), Z.dtype) for _ in range(3)))
+
+    def correct(self, ops: Any, Z: Any, T: Any) -> Any:
+        return ops.scalar(0.0, Z)  # (scikit-learn counts nothing: _WeightedLoss.correct)
+
+
+class _SoftmaxLogLossKernel(_WeightedKernel):
+    """:func:`_log_loss_softmax` in place."""
+
+    def __call__(self, ops, Z, T, bufs):
+        Y, sw = T[0], T[1]
+        P, rows, work, _, _ = bufs
+        eps = _eps(Z)
+        ops.row_max(Z, rows)                      # P = softmax(Z): exp(Z - max) / Σ
+        ops.sub(Z, rows, P)
+        ops.exp(P, P)
+        ops.row_sum(P, rows)
+        ops.div(P, rows, P)
+        ops.clip(P, eps, 1.0 - eps, work)         # value = -Σ sw (Y log clip(P))
+        ops.log(work, work)
+        ops.mul(Y, work, work)
+        ops.mul(sw, work, work)
+        value = -ops.total(work)
+        ops.sub(P, Y, P)                          # D = sw (P - Y)
+        ops.mul(sw, P, P)
+        return value, P
+
+
+class _LogisticLossKernel(_WeightedKernel):
+    """:func:`_log_loss_logistic` in place (the sigmoid as :func:`bpcore.nn.activations.
+    sigmoid` computes it: ``ops.sigmoid``)."""
+
+    def __call__(self, ops, Z, T, bufs):
+        Y, sw = T[0], T[1]
+        P, _, work, work2, work3 = bufs
+        eps = _eps(Z)
+        ops.sigmoid(Z, P, work)                   # P
+        ops.clip(P, eps, 1.0 - eps, work)         # Pc
+        ops.rsub(1.0, work, work2)                # log(1 - Pc)
+        ops.log(work2, work2)
+        ops.log(work, work)                       # Y log(Pc)
+        ops.mul(Y, work, work)
+        ops.rsub(1.0, Y, work3)                   # (1 - Y) log(1 - Pc)
+        ops.mul(work3, work2, work2)
+        ops.add(work, work2, work)                # value = -Σ sw (both terms)
+        ops.mul(sw, work, work)
+        value = -ops.total(work)
+        ops.sub(P, Y, P)                          # D = sw (P - Y)
+        ops.mul(sw, P, P)
+        return value, P
+
+
+class _SquaredErrorKernel(_WeightedKernel):
+    """:func:`_squared_error` in place."""
+
+    def __call__(self, ops, Z, T, bufs):
+        Y, sw = T[0], T[1]
+        D, _, work, _, _ = bufs
+        ops.sub(Y, Z, work)                       # value = 0.5 Σ sw (R R) / n_out, R = Y - Z
+        ops.mul(work, work, work)
+        ops.mul(sw, work, work)
+        value = 0.5 * ops.total(work) / Z.shape[1]
+        ops.sub(Z, Y, D)                          # D = sw (Z - Y)
+        ops.mul(sw, D, D)
+        return value, D
+
+
 class _WeightedLoss(Loss):
     """A loss on targets ``T = (Y, sw)``, checked and counted by scikit-learn on the host:
     the step's own target check passes them, and it counts no correct predictions."""
@@ -95,9 +176,12 @@ class _WeightedLoss(Loss):
 
 
 _LOSSES = {
-    "softmax": _WeightedLoss("sklearn_log_loss", _log_loss_softmax, "values"),
-    "logistic": _WeightedLoss("sklearn_binary_log_loss", _log_loss_logistic, "values"),
-    "identity": _WeightedLoss("sklearn_squared_error", _squared_error, "values"),
+    "softmax": _WeightedLoss("sklearn_log_loss", _log_loss_softmax, "values",
+                             kernel=_SoftmaxLogLossKernel()),
+    "logistic": _WeightedLoss("sklearn_binary_log_loss", _log_loss_logistic, "values",
+                              kernel=_LogisticLossKernel()),
+    "identity": _WeightedLoss("sklearn_squared_error", _squared_error, "values",
+                              kernel=_SquaredErrorKernel()),
     "exp": _WeightedLoss("sklearn_poisson", _poisson, "values"),
 }
 

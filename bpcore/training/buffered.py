@@ -125,7 +125,7 @@ class BufferedStep:
         self.kernels = [a.kernel for a in model.activations]
         # The loss's in-place kernel, from its registry entry (on the logits: identity output).
         self.loss_kernel = (self.loss.kernel if self.kernels[-1] is IDENTITY_KERNEL else None)
-        self._fused_xent = self.loss_kernel is not None
+        self._fused_loss = self.loss_kernel is not None
         self._out: TrainState | None = None
 
     def buffer_bytes(self) -> int:
@@ -211,9 +211,9 @@ class BufferedStep:
             value, D = (fused(Y, labels, scratch[0]) if fused is not None else
                         self.loss_kernel.labels(ops, Y, labels, scratch))
             correct = ops.count(ops.argmax_rows(Y) == labels, Y)
-        elif self._fused_xent:
+        elif self._fused_loss:
             value, D = self.loss_kernel(ops, Y, T, self._loss_buffers(Y))
-            correct = ops.count(ops.argmax_rows(Y) == ops.argmax_rows(T), Y)
+            correct = self.loss_kernel.correct(ops, Y, T)
         else:
             value, D = self.loss.forward(Y, T)
             correct = self.loss.correct(Y, T)
@@ -257,7 +257,7 @@ class BufferedStep:
         softmax cross-entropy uses them directly, with no one-hot rows. On a device they may
         not have been read: one-hot rows, where an invalid label is a row of NaN the guard
         refuses (an index out of range would stop the GPU instead)."""
-        if not self._fused_xent or not self.ops.host_reads:
+        if getattr(self.loss_kernel, "labels", None) is None or not self.ops.host_reads:
             T = labels_to_canonical(labels, self.params[-1][0].shape[0], self.p_flat.dtype)
             return self.step(state, x, T)
         with self.ops.quiet():

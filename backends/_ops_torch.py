@@ -1,0 +1,186 @@
+"""PyTorch's in-place operations: :class:`~backends._ops.NumpyOps`'s interface, with what
+PyTorch spells differently (and its fused optimizer kernels) overridden."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from ._ops import NumpyOps
+
+
+class TorchOps(NumpyOps):
+    """The same kernels on PyTorch tensors (no autograd), on ``device`` (CPU or CUDA)."""
+
+    name = "torch"
+    update_scratch = False  # its fused kernels and add_(alpha=) need none
+
+    def __init__(self, torch: Any, device: Any = None):
+        self.np = None
+        self.torch = torch
+        self.device = torch.device("cpu") if device is None else device
+        self.host_reads = self.device.type == "cpu"
+
+    def quiet(self):
+        return contextlib.nullcontext()  # PyTorch does not warn on overflow
+
+    def empty(self, shape, dtype):
+        return self.torch.empty(shape, dtype=dtype, device=self.device)
+
+    def bool_empty(self, shape):
+        return self.torch.empty(shape, dtype=self.torch.bool, device=self.device)
+
+    def copy_(self, dst, src):
+        dst.copy_(src)
+
+    def select_(self, ok, src, dst):
+        self.torch.where(ok, src, dst, out=dst)
+
+    def where(self, ok, a, b):
+        return self.torch.where(ok, a, b)
+
+    def mul(self, a, b, out):
+        self.torch.mul(a, b, out=out)
+
+    def add(self, a, b, out):
+        self.torch.add(a, b, out=out)
+
+    def div(self, a, b, out):
+        self.torch.div(a, b, out=out)
+
+    def sqrt(self, a, out):
+        self.torch.sqrt(a, out=out)
+
+    def relu_(self, Z):
+        self.torch.relu_(Z)  # NaN stays NaN
+
+    def gt0(self, Y, mask):
+        self.torch.gt(Y, 0, out=mask)
+
+    def rsub(self, a, b, out):
+        self.torch.sub(b, a, out=out)  # -(b - a): the same rounding as a - b
+        out.neg_()
+
+    def clip(self, a, lo, hi, out):
+        self.torch.clamp(a, lo, hi, out=out)
+
+    def sigmoid(self, Z, out, work):
+        torch = self.torch
+        torch.abs(Z, out=work)
+        work.neg_()
+        work.exp_()                            # e
+        torch.add(work, 1.0, out=out)          # 1 + e
+        torch.div(work, out, out=work)         # e / (1 + e)
+        torch.reciprocal(out, out=out)         # 1 / (1 + e)
+        torch.where(Z < 0, work, out, out=out)
+
+    def matmul(self, a, b, out):
+        self.torch.matmul(a, b, out=out)
+
+    def linear(self, Y, W, b, out):
+        self.torch.addmm(b, Y, W.t(), out=out)  # one call: the bias rides on the product
+
+    def add_scaled_(self, p, g, a):
+        p.add_(g, alpha=a)
+
+    def axpy_(self, y, a, x, tmp):
+        y.add_(x, alpha=a)
+
+    # PyTorch's fused optimizer kernels (what torch.optim runs with fused=True): one call
+    # for the whole flat buffer instead of a dozen per chunk. Same arithmetic to round-off.
+    def momentum_update_(self, p, g, v, lr, beta, nesterov, tmp):
+        self.torch._fused_sgd_([p], [g], [v], weight_decay=0.0, momentum=beta, lr=lr,
+                               dampening=0.0, nesterov=nesterov, maximize=False,
+                               is_first_step=False)
+
+    def velocity_update_(self, p, g, v, lr, mu, nesterov, tmp):
+        v.mul_(mu).add_(g, alpha=-lr)
+        if nesterov:
+            p.add_(v, alpha=mu).add_(g, alpha=-lr)
+        else:
+            p.add_(v)
+
+    def adam_update_(self, p, g, m, v, alpha, eps, b1, b2, decay, n_weights, tmp):
+        # PyTorch's kernel corrects the bias itself, for a step count it is given: at step 1
+        # (c1 = 1 - b1, c2 = 1 - b2) it computes lr/c1 · m / (sqrt(v)/sqrt(c2) + eps_f),
+        # which is alpha m / (sqrt(v) + eps) for lr = alpha c1 / sqrt(c2), eps_f = eps /
+        # sqrt(c2); its AdamW decay multiplies θ by 1 - lr·wd, so wd = decay / lr.
+        torch = self.torch
+        s2 = (1.0 - b2) ** 0.5
+        lr = alpha * (1.0 - b1) / s2
+        kw = dict(lr=lr, beta1=b1, beta2=b2, eps=eps / s2, amsgrad=False, maximize=False)
+        parts = [(slice(0, n_weights), decay / lr if lr else 0.0),
+                 (slice(n_weights, p.shape[0]), 0.0)]
+        if not decay:  # one call for weights and biases alike
+            parts = [(slice(0, p.shape[0]), 0.0)]
+        for sl, wd in parts:
+            fused = torch._fused_adamw_ if wd else torch._fused_adam_
+            step = torch.ones((), dtype=p.dtype, device=p.device)
+            fused([p[sl]], [g[sl]], [m[sl]], [v[sl]], [], [step], weight_decay=wd, **kw)
+
+    def softmax_xent_labels(self, Z, labels, D):
+        """Softmax cross-entropy on integer labels in PyTorch's own kernels (fewer calls
+        than the generic composition): returns ``(value, D)`` with D written in place."""
+        torch = self.torch
+        B = Z.shape[0]
+        lse = torch.logsumexp(Z, dim=1)
+        value = (lse - Z.gather(1, labels[:, None])[:, 0]).sum() / B
+        torch.exp(Z - lse[:, None], out=D)      # softmax, as the generic exp(Z - lse)
+        neg = getattr(self, "_neg_one", None)
+        if neg is None or neg.dtype != D.dtype:
+            neg = self._neg_one = torch.full((1, 1), -1.0, dtype=D.dtype, device=D.device)
+        D.scatter_add_(1, labels.view(-1, 1), neg.expand(B, 1))  # D[b, y_b] -= 1
+        D.div_(B)
+        return value, D
+
+    def sum_rows(self, G, out):
+        self.torch.sum(G, dim=0, out=out)
+
+    def min_max(self, a):
+        lo, hi = self.torch.aminmax(a)
+        return float(lo), float(hi)
+
+    def dot(self, a, b):
+        return float(self.torch.dot(a, b))
+
+    def row_max(self, Z, out):
+        self.torch.amax(Z, dim=1, keepdim=True, out=out)
+
+    def row_sum(self, Z, out):
+        self.torch.sum(Z, dim=1, keepdim=True, out=out)
+
+    def total(self, a):
+        return self.torch.sum(a)
+
+    def sub(self, a, b, out):
+        self.torch.sub(a, b, out=out)
+
+    def exp(self, a, out):
+        self.torch.exp(a, out=out)
+
+    def log(self, a, out):
+        self.torch.log(a, out=out)
+
+    def argmax_rows(self, a):
+        return self.torch.argmax(a, dim=1)
+
+    def _rows(self, n):
+        r = getattr(self, "_row_index", None)
+        if r is None or r.shape[0] < n:
+            r = self._row_index = self.torch.arange(max(n, 1024), device=self.device)
+        return r[:n]
+
+    def count(self, hit, like):
+        return self.torch.sum(hit).to(like.dtype)
+
+    def host_view(self, a):
+        return a.numpy()  # a CPU tensor: the same memory (host_reads only)
+
+    def scalar(self, value, like):
+        dtype = self.torch.int32 if isinstance(value, int) else like.dtype
+        return self.torch.tensor(value, dtype=dtype, device=self.device)
+
+    def host_dtype(self, like):
+        import numpy
+
+        return {self.torch.float32: numpy.float32, self.torch.float64: numpy.float64}[like.dtype]
