@@ -33,10 +33,16 @@ _BATCH_DENSE = 2048    # rows densified at a time for sparse X in full-batch (lb
 # passes can be split into chunks) and D = ∂(that sum)/∂Z = sw ⊙ (act(Z) - Y): scikit-learn's
 # canonical-link delta, multiplied by the weights as scikit-learn multiplies it.
 def _eps(Z: Any) -> float:
-    return _EPS[str(Z.dtype).split(".")[-1]]
+    # (by the dtype object, whose str() costs more than the loss; its type first, so that
+    # dtypes of two libraries are never compared)
+    key = (type(Z.dtype), Z.dtype)
+    eps = _EPS.get(key)
+    if eps is None:
+        eps = _EPS[key] = float(np.finfo(str(Z.dtype).split(".")[-1]).eps)
+    return eps
 
 
-_EPS = {name: float(np.finfo(name).eps) for name in ("float16", "float32", "float64")}
+_EPS: dict[Any, float] = {}
 
 
 def _clip(P: Any, eps: float) -> Any:
