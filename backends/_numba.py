@@ -50,16 +50,24 @@ def _kernels() -> Any:
     global _KERNELS
     if _KERNELS is not None or _BROKEN:
         return _KERNELS
-    import numpy as np
     try:
         from numba import njit
     except Exception as e:
         _BROKEN.append(f"numba failed to import ({type(e).__name__}: {e})")
         return None
+    try:
+        _KERNELS = _build(njit, cache=True)
+    except RuntimeError:  # no writable place for Numba's cache: compile in memory only
+        _KERNELS = _build(njit, cache=False)
+    return _KERNELS
+
+
+def _build(njit: Any, cache: bool) -> Any:
+    import numpy as np
 
     # error_model="numpy": a division by zero gives inf/NaN as NumPy's, no check per element
     # (which would also keep the loop from vectorising). boundscheck off; fastmath off.
-    jit = njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+    jit = njit(cache=cache, nogil=True, error_model="numpy", boundscheck=False)
 
     @jit
     def axpy(y, a, x):                       # y ← y + x·a
@@ -108,7 +116,6 @@ def _kernels() -> Any:
         pass
 
     K.axpy, K.momentum, K.velocity, K.adam = axpy, momentum, velocity, adam
-    _KERNELS = K
     return K
 
 

@@ -368,6 +368,31 @@ def test_the_numpy_backend_runs_numbas_updates_where_numba_is_installed(monkeypa
     assert _numba.numba_unavailable_reason() == "BPCORE_NUMBA=0"
 
 
+def test_a_numba_that_fails_to_import_leaves_numpys_kernels(monkeypatch):
+    """A Numba that is installed but does not import (built for another NumPy, say): the
+    updates run NumPy's own kernels, the same numbers, and bpcore info says why."""
+    import sys
+
+    from bpcore.backends import _numba
+    from bpcore.backends._ops import NumpyOps
+
+    monkeypatch.setattr(_numba, "_KERNELS", None)
+    monkeypatch.setattr(_numba, "_BROKEN", [])
+    monkeypatch.setitem(sys.modules, "numba", None)  # (import numba raises ImportError)
+    monkeypatch.setattr(_numba.importlib.util, "find_spec", lambda name: object())
+    ops = _numba.NumbaOps(np)
+    rng = np.random.default_rng(0)
+    bufs = [rng.standard_normal(50) for _ in range(3)] + [rng.random(50)]
+    want = [a.copy() for a in bufs]
+    tmp = (np.empty(7), np.empty(7))
+    ops.adam_update_(*bufs, 1e-3, 1e-8, 0.9, 0.999, 1e-2, 30, tmp)
+    NumpyOps(np).adam_update_(*want, 1e-3, 1e-8, 0.9, 0.999, 1e-2, 30, tmp)
+    for a, b in zip(bufs, want):
+        np.testing.assert_array_equal(a, b)
+    assert "numba failed to import (ModuleNotFoundError" in _numba.numba_unavailable_reason()
+    assert type(_numba.numba_ops(np)) is NumpyOps
+
+
 # ---- scikit-learn's losses: each entry's kernel against its generic form ----------------------
 def _sklearn_loss_entries():
     from bpcore.sklearn._rules import _LOSSES

@@ -105,6 +105,16 @@ class _WeightedKernel:
     def correct(self, ops: Any, Z: Any, T: Any) -> Any:
         return ops.scalar(0.0, Z)  # (scikit-learn counts nothing: _WeightedLoss.correct)
 
+    @staticmethod
+    def _log_loss(ops: Any, terms: Any, P: Any, Y: Any, sw: Any) -> Any:
+        """A log loss's ends: returns ``-Σ sw terms`` (``terms``: each sample's log
+        likelihood, overwritten) and turns ``P`` into ``D = sw (P - Y)``."""
+        ops.mul(sw, terms, terms)
+        value = -ops.total(terms)
+        ops.sub(P, Y, P)
+        ops.mul(sw, P, P)
+        return value
+
 
 class _SoftmaxLogLossKernel(_WeightedKernel):
     """:func:`_log_loss_softmax` in place."""
@@ -121,11 +131,7 @@ class _SoftmaxLogLossKernel(_WeightedKernel):
         ops.clip(P, eps, 1.0 - eps, work)         # value = -Σ sw (Y log clip(P))
         ops.log(work, work)
         ops.mul(Y, work, work)
-        ops.mul(sw, work, work)
-        value = -ops.total(work)
-        ops.sub(P, Y, P)                          # D = sw (P - Y)
-        ops.mul(sw, P, P)
-        return value, P
+        return self._log_loss(ops, work, P, Y, sw), P  # (D = sw (P - Y))
 
 
 class _LogisticLossKernel(_WeightedKernel):
@@ -145,11 +151,7 @@ class _LogisticLossKernel(_WeightedKernel):
         ops.rsub(1.0, Y, work3)                   # (1 - Y) log(1 - Pc)
         ops.mul(work3, work2, work2)
         ops.add(work, work2, work)                # value = -Σ sw (both terms)
-        ops.mul(sw, work, work)
-        value = -ops.total(work)
-        ops.sub(P, Y, P)                          # D = sw (P - Y)
-        ops.mul(sw, P, P)
-        return value, P
+        return self._log_loss(ops, work, P, Y, sw), P  # (D = sw (P - Y))
 
 
 class _SquaredErrorKernel(_WeightedKernel):
