@@ -508,9 +508,12 @@ def machine_summary(m: dict) -> str:
     clean = {True: "clean tree", False: "tree with uncommitted changes"}.get(
         src.get("tree_clean"), "tree state unknown")
     src_s = f"Code: commit {src.get('commit', '?')} ({clean}). " if src else ""
+    kernels = ", ".join(f"{k} {d['kernels']}" for k, d in m.get("backends", {}).items()
+                        if "kernels" in d) or "none"
     return (f"{src_s}Machine: {m.get('cpu')} ({m.get('cores')} cores); GPU: {m.get('gpu') or 'none'}. "
             f"BLAS: {blas_s}. Thread/BLAS environment: {env}. torch threads: "
-            f"{m.get('torch_threads')}. float32 matrix products: {prec_s}. Libraries: {libs}.")
+            f"{m.get('torch_threads')}. float32 matrix products: {prec_s}. In-place kernels: "
+            f"{kernels} (numba: {m.get('numba', 'not recorded')}). Libraries: {libs}.")
 
 
 # One colour per implementation, the same in every chart: bpcore on each backend, each peer.
