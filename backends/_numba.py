@@ -112,10 +112,35 @@ def _build(njit: Any, cache: bool) -> Any:
                 u = u + p[i] * neg_decay
             p[i] = p[i] + u
 
+    @jit
+    def softmax_xent_labels(Z, labels, D, zero, one, B):
+        # per row b: m = max Z_b (NaN if any), lse = m + log Σ exp(Z_b - m); returns
+        # Σ_b (lse - Z_{b,y_b}); D ← (exp(Z - lse) - onehot(y)) / B
+        total = 0.0
+        for b in range(Z.shape[0]):
+            m = Z[b, 0]
+            for c in range(1, Z.shape[1]):
+                v = Z[b, c]
+                if v > m or v != v:
+                    m = v
+            s = zero
+            for c in range(Z.shape[1]):
+                s += np.exp(Z[b, c] - m)
+            lse = m + np.log(s)
+            y = labels[b]
+            total += lse - Z[b, y]
+            for c in range(Z.shape[1]):
+                D[b, c] = np.exp(Z[b, c] - lse)
+            D[b, y] -= one
+            for c in range(Z.shape[1]):
+                D[b, c] = D[b, c] / B
+        return total
+
     class K:
         pass
 
     K.axpy, K.momentum, K.velocity, K.adam = axpy, momentum, velocity, adam
+    K.softmax_xent_labels = softmax_xent_labels
     return K
 
 
@@ -129,6 +154,19 @@ class NumbaOps(NumpyOps):
     def _s(like: Any, value: float) -> Any:
         """``value`` rounded to ``like``'s dtype, as NumPy rounds a Python float scalar."""
         return like.dtype.type(value)
+
+    def softmax_xent_labels(self, Z, labels, D):
+        """Softmax cross-entropy on integer labels as one compiled pass per row (the
+        executors' hook, as PyTorch's): ``(value, D)``, the numbers of the loss entry's
+        kernel (:meth:`bpcore.nn.losses.SoftmaxXentKernel.labels`) to round-off (the sums
+        in another order; the value summed in float64)."""
+        k = _kernels()
+        if k is None:
+            return None  # (the executor runs the entry's kernel, NumPy's own operations)
+        t = Z.dtype.type
+        B = Z.shape[0]
+        total = k.softmax_xent_labels(Z, labels, D, t(0), t(1), t(B))
+        return t(total) / B, D
 
     def add_scaled_(self, p, g, a):
         k = _kernels()

@@ -393,6 +393,41 @@ def test_a_numba_that_fails_to_import_leaves_numpys_kernels(monkeypatch):
     assert type(_numba.numba_ops(np)) is NumpyOps
 
 
+@pytest.mark.parametrize("variant", ["numpy", "torch"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_a_backends_softmax_xent_on_labels_equals_the_entrys_kernel(variant, dtype, data):
+    """``ops.softmax_xent_labels`` (Numba's one pass per row on NumPy; PyTorch's own
+    kernels), which the executors run in place of the loss entry's kernel on labels: the same
+    value and D as that kernel on NumPy's own operations, to round-off (logits with ties,
+    ±1e3, infinities and NaN)."""
+    be, ops = _ops(variant)
+    fused = getattr(ops, "softmax_xent_labels", None)
+    if fused is None:
+        pytest.skip(f"{variant}: no fused kernel here (Numba not installed)")
+    from bpcore.backends._ops import NumpyOps
+
+    B, C = data.draw(st.integers(1, 9), label="B"), data.draw(st.integers(1, 12), label="C")
+    z = st.one_of(st.sampled_from([0.0, 1e3, -1e3, float("inf"), float("-inf"),
+                                   float("nan")]), st.floats(-30, 30, width=32))
+    Zh = data.draw(hnp.arrays(np.float64, (B, C), elements=z), label="Z").astype(dtype)
+    yh = data.draw(hnp.arrays(np.int64, B, elements=st.integers(0, C - 1)), label="labels")
+    kernel = bpcore.LOSSES["softmax_cross_entropy"].kernel
+    plain = NumpyOps(np)
+    with np.errstate(all="ignore"):
+        v_want, D_want = kernel.labels(plain, Zh, yh, kernel.buffers(plain, Zh))
+        Z, y = be.asarray(Zh), be.asarray(yh)
+        v_got, D_got = fused(Z, y, ops.empty((B, C), Z.dtype))
+    if not np.isfinite(float(v_want)):  # (inf or NaN alike: the guard refuses the step)
+        assert not np.isfinite(float(v_got))
+        return
+    tol = 1e-12 if dtype == "float64" else 2e-6
+    np.testing.assert_allclose(float(v_got), float(v_want), rtol=tol, atol=tol)
+    np.testing.assert_allclose(be.to_numpy(D_got), D_want, rtol=tol, atol=tol)
+    assert str(be.to_numpy(D_got).dtype) == dtype
+
+
 # ---- scikit-learn's losses: each entry's kernel against its generic form ----------------------
 def _sklearn_loss_entries():
     from bpcore.sklearn._rules import _LOSSES

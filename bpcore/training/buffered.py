@@ -208,8 +208,9 @@ class BufferedStep:
         if labels is not None:
             scratch = self._loss_buffers(Y)
             fused = getattr(ops, "softmax_xent_labels", None)  # a backend's own kernel
-            value, D = (fused(Y, labels, scratch[0]) if fused is not None else
-                        self.loss_kernel.labels(ops, Y, labels, scratch))
+            out = fused(Y, labels, scratch[0]) if fused is not None else None  # (None: not here)
+            value, D = out if out is not None else self.loss_kernel.labels(ops, Y, labels,
+                                                                           scratch)
             correct = ops.count(ops.argmax_rows(Y) == labels, Y)
         elif self._fused_loss:
             value, D = self.loss_kernel(ops, Y, T, self._loss_buffers(Y))
