@@ -1,20 +1,25 @@
 """NumPy's in-place operations with the optimizer updates fused by Numba (optional).
 
-:class:`NumbaOps` is :class:`~backends._ops.NumpyOps` with the optimizer updates
-overridden: ``add_scaled_``, ``axpy_``, ``momentum_update_``, ``velocity_update_`` and
-``adam_update_``. NumPy runs each as up to a dozen passes over the flat buffers (in chunks
-that stay in cache); here each is one compiled loop that reads every element once: on an
-84,000-parameter buffer, Adam 1.15 ms -> 0.25 ms (float64) and 0.83 -> 0.13 ms (float32),
-momentum 6-10x faster (this 2-core CPU). The arithmetic is NumPy's, operation for operation and in the
-same order, with every scalar rounded to the array's dtype first as NumPy rounds a Python
-float (NEP 50) and no fused multiply-add (Numba's default, ``fastmath`` off): the results
-are bit for bit NumPy's (``tests/test_registry_kernels.py`` holds them equal on
-hypothesis-drawn values, NaN and infinities included).
+:class:`NumbaOps` is :class:`~backends._ops.NumpyOps` with the updates overridden
+(``add_scaled_``, ``axpy_``, ``l2_fold_``, ``momentum_update_``, ``velocity_update_``,
+``adam_update_``) and softmax cross-entropy on labels added (``softmax_xent_labels``, the
+executors' hook that PyTorch's operations also fill). NumPy runs each update as up to a
+dozen passes over the flat buffers (in chunks that stay in cache); here each is one compiled
+loop that reads every element once: on an 84,000-parameter buffer, Adam 1.15 ms -> 0.25 ms
+(float64) and 0.83 -> 0.13 ms (float32), momentum 6-10x faster (this 2-core CPU).
+
+The updates' arithmetic is NumPy's, operation for operation and in the same order, with
+every scalar rounded to the array's dtype first as NumPy rounds a Python float (NEP 50) and
+no fused multiply-add (Numba's default, ``fastmath`` off): the results are bit for bit
+NumPy's (``tests/test_registry_kernels.py`` holds them equal on hypothesis-drawn values,
+NaN and infinities included). The softmax cross-entropy sums in another order: equal to the
+loss entry's kernel to round-off (tested likewise).
 
 The NumPy backend uses these where Numba imports (``pip install "bpcore[fast]"``) and
 ``BPCORE_NUMBA`` is not ``0``; else it runs :class:`~backends._ops.NumpyOps`, the same
 numbers. The loops compile on first use, per dtype, and are cached on disk (Numba's
-``cache=True``: next to this file, or in Numba's user cache where that is read-only).
+``cache=True``: next to this file, or in Numba's user cache where that is read-only; in
+memory only where neither is writable).
 """
 
 from __future__ import annotations
@@ -73,6 +78,18 @@ def _build(njit: Any, cache: bool) -> Any:
     def axpy(y, a, x):                       # y ← y + x·a
         for i in range(y.shape[0]):
             y[i] = y[i] + x[i] * a
+
+    @jit
+    def fold_div(g, w, alpha, S, fold):      # g_W ← (g_W + W·α) / S, or g / S; then g_b / S
+        n = w.shape[0]
+        if fold:
+            for i in range(n):
+                g[i] = (g[i] + w[i] * alpha) / S
+        else:
+            for i in range(n):
+                g[i] = g[i] / S
+        for i in range(n, g.shape[0]):
+            g[i] = g[i] / S
 
     @jit
     def momentum(p, g, v, neg_lr, beta, nesterov):
@@ -140,7 +157,7 @@ def _build(njit: Any, cache: bool) -> Any:
         pass
 
     K.axpy, K.momentum, K.velocity, K.adam = axpy, momentum, velocity, adam
-    K.softmax_xent_labels = softmax_xent_labels
+    K.softmax_xent_labels, K.fold_div = softmax_xent_labels, fold_div
     return K
 
 
@@ -167,6 +184,15 @@ class NumbaOps(NumpyOps):
         B = Z.shape[0]
         total = k.softmax_xent_labels(Z, labels, D, t(0), t(1), t(B))
         return t(total) / B, D
+
+    def l2_fold_(self, g, p, n_weights, alpha, S, tmp):
+        k = _kernels()
+        if k is None:
+            return super().l2_fold_(g, p, n_weights, alpha, S, tmp)
+        W = p[:n_weights]
+        sq = self.dot(W, W)  # (BLAS: a sum in one pass, as NumPy's)
+        k.fold_div(g, W, self._s(g, alpha), g.dtype.type(S), bool(alpha))
+        return sq
 
     def add_scaled_(self, p, g, a):
         k = _kernels()

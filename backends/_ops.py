@@ -178,6 +178,17 @@ class NumpyOps:
                     self.add(t2, t1, t2)
                 self.add(pa, t2, pa)
 
+    def l2_fold_(self, g: Any, p: Any, n_weights: int, alpha: float, S: Any,
+                 tmp: tuple[Any, Any]) -> float:
+        """scikit-learn's L2 penalty on the flat gradient: ``g_W ← g_W + α·W`` (none where
+        ``α`` is 0), then ``g ← g / S``; returns ``Σ W²``, ``W = p[:n_weights]``."""
+        W = p[:n_weights]
+        sq = self.dot(W, W)
+        if alpha:
+            self.axpy_(g[:n_weights], alpha, W, tmp)
+        self.div(g, S, g)
+        return sq
+
     # -- products and reductions --------------------------------------------------------------
     def matmul(self, a: Any, b: Any, out: Any) -> None:
         self.np.matmul(a, b, out=out)

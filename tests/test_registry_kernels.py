@@ -304,6 +304,10 @@ def _update_calls():
     return [
         ("axpy", lambda o, p, g, m, v, t: o.axpy_(p, 0.37, g, t)),
         ("sgd", lambda o, p, g, m, v, t: o.add_scaled_(p, g.copy(), -0.1)),
+        ("l2-fold", lambda o, p, g, m, v, t: o.l2_fold_(g, p, p.shape[0] // 2, 0.3,
+                                                       g.dtype.type(7.0), t)),
+        ("l2-fold-no-alpha", lambda o, p, g, m, v, t: o.l2_fold_(g, p, p.shape[0] // 2, 0.0,
+                                                                g.dtype.type(3.0), t)),
         ("momentum", lambda o, p, g, m, v, t: o.momentum_update_(p, g, m, 0.1, 0.9, False, t)),
         ("nesterov", lambda o, p, g, m, v, t: o.momentum_update_(p, g, m, 0.1, 0.9, True, t)),
         ("velocity", lambda o, p, g, m, v, t: o.velocity_update_(p, g, m, 0.05, 0.9, False, t)),

@@ -263,14 +263,9 @@ class l2_penalty:
                  tmp: Any) -> Any:
         """:func:`_finish` on the flat gradient ``g`` and parameters ``p`` (weights first):
         ``g_W += α W``, ``g /= S``; returns the penalised loss."""
-        alpha = self.alpha
         S = T[2] if len(T) > 2 else ops.total(T[1])
-        W = p[:n_weights]
-        value = _penalised(value, ops.dot(W, W), S, alpha)
-        if alpha:
-            ops.axpy_(g[:n_weights], alpha, W, tmp)
-        ops.div(g, S, g)
-        return value
+        return _penalised(value, ops.l2_fold_(g, p, n_weights, self.alpha, S, tmp), S,
+                          self.alpha)
 
 
 def summed_over(workers: Any) -> Any:
