@@ -130,11 +130,18 @@ def _build(njit: Any, cache: bool) -> Any:
             p[i] = p[i] + u
 
     @jit
-    def softmax_xent_labels(Z, labels, D, zero, one, B):
+    def softmax_xent_labels(Z, labels, D, zero, one, B, nan):
         # per row b: m = max Z_b (NaN if any), lse = m + log Σ exp(Z_b - m); returns
-        # Σ_b (lse - Z_{b,y_b}); D ← (exp(Z - lse) - onehot(y)) / B
+        # Σ_b (lse - Z_{b,y_b}); D ← (exp(Z - lse) - onehot(y)) / B. A label out of range
+        # (checked at the boundary before; never read out of bounds here) gives NaN.
         total = 0.0
         for b in range(Z.shape[0]):
+            y = labels[b]
+            if y < 0 or y >= Z.shape[1]:
+                total = np.nan
+                for c in range(Z.shape[1]):
+                    D[b, c] = nan
+                continue
             m = Z[b, 0]
             for c in range(1, Z.shape[1]):
                 v = Z[b, c]
@@ -144,7 +151,6 @@ def _build(njit: Any, cache: bool) -> Any:
             for c in range(Z.shape[1]):
                 s += np.exp(Z[b, c] - m)
             lse = m + np.log(s)
-            y = labels[b]
             total += lse - Z[b, y]
             for c in range(Z.shape[1]):
                 D[b, c] = np.exp(Z[b, c] - lse)
@@ -182,7 +188,7 @@ class NumbaOps(NumpyOps):
             return None  # (the executor runs the entry's kernel, NumPy's own operations)
         t = Z.dtype.type
         B = Z.shape[0]
-        total = k.softmax_xent_labels(Z, labels, D, t(0), t(1), t(B))
+        total = k.softmax_xent_labels(Z, labels, D, t(0), t(1), t(B), t(float("nan")))
         return t(total) / B, D
 
     def l2_fold_(self, g, p, n_weights, alpha, S, tmp):

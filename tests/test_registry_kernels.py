@@ -432,6 +432,21 @@ def test_a_backends_softmax_xent_on_labels_equals_the_entrys_kernel(variant, dty
     assert str(be.to_numpy(D_got).dtype) == dtype
 
 
+def test_numbas_labels_kernel_never_reads_out_of_bounds():
+    """Labels are range-checked at the boundary before this kernel runs; were one out of
+    range anyway, its row is NaN and so is the loss (the guard refuses the step), never a
+    read or write outside the buffers."""
+    be, ops = _ops("numpy")
+    if getattr(ops, "softmax_xent_labels", None) is None:
+        pytest.skip("Numba not installed")
+    Z = np.zeros((3, 4))
+    D = np.full((3, 4), 7.0)
+    for bad in (4, -1, 10**6):
+        value, out = ops.softmax_xent_labels(Z, np.array([0, bad, 3]), D)
+        assert np.isnan(value)
+        assert np.isnan(out[1]).all() and np.isfinite(out[[0, 2]]).all()
+
+
 # ---- scikit-learn's losses: each entry's kernel against its generic form ----------------------
 def _sklearn_loss_entries():
     from bpcore.sklearn._rules import _LOSSES
