@@ -126,6 +126,8 @@ class BufferedStep:
         # The loss's in-place kernel, from its registry entry (on the logits: identity output).
         self.loss_kernel = (self.loss.kernel if self.kernels[-1] is IDENTITY_KERNEL else None)
         self._fused_loss = self.loss_kernel is not None
+        # how it counts correct predictions (a kernel without its own count: the entry's)
+        self._kernel_correct = getattr(self.loss_kernel, "correct", None)
         self._out: TrainState | None = None
 
     def buffer_bytes(self) -> int:
@@ -214,7 +216,8 @@ class BufferedStep:
             correct = ops.count(ops.argmax_rows(Y) == labels, Y)
         elif self._fused_loss:
             value, D = self.loss_kernel(ops, Y, T, self._loss_buffers(Y))
-            correct = self.loss_kernel.correct(ops, Y, T)
+            correct = (self._kernel_correct(ops, Y, T) if self._kernel_correct is not None
+                       else self.loss.correct(Y, T))
         else:
             value, D = self.loss.forward(Y, T)
             correct = self.loss.correct(Y, T)
