@@ -82,7 +82,7 @@ def _gpu_rank(item) -> int | None:
 
 
 SELECTIONS = ("", "all", "gpu")
-JAX_CASES = 4  # the default run's cases per test function on JAX (see the module docstring)
+JAX_CASES = 3  # the default run's cases per test function on JAX (see the module docstring)
 
 
 def _selection() -> str:
