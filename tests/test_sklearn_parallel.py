@@ -35,7 +35,8 @@ CASES = [
 
 
 @needs_mpi
-@pytest.mark.extended(cases=["solver-adam-sparse", "solver-lbfgs-classes-2-sample-weight"])
+@pytest.mark.extended(cases=["solver-adam-sparse", "solver-lbfgs-classes-2-sample-weight",
+                             "solver-sgd-backend-torch"])
 @pytest.mark.parametrize("args", CASES, ids=lambda a: "-".join(x.strip("-") for x in a))
 def test_mpi_two_ranks_fit_as_one_process(tmp_path, args):
     one, rank0, rank1 = _one_process_and_two_ranks(tmp_path, args, WORKER)
