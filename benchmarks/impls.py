@@ -176,11 +176,17 @@ def floor_runner(backend: str, case: Case, dtype: str) -> Runner:
                   f"floor/{backend}")
 
 
-def floor_parts(backend: str, case: Case, dtype: str) -> tuple[list[tuple[str, Runner, int]],
-                                                                 Runner | None]:
+def floor_parts(backend: str, case: Case, dtype: str
+                ) -> tuple[list[tuple[str, Runner, int]], Runner | None, Runner | None]:
     """The GEMM floor's parts: every matrix product of a training step timed alone
     (``Y W^T``, ``G^T Y``, ``G W`` per layer, the last skipped for the first layer) with its
-    FLOP count, and a runner for the backend's GEMM peak (a 2048-square product).
+    FLOP count, a runner for the backend's GEMM peak (a 2048-square product), and (where
+    each operation is its own call) a runner of the same products back to back in a step's
+    order (forward, then backward from the last layer), with nothing between them.
+
+    The sequence is no floor: it says what part of a step's distance to the floor is the
+    products' own (a BLAS's threads woken per call, caches that a product alone keeps warm
+    for itself) and what part the executor's work between them.
 
     Where each operation is its own call (NumPy, PyTorch, CuPy), a step runs its products one
     after another, so the floor is the sum of their best times alone. A compiled step (JAX)
@@ -210,7 +216,20 @@ def floor_parts(backend: str, case: Case, dtype: str) -> tuple[list[tuple[str, R
     # the machine's GEMM peak as this backend reaches it: a square product big enough for
     # any BLAS to run at full speed (cached per backend and dtype for the whole run)
     peak = _peak_runner(backend, dtype)
-    return parts, peak
+    sequence = None
+    if not be.compiles:
+        n_layers = len(case.sizes) - 1
+        order = ([f"layer{k} Y@W.T" for k in range(1, n_layers + 1)] +
+                 [f"layer{k} {p}" for k in range(n_layers, 0, -1) for p in ("G.T@Y", "G@W")])
+        by_name = {name: r.run for name, r, _ in parts}
+        calls = [by_name[name] for name in order if name in by_name]
+
+        def run_sequence(i):
+            return [run(i) for run in calls]
+        sequence = Runner(run_sequence, lambda outs: be.synchronize(*[o for out in outs
+                                                                        for o in out]),
+                          f"sequence/{backend}", asynchronous=be.asynchronous)
+    return parts, peak, sequence
 
 
 @functools.lru_cache(maxsize=2)

@@ -204,21 +204,24 @@ def _measure_one(task: Task, gpu: bool, timing: dict, rows: list, skipped: dict,
 SMOKE_TIMING = {"blocks": 2, "block_s": 0.002, "warmup": 1, "warmup_s": 0.0}
 
 
-def measure_floor(parts: list, peak: Any, timing: dict, rounds: int = 2, *,
+def measure_floor(parts: list, peak: Any, sequence: Any, timing: dict, rounds: int = 2, *,
                   compiles: bool = False, flops: int = 0) -> dict:
     """The floor from :func:`~benchmarks.impls.floor_parts`: the products' best times summed
     (a step that runs them one by one), or, where the backend compiles the step
     (``compiles``), the step's ``flops`` at the best rate measured on the backend.
 
     Each part is timed in ``rounds`` separate rounds and its fastest block kept: a floor must
-    not be inflated by a moment of noise (it would stop being a lower bound).
+    not be inflated by a moment of noise (it would stop being a lower bound). ``sequence``
+    (or None): the same products back to back, timed alike and reported beside the floor
+    (``floor_sequence_s``), not as it.
     """
     best: dict[str, dict] = {}
     for _ in range(rounds):
-        for name, r, _ in parts:
+        for name, r, _ in [*parts, *([("sequence", sequence, 0)] if sequence else [])]:
             t = measure(r, **timing)
             if name not in best or t["time_s"] < best[name]["time_s"]:
                 best[name] = t
+    sequence_t = best.pop("sequence", None)
     part_flops = {name: f for name, _, f in parts}
     peak_s = _peak_time(peak, timing)
     from .impls import PEAK_N
@@ -236,6 +239,7 @@ def measure_floor(parts: list, peak: Any, timing: dict, rounds: int = 2, *,
             "floor_method": "FLOPs at the best rate" if compiles else "sum of products",
             "floor_sum_products_s": sum_s, "floor_at_peak_s": at_peak_s,
             "floor_forward_s": forward_s,
+            "floor_sequence_s": sequence_t["time_s"] if sequence_t else None,
             "calls_per_block": min(t["calls_per_block"] for t in best.values()),
             "blocks": timing["blocks"],
             "products_s": {name: t["time_s"] for name, t in best.items()},
@@ -393,14 +397,17 @@ def peers_table(rows: list[dict], cases: Iterable[str] | None = None) -> str:
             lines.append(f"| {r['case']} | {r['dtype']} | {r['backend']} | {r['kind']} | "
                          f"{r['time_s'] * 1e3:.3f} |")
     lines += ["", "| case | dtype | backend | GEMM floor ms | how | Σ products ms | FLOPs at "
-              "best rate ms | best GEMM GFLOP/s |", "|---|---|---|---:|---|---:|---:|---:|"]
+              "best rate ms | best GEMM GFLOP/s | products in sequence ms (× floor) |",
+              "|---|---|---|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         if r["impl"] == "floor" and (cases is None or r["case"] in cases):
+            seq = r.get("floor_sequence_s")
+            seq = f"{seq * 1e3:.3f} ({seq / r['time_s']:.2f})" if seq else "-"
             lines.append(f"| {r['case']} | {r['dtype']} | {r['backend']} | "
                          f"{r['time_s'] * 1e3:.3f} | {r.get('floor_method', '-')} | "
                          f"{r.get('floor_sum_products_s', 0) * 1e3:.3f} | "
                          f"{r.get('floor_at_peak_s', 0) * 1e3:.3f} | "
-                         f"{r.get('best_gemm_gflops', 0):.0f} |")
+                         f"{r.get('best_gemm_gflops', 0):.0f} | {seq} |")
     return "\n".join(lines)
 
 
@@ -463,6 +470,9 @@ def write_report(result: dict, machine: dict, out: str) -> list[str]:
                 "per call, the sum of the step's matrix products each timed alone; on JAX, "
                 "whose compiled step may overlap products, the step's FLOPs at the best rate "
                 "measured on that backend (a 2048-square product or any of the step's own). "
+                "Beside the floor (*Peers and floors*), the same products run back to back "
+                "with nothing between them: what a step's distance to its floor owes to the "
+                "products themselves, not the executor's work. "
                 "*Trainer.step* is what a user's loop calls (inputs and integer labels on the "
                 "device); *prepared* skips the boundary checks (`Trainer.step_prepared`).\n\n")
         dts = sorted({r["dtype"] for r in rows if r["impl"] == "step"}) or ["float32"]

@@ -140,6 +140,8 @@ def test_report_end_to_end(tmp_path):
     assert {r["kind"] for r in rows if r["impl"] == "step"} == {"sgd", "adam"}
     floor = next(r for r in rows if r["impl"] == "floor")
     assert floor["floor_method"] == "sum of products" and floor["peak_gflops"] > 0
+    # the products back to back, beside the floor (no floor: nothing compares it below)
+    assert floor["floor_sequence_s"] > 0 and len(floor["products_s"]) == 8
     assert all("ratio_to_floor" in r for r in rows if r["impl"] == "bpcore")
     assert any("ratio_to_best_peer" in r for r in rows if r["impl"] == "bpcore")
     assert "blas" in data["machine"] and "cores" in data["machine"]
