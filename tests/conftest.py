@@ -96,6 +96,36 @@ def _selection() -> str:
 
 def pytest_configure(config):
     _selection()  # (a misspelt selection is refused before minutes of collection)
+    if config.pluginmanager.hasplugin("xdist"):  # (-n: its hooks exist only then)
+        config.pluginmanager.register(_WorkerFigures(), "bpcore-worker-figures")
+
+
+def _figures() -> tuple[dict, dict]:
+    """The figures the summary prints, as this process measured them."""
+    from . import test_gradients, test_training
+
+    return test_gradients.WORST_JAX_REL_ERROR, test_training.WORST_CROSS_BACKEND
+
+
+class _WorkerFigures:
+    """Under pytest-xdist (``-n``), each worker measures its share of the figures and the
+    controller, which runs no test, prints the summary: workers send theirs back when they
+    finish (``workeroutput``) and the controller keeps the worst of each."""
+
+    @pytest.hookimpl(tryfirst=True)  # (before xdist's own, which sends workeroutput)
+    def pytest_sessionfinish(self, session):
+        out = getattr(session.config, "workeroutput", None)
+        if out is not None:  # a worker
+            out["bpcore_figures"] = [{k: float(v) for k, v in d.items()} for d in _figures()]
+            out["bpcore_left_out"] = list(EXTENDED_LEFT_OUT)
+
+    def pytest_testnodedown(self, node, error):
+        out = getattr(node, "workeroutput", None) or {}
+        for mine, theirs in zip(_figures(), out.get("bpcore_figures", ())):
+            for k, v in theirs.items():
+                mine[k] = max(v, mine.get(k, 0.0))
+        if out.get("bpcore_left_out") and not EXTENDED_LEFT_OUT:  # (each worker's is alike)
+            EXTENDED_LEFT_OUT.extend(out["bpcore_left_out"])
 
 
 def _spread(n: int, k: int) -> set[int]:
@@ -198,16 +228,14 @@ def unit(rng, shape):
 
 def pytest_terminal_summary(terminalreporter):
     """Print the figures the issue asks for, measured by this very run."""
-    from . import test_gradients, test_training
-
+    worst_grad, worst_cross = _figures()
     lines = []
-    if test_gradients.WORST_JAX_REL_ERROR:
+    if worst_grad:
         lines.append("worst relative gradient error vs jax.grad (float64): " + ", ".join(
-            f"{k}={v:.2e}" for k, v in sorted(test_gradients.WORST_JAX_REL_ERROR.items())))
-    if test_training.WORST_CROSS_BACKEND:
+            f"{k}={v:.2e}" for k, v in sorted(worst_grad.items())))
+    if worst_cross:
         lines.append("worst parameter disagreement vs numpy after 20 steps (float64): " +
-                     ", ".join(f"{k}={v:.2e}" for k, v in
-                               sorted(test_training.WORST_CROSS_BACKEND.items())))
+                     ", ".join(f"{k}={v:.2e}" for k, v in sorted(worst_cross.items())))
     counts: dict[str, dict[str, int]] = {}
     for outcome in ("passed", "failed", "skipped"):
         for rep in terminalreporter.stats.get(outcome, []):
