@@ -68,10 +68,10 @@ def host_view(be: Any, y: Any) -> np.ndarray | None:
     None only for data on an asynchronous device (JAX, CUDA): host data of any library (a CPU
     torch tensor into a NumPy model, say) is always viewed, so its values can be checked.
     """
+    if isinstance(y, np.ndarray):  # (first: a training loop's usual labels)
+        return y
     if isinstance(y, (list, tuple)) or np.isscalar(y):
         return np.asarray(y)
-    if isinstance(y, np.ndarray):
-        return y
     if be.is_native(y):
         return None if be.asynchronous else be.to_numpy(y)
     if on_cpu(y):
@@ -81,11 +81,13 @@ def host_view(be: Any, y: Any) -> np.ndarray | None:
     return None
 
 
+_KINDS = {"f": "float", "i": "int", "u": "uint", "b": "bool", "c": "complex"}
+
+
 def dtype_kind(dt: Any) -> str:
     """'float', 'int', 'uint', 'bool', 'complex' or 'other', for any library's dtype."""
     try:
-        k = np.dtype(dt).kind
-        return {"f": "float", "i": "int", "u": "uint", "b": "bool", "c": "complex"}.get(k, "other")
+        return _KINDS.get((dt if isinstance(dt, np.dtype) else np.dtype(dt)).kind, "other")
     except TypeError:  # torch and array_api_strict dtypes: go by the name
         pass
     s = str(dt)

@@ -58,6 +58,32 @@ def test_out_of_range_labels_from_any_library_never_train(backend):
         _assert_same(_snapshot(trainer), before)
 
 
+@pytest.mark.parametrize("dt", ["int8", ">i2", "<i4", ">i8", "int64", "uint8", ">u4", "uint64"])
+def test_the_label_range_check_is_the_plain_one_for_every_integer_type(dt):
+    """The boundary's one-pass range check (a negative label seen as a huge unsigned one)
+    against the plain ``0 <= y < n_out``: every width, signedness and byte order, strided
+    views, the extremes of each type."""
+    from bpcore.nn.targets import _labels_in_range
+
+    info = np.iinfo(np.dtype(dt))
+    rng = np.random.default_rng(0)
+    for n_out in (1, 2, 10, 127):
+        for values in ([0], [n_out - 1], [n_out], [-1], [info.min], [info.max],
+                       rng.integers(-3, n_out + 3, 40), rng.integers(0, n_out, 40)):
+            v = np.array(values)
+            v = v[(v >= info.min) & (v <= info.max)]
+            if not v.size:
+                continue
+            y = v.astype(dt)
+            for arr in (y, np.repeat(y, 2)[::2]):  # contiguous, and a strided view
+                assert _labels_in_range(arr, n_out) == bool(
+                    np.all((arr.astype(object) >= 0) & (arr.astype(object) < n_out))), \
+                    (dt, n_out, arr)
+    with pytest.raises(ShapeError, match="class label -1 is out of range"):
+        bpcore.Trainer(bpcore.MLP([2, 3]), "softmax_cross_entropy").step(
+            np.zeros((2, 2)), np.array([-1, 1], dtype=">i8"))
+
+
 def test_negative_or_nan_targets_are_refused(backend):
     X, y = _data(8)
     soft = np.full((8, 3), 1 / 3)

@@ -69,10 +69,12 @@ def label_targets(loss: Loss, backend: Any, y: Any, n_out: int, batch: int, *,
     host = host_view(backend, y)
     src = host if host is not None else y
     shape = tuple(getattr(src, "shape", ()))
-    if len(shape) != 1 or shape[0] != batch or dtype_kind(src.dtype) not in ("int", "uint"):
+    if len(shape) != 1 or shape[0] != batch:
         return None
-    return _checked_labels(loss, backend, y, host, src, shape, dtype_kind(src.dtype), n_out,
-                           argument)
+    kind = dtype_kind(src.dtype)
+    if kind not in ("int", "uint"):
+        return None
+    return _checked_labels(loss, backend, y, host, src, shape, kind, n_out, argument)
 
 
 def labels_to_canonical(labels: Array, n_out: int, dtype: Any) -> Array:
@@ -95,7 +97,7 @@ def _checked_labels(loss: Loss, be: Any, y: Any, host: Any, src: Any, shape: tup
             f"[0, {n_out}), got dtype {src.dtype}; pass integer labels "
             f"(y.astype('int64')) or one-hot rows of shape ({batch}, {n_out})."
         )
-    if host is not None and host.size:
+    if host is not None and host.size and not _labels_in_range(host, n_out):
         lo, hi = int(host.min()), int(host.max())
         if lo < 0 or hi >= n_out:
             bad = lo if lo < 0 else hi
@@ -103,7 +105,16 @@ def _checked_labels(loss: Loss, be: Any, y: Any, host: Any, src: Any, shape: tup
                 f"{argument}: class label {bad} is out of range; the network has "
                 f"{n_out} outputs, so labels must lie in [0, {n_out - 1}]."
             )
-    return be.asarray(y if be.is_native(y) else src)
+    return be.native_to_device(y) if be.is_native(y) else be.asarray(src)
+
+
+def _labels_in_range(host: np.ndarray, n_out: int) -> bool:
+    """Whether every integer label in ``host`` lies in ``[0, n_out)``, in one pass: seen as
+    unsigned integers of the same width, a negative label is at least ``2**(bits-1)``."""
+    dt = host.dtype
+    if dt.kind == "i":
+        host = host.view(np.dtype(f"u{dt.itemsize}").newbyteorder(dt.byteorder))
+    return int(np.maximum.reduce(host, axis=None)) < n_out
 
 
 def _check_host_values(loss: Loss, T: np.ndarray, argument: str) -> None:
