@@ -403,7 +403,7 @@ def test_a_numba_that_fails_to_import_leaves_numpys_kernels(monkeypatch):
 @given(data=st.data())
 def test_a_backends_softmax_xent_on_labels_equals_the_entrys_kernel(variant, dtype, data):
     """``ops.softmax_xent_labels`` (Numba's one pass per row on NumPy; PyTorch's own
-    kernels), which the executors run in place of the loss entry's kernel on labels: the same
+    kernels), which the softmax entry's kernel runs in place of its own operations: the same
     value and D as that kernel on NumPy's own operations, to round-off (logits with ties,
     ±1e3, infinities and NaN)."""
     be, ops = _ops(variant)
@@ -430,6 +430,44 @@ def test_a_backends_softmax_xent_on_labels_equals_the_entrys_kernel(variant, dty
     np.testing.assert_allclose(float(v_got), float(v_want), rtol=tol, atol=tol)
     np.testing.assert_allclose(be.to_numpy(D_got), D_want, rtol=tol, atol=tol)
     assert str(be.to_numpy(D_got).dtype) == dtype
+
+
+@pytest.mark.parametrize("backend_name", INPLACE_BACKENDS)
+def test_a_loss_of_your_own_on_labels_runs_its_own_kernel(backend_name):
+    """The backend's one-pass softmax cross-entropy is the softmax entry's choice, not the
+    executor's: a loss of the user's own named "softmax_cross_entropy" whose kernel computes
+    something else on labels (here twice the loss) trains with that kernel, as the generic
+    step does with its forward."""
+    import dataclasses
+
+    from bpcore.nn.losses import SoftmaxXentKernel
+
+    ref = bpcore.LOSSES["softmax_cross_entropy"]
+    calls = []
+
+    class Twice(SoftmaxXentKernel):
+        def labels(self, ops, Z, labels, bufs):
+            calls.append(1)
+            value, D = super().labels(ops, Z, labels, bufs)
+            ops.mul(D, 2.0, D)
+            return value * 2, D
+
+    own = dataclasses.replace(ref, forward=lambda Y, T: tuple(2 * v for v in ref.forward(Y, T)),
+                              kernel=Twice())
+    assert own.name == ref.name
+    be = backend_or_skip(backend_name)
+    rng = np.random.default_rng(3)
+    X, y = rng.standard_normal((12, 4)), rng.integers(0, 3, 12)
+    runs = []
+    for inplace in (None, False):
+        model = bpcore.MLP([4, 6, 3], backend=be, dtype="float64", seed=1)
+        trainer = bpcore.Trainer(model, own, optim.sgd(0.1), inplace=inplace)
+        for _ in range(3):
+            trainer.step(be.asarray(X), be.asarray(y))
+        runs.append([be.to_numpy(a) for a in nested_leaves(model.params)])
+    assert calls, "the executor did not run the loss's own kernel on labels"
+    for a, b in zip(*runs):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_numbas_labels_kernel_never_reads_out_of_bounds():

@@ -85,7 +85,13 @@ class SoftmaxXentKernel:
     def labels(self, ops: Any, Z: Array, labels: Array, bufs: tuple) -> tuple[Any, Array]:
         """:meth:`__call__` for one-hot targets given as labels ``y``: value
         ``Σ_b (lse_b - Z_{b,y_b}) / B`` and ``D = (softmax(Z) - onehot(y)) / B``, the same
-        numbers to round-off without the one-hot rows."""
+        numbers to round-off without the one-hot rows. Where the backend has a one-pass
+        form of exactly this (``ops.softmax_xent_labels``: PyTorch's, Numba's), that runs
+        instead (it may decline with None: then the operations below)."""
+        fused = getattr(ops, "softmax_xent_labels", None)
+        out = fused(Z, labels, bufs[0]) if fused is not None else None
+        if out is not None:
+            return out
         D, lse, rows, _ = bufs
         B = Z.shape[0]
         self._logsumexp_rows(ops, Z, D, lse, rows)

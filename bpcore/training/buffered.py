@@ -208,11 +208,7 @@ class BufferedStep:
                 Y = act.forward(Z)
             Ys.append((Z, Y))
         if labels is not None:
-            scratch = self._loss_buffers(Y)
-            fused = getattr(ops, "softmax_xent_labels", None)  # a backend's own kernel
-            out = fused(Y, labels, scratch[0]) if fused is not None else None  # (None: not here)
-            value, D = out if out is not None else self.loss_kernel.labels(ops, Y, labels,
-                                                                           scratch)
+            value, D = self.loss_kernel.labels(ops, Y, labels, self._loss_buffers(Y))
             correct = ops.count(ops.argmax_rows(Y) == labels, Y)
         elif self._fused_loss:
             value, D = self.loss_kernel(ops, Y, T, self._loss_buffers(Y))
