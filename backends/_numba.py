@@ -1,7 +1,7 @@
 """NumPy's in-place operations with the optimizer updates fused by Numba (optional).
 
 :class:`NumbaOps` is :class:`~backends._ops.NumpyOps` with the updates overridden
-(``add_scaled_``, ``axpy_``, ``l2_fold_``, ``momentum_update_``, ``velocity_update_``,
+(``add_scaled_``, ``axpy_``, ``fold_div_``, ``momentum_update_``, ``velocity_update_``,
 ``adam_update_``) and softmax cross-entropy on labels added (``softmax_xent_labels``, the
 executors' hook that PyTorch's operations also fill). NumPy runs each update as up to a
 dozen passes over the flat buffers (in chunks that stay in cache); here each is one compiled
@@ -191,14 +191,11 @@ class NumbaOps(NumpyOps):
         total = k.softmax_xent_labels(Z, labels, D, t(0), t(1), t(B), t(float("nan")))
         return t(total) / B, D
 
-    def l2_fold_(self, g, p, n_weights, alpha, S, tmp):
+    def fold_div_(self, g, W, alpha, S, tmp):
         k = _kernels()
         if k is None:
-            return super().l2_fold_(g, p, n_weights, alpha, S, tmp)
-        W = p[:n_weights]
-        sq = self.dot(W, W)  # (BLAS: a sum in one pass, as NumPy's)
+            return super().fold_div_(g, W, alpha, S, tmp)
         k.fold_div(g, W, self._s(g, alpha), g.dtype.type(S), bool(alpha))
-        return sq
 
     def add_scaled_(self, p, g, a):
         k = _kernels()

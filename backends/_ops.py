@@ -184,10 +184,15 @@ class NumpyOps:
         ``α`` is 0), then ``g ← g / S``; returns ``Σ W²``, ``W = p[:n_weights]``."""
         W = p[:n_weights]
         sq = self.dot(W, W)
-        if alpha:
-            self.axpy_(g[:n_weights], alpha, W, tmp)
-        self.div(g, S, g)
+        self.fold_div_(g, W, alpha, S, tmp)
         return sq
+
+    def fold_div_(self, g: Any, W: Any, alpha: float, S: Any, tmp: tuple[Any, Any]) -> None:
+        """``g_W ← g_W + α·W`` (none where ``α`` is 0; ``g_W = g[:len(W)]``), then
+        ``g ← g / S`` (:meth:`l2_fold_`'s update)."""
+        if alpha:
+            self.axpy_(g[:W.shape[0]], alpha, W, tmp)
+        self.div(g, S, g)
 
     # -- products and reductions --------------------------------------------------------------
     def matmul(self, a: Any, b: Any, out: Any) -> None:
