@@ -33,6 +33,12 @@ def _library_of(x: Any) -> str:
     return type(x).__module__.split(".")[0]
 
 
+
+def _native_order(a: np.ndarray) -> np.ndarray:
+    """``a`` in this machine's byte order (an array read from a big-endian file, say): the
+    same values; PyTorch refuses any other order and compiled kernels take native only."""
+    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
+
 @dataclass(frozen=True, eq=False)
 class Backend:
     """One array library on one device.
@@ -109,7 +115,7 @@ class Backend:
         if self.is_native(x):
             out = self.native_to_device(x)
         elif isinstance(x, np.ndarray) or np.isscalar(x) or isinstance(x, (list, tuple)):
-            out = self.from_host(np.asarray(x))
+            out = self.from_host(_native_order(np.asarray(x)))
         elif hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
             out = self._from_foreign_dlpack(x)
         else:
@@ -120,7 +126,7 @@ class Backend:
                     "(it has no numeric array interface); pass a NumPy array or any "
                     "DLPack-capable array."
                 )
-            out = self.from_host(host)
+            out = self.from_host(_native_order(host))
         if dtype is not None:
             dt = self.dtype(dtype) if isinstance(dtype, str) else dtype
             if out.dtype != dt:
@@ -130,7 +136,7 @@ class Backend:
     def _from_foreign_dlpack(self, x: Any) -> Any:
         src = tuple(int(v) for v in x.__dlpack_device__())
         if src[0] == _DLPACK_CPU:
-            return self.from_host(cpu_array_to_numpy(x))
+            return self.from_host(_native_order(cpu_array_to_numpy(x)))
         if src == tuple(self.dlpack_device) and self.from_dlpack is not None:
             return self.from_dlpack(x)
         raise DeviceMismatchError(

@@ -184,8 +184,8 @@ class NumbaOps(NumpyOps):
         kernel (:meth:`bpcore.nn.losses.SoftmaxXentKernel.labels`) to round-off (the sums
         in another order; the value summed in float64)."""
         k = _kernels()
-        if k is None:
-            return None  # (the executor runs the entry's kernel, NumPy's own operations)
+        if k is None or not labels.dtype.isnative:  # (Numba types native byte order only)
+            return None  # (the entry's kernel runs NumPy's own operations)
         t = Z.dtype.type
         B = Z.shape[0]
         total = k.softmax_xent_labels(Z, labels, D, t(0), t(1), t(B), t(float("nan")))

@@ -84,6 +84,24 @@ def test_the_label_range_check_is_the_plain_one_for_every_integer_type(dt):
             np.zeros((2, 2)), np.array([-1, 1], dtype=">i8"))
 
 
+def test_big_endian_data_trains_as_native(backend):
+    """Arrays in the other byte order (read from a big-endian file, say): the same training
+    run as native ones on every backend (PyTorch refused them; Numba's labels kernel could
+    not type them)."""
+    X, y = _data(16)
+    runs = []
+    for Xs, ys in ((X, y), (X.astype(">f8"), y.astype(">i4"))):
+        model = bpcore.MLP([5, 8, 3], backend=backend, dtype="float64", seed=0)
+        trainer = bpcore.Trainer(model, "softmax_cross_entropy", optim.adam(0.01))
+        for _ in range(3):
+            trainer.step(Xs, ys)
+        trainer.check()
+        runs.append(params_np(model))
+    for (Wa, ba), (Wb, bb) in zip(*runs):
+        np.testing.assert_array_equal(Wa, Wb)
+        np.testing.assert_array_equal(ba, bb)
+
+
 def test_negative_or_nan_targets_are_refused(backend):
     X, y = _data(8)
     soft = np.full((8, 3), 1 / 3)
