@@ -85,6 +85,10 @@ class Backend:
     # ``place_like(x, like)``: ``x`` placed where ``like`` lives, when that is more than this
     # backend's one device (JAX parameters replicated by data-parallel training); else ``x``.
     place_like: Callable[[Any, Any], Any] = field(default=lambda x, like: x, repr=False)
+    # The integer dtype class labels take on this backend (None: any integer dtype as
+    # given). PyTorch's indexing kernels take int64 (gather, scatter, nll_loss) and it has
+    # no comparisons for uint16/32/64, so labels become int64 there, once, at the boundary.
+    label_dtype: str | None = None
     version: str = ""
 
     # -- dtypes -------------------------------------------------------------------------

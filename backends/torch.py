@@ -53,5 +53,6 @@ def make() -> Backend:
         asynchronous=cuda,
         # (on CUDA, ops.host_reads is False: the buffered step runs, with no host read)
         inplace_ops=TorchOps(torch, device),
+        label_dtype="int64",
         version=torch.__version__,
     )

@@ -84,6 +84,45 @@ def test_the_label_range_check_is_the_plain_one_for_every_integer_type(dt):
             np.zeros((2, 2)), np.array([-1, 1], dtype=">i8"))
 
 
+@pytest.mark.parametrize("inplace", [None, False])
+def test_labels_of_every_integer_type_train_as_int64_ones(backend, inplace):
+    """Class labels of any integer dtype, on the host or already the backend's arrays (an
+    MNIST file's uint8, say): the same run as int64 labels, in every executor, and ``fit``
+    and ``evaluate`` take them too. (PyTorch's in-place step raised on every dtype but
+    int32/int64, its generic step on uint16/32/64: its kernels index with int64 only.)"""
+    if inplace is False and backend.inplace_ops is None:
+        pytest.skip(f"{backend.name}: one executor (inplace=False changes nothing)")
+    X, y = _data(16)
+    want = None
+    dtypes = ("int64", "uint8", "int8", "int16", "uint16", "int32", "uint32", "uint64")
+    if backend.compiles:  # (each label dtype compiles the step anew: the extremes only)
+        dtypes = ("int64", "uint8", "uint64")
+    for dt in dtypes:
+        for on_device in (False, True):
+            labels = y.astype(dt)
+            if on_device:
+                try:
+                    labels = backend.asarray(labels)
+                except Exception:  # (a library without this dtype: host labels only)
+                    continue
+            model = bpcore.MLP([5, 8, 3], backend=backend, dtype="float32", seed=0)
+            trainer = bpcore.Trainer(model, "softmax_cross_entropy", optim.adam(0.01),
+                                     inplace=inplace)
+            losses = [float(trainer.step(X, labels)) for _ in range(3)]
+            trainer.check()
+            got = (losses, params_np(model))
+            if want is None:
+                want = got
+                continue
+            assert got[0] == want[0], (dt, on_device)
+            for (Wa, ba), (Wb, bb) in zip(got[1], want[1]):
+                np.testing.assert_array_equal(Wa, Wb)
+                np.testing.assert_array_equal(ba, bb)
+            if dt == "uint8":
+                trainer.fit(X, labels, epochs=1, batch_size=8, verbose=0)
+                assert np.isfinite(trainer.evaluate(X, labels)["loss"])
+
+
 def test_big_endian_data_trains_as_native(backend):
     """Arrays in the other byte order (read from a big-endian file, say): the same training
     run as native ones on every backend (PyTorch refused them; Numba's labels kernel could

@@ -105,7 +105,12 @@ def _checked_labels(loss: Loss, be: Any, y: Any, host: Any, src: Any, shape: tup
                 f"{argument}: class label {bad} is out of range; the network has "
                 f"{n_out} outputs, so labels must lie in [0, {n_out - 1}]."
             )
-    return be.native_to_device(y) if be.is_native(y) else be.asarray(src)
+    labels = be.native_to_device(y) if be.is_native(y) else be.asarray(src)
+    if be.label_dtype is not None:  # the dtype the backend's kernels index with (torch: int64)
+        want = getattr(be.xp, be.label_dtype)
+        if labels.dtype != want:
+            labels = be.xp.astype(labels, want)
+    return labels
 
 
 def _labels_in_range(host: np.ndarray, n_out: int) -> bool:
