@@ -227,3 +227,75 @@ def test_train_that_diverges_fails_and_writes_no_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "diverged" in err and err.count("\n") == 1
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+# ---- a CSV with a header is read by the training columns' names ------------------------------
+@pytest.fixture(scope="module")
+def named_model(tmp_path_factory):
+    """A model trained on a CSV whose header names its columns (label first, not last)."""
+    tmp = tmp_path_factory.mktemp("named")
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((240, 3))
+    y = (X[:, 0] - 2 * X[:, 2] > 0).astype(int)  # the columns' order matters
+    data = _csv(tmp / "train.csv", np.column_stack([y, X]), header=["kind", "u", "v", "w"])
+    assert main(["train", "--data", str(data), "--label-column", "kind", "--epochs", "20",
+                 "--quiet", "--out", str(tmp / "run")]) == 0
+    return tmp / "run" / "model.safetensors", X, y
+
+
+def _predictions(capsys, argv):
+    capsys.readouterr()
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr()
+    return [int(v) for v in out.out.split()], out.err
+
+
+def test_predict_reads_a_headed_csv_by_column_name(named_model, tmp_path, capsys):
+    """The same columns in another order give the same predictions (they gave the columns
+    swapped, a silent wrong answer), with or without the label, which is found by its
+    training name; a header-less file is read by position, as before."""
+    ckpt, X, y = named_model
+    meta = bpcore.load_checkpoint(str(ckpt)).metadata
+    assert meta["feature_names"] == ["u", "v", "w"] and meta["label_name"] == "kind"
+    want, err = _predictions(capsys, ["predict", str(ckpt), "--data",
+                                      str(_csv(tmp_path / "a.csv", X, ["u", "v", "w"]))])
+    assert "accuracy" not in err
+    for name, cols, header in (("b", [2, 0, 1], ["w", "u", "v"]),
+                               ("c", [1, 2, 0], ["v", "w", "u"])):
+        got, err = _predictions(capsys, ["predict", str(ckpt), "--data", str(
+            _csv(tmp_path / f"{name}.csv", np.column_stack([X[:, cols], y]), header + ["kind"]))])
+        assert got == want and "accuracy" in err
+    got, _ = _predictions(capsys, ["predict", str(ckpt), "--data",
+                                   str(_csv(tmp_path / "p.csv", X))])  # no header: by position
+    assert got == want
+    # --label-column names the label; the file's other columns are then left unread
+    extra = _csv(tmp_path / "e.csv", np.column_stack([X[:, ::-1], y, y]),
+                 ["w", "v", "u", "truth", "id"])
+    got, err = _predictions(capsys, ["predict", str(ckpt), "--data", str(extra),
+                                     "--label-column", "truth"])
+    assert got == want and "accuracy" in err
+
+
+@pytest.mark.parametrize("header, needle", [
+    (["u", "vv", "w", "kind"], "['v'] are missing"),
+    (["u", "v", "w", "id"], "columns ['id'] besides the model's features"),
+    (["u", "v", "w", "u"], "['u'] appear more than once"),
+])
+def test_predict_refuses_columns_it_cannot_match_by_name(named_model, tmp_path, capsys,
+                                                         header, needle):
+    ckpt, X, y = named_model
+    data = _csv(tmp_path / "d.csv", np.column_stack([X, y]), header)
+    capsys.readouterr()
+    assert main(["predict", str(ckpt), "--data", str(data)]) == 1
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1, err
+
+
+def test_resume_reads_the_data_by_the_checkpoints_names(named_model, tmp_path, capsys):
+    ckpt, X, y = named_model
+    data = _csv(tmp_path / "r.csv", np.column_stack([X[:, [2, 1, 0]], y]),
+                ["w", "v", "u", "kind"])
+    assert main(["train", "--resume", str(ckpt), "--data", str(data), "--epochs", "1",
+                 "--quiet", "--out", str(tmp_path / "run")]) == 0
+    assert bpcore.load_checkpoint(str(tmp_path / "run" / "model.safetensors")).metadata[
+        "feature_names"] == ["u", "v", "w"]

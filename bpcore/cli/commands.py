@@ -22,12 +22,21 @@ def _enable_float64_if_needed(backend: str, dtype: str) -> None:
         be.enable_float64()
 
 
-def _prepare_data(args) -> tuple:
-    from ..io.datasets import load_digits, load_file
+def _prepare_data(args, feature_names: list[str] | None = None,
+                  label_name: str | None = None) -> tuple:
+    """``X, y, classes, task, name, feature_names, label_name`` of the training data (a
+    resumed run's CSV read by the checkpoint's column names, as ``bpcore predict`` reads
+    it; the names None where the file has no header)."""
+    from ..io.datasets import load_digits, load_table
 
+    names = None
     if args.data:
-        X, y = load_file(args.data, args.label_column)
+        X, y, names, label_name = load_table(args.data, args.label_column,
+                                             feature_names=feature_names,
+                                             label_name=label_name)
         name = os.path.basename(args.data)
+        if names is not None and len(set(names)) != len(names):
+            names = None  # (repeated column names: the columns go by position)
     else:
         X, y, name = load_digits()
     X = np.asarray(X, dtype=np.float64)
@@ -40,7 +49,7 @@ def _prepare_data(args) -> tuple:
         classes, task = None, "regression"
         y = y.astype(np.float64)
         _refuse_nonfinite_rows(y, "--data: the regression targets")
-    return X, y, classes, task, name
+    return X, y, classes, task, name, names, label_name
 
 
 def _refuse_nonfinite_rows(a: np.ndarray, what: str) -> None:
@@ -60,10 +69,14 @@ def cmd_train(args) -> int:
     from ..io.preprocess import Standardize
 
     _check_resume_flags(args)
+    resumed_names = (None, None)
     if args.resume:  # the checkpoint's dtype (a float64 run resumes in float64, on JAX too)
-        args.dtype = load_checkpoint(args.resume).config.dtype
+        resumed = load_checkpoint(args.resume)
+        args.dtype = resumed.config.dtype
+        resumed_names = _column_names(resumed.metadata, resumed.model.sizes[0])
     _enable_float64_if_needed(args.backend, args.dtype)
-    X, y, classes, task, data_name = _prepare_data(args)
+    X, y, classes, task, data_name, feature_names, label_name = _prepare_data(
+        args, *resumed_names)
     X_trval, X_test, y_trval, y_test = train_test_split(X, y, 0.2, seed=args.seed)
     X_train, X_val, y_train, y_val = train_test_split(X_trval, y_trval, 0.125, seed=args.seed)
     loss = "softmax_cross_entropy" if task == "classification" else "mse"
@@ -114,7 +127,8 @@ def cmd_train(args) -> int:
     ckpt = os.path.join(args.out, "model.safetensors")
     trainer.save(ckpt, metadata={
         "dataset": data_name, "classes": None if classes is None else classes.tolist(),
-        "task": task}, preprocessing=pre)
+        "task": task, "feature_names": feature_names,
+        "label_name": label_name if feature_names is not None else None}, preprocessing=pre)
     with open(os.path.join(args.out, "history.json"), "w") as f:
         json.dump({"epochs": history.epochs, **history.metrics, "test": result}, f, indent=1)
     png = training_curves(history, os.path.join(args.out, "curves.png"), data_name, model)
@@ -200,6 +214,20 @@ def _class_names(meta: dict, n_out: int):
     return np.array(classes, dtype=object if kinds == {int} else None)
 
 
+def _column_names(meta: dict, n_features: int) -> tuple[list[str] | None, str | None]:
+    """The names of the columns the model was trained on and of its label column (a
+    CSV's header), or Nones."""
+    names, label = meta.get("feature_names"), meta.get("label_name")
+    if names is None:
+        return None, None
+    if (not isinstance(names, list) or len(names) != n_features or
+            not all(isinstance(n, str) for n in names) or len(set(names)) != len(names)
+            or not isinstance(label, (str, type(None)))):
+        raise ValueError(f"the checkpoint's feature_names are malformed (expected {n_features}"
+                         " distinct column names, and a label_name)")
+    return names, label
+
+
 def _text(v) -> str:
     """One output cell, exact: integers and strings as themselves, floats in the shortest
     form that reads back to the same value (of their own precision)."""
@@ -212,11 +240,14 @@ def cmd_predict(args) -> int:
     import csv
 
     from ..io.checkpoint import load_checkpoint
-    from ..io.datasets import load_file
+    from ..io.datasets import load_table
 
     ckpt = load_checkpoint(args.checkpoint, backend=args.backend)
     meta, model = ckpt.metadata, ckpt.model
-    X, y = load_file(args.data, args.label_column, n_features=model.sizes[0])
+    # a CSV with a header is read by the training columns' names (any order)
+    feature_names, label_name = _column_names(meta, model.sizes[0])
+    X, y, _, _ = load_table(args.data, args.label_column, n_features=model.sizes[0],
+                            feature_names=feature_names, label_name=label_name)
     pre = ckpt.preprocessing or _legacy_scaling(ckpt)
     X = np.asarray(X, dtype=np.float64) if pre is None else pre(X)
     # what Python's model.predict gives, or its clear error (rows with NaN or inf included)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import math
 import os
+from typing import NamedTuple
 
 import numpy as np
 
 from ..errors import ConfigError, ShapeError
 
-__all__ = ["load_digits", "make_spirals", "load_file", "train_test_split", "DATASETS"]
+__all__ = ["load_digits", "make_spirals", "load_file", "load_table", "Table",
+           "train_test_split", "DATASETS"]
 
 
 def make_spirals(n_per_class: int = 300, n_classes: int = 3, noise: float = 0.15,
@@ -43,9 +45,29 @@ def load_digits() -> tuple[np.ndarray, np.ndarray, str]:
     return d.data.astype(np.float32), d.target.astype(np.int64), "digits (8x8)"
 
 
+class Table(NamedTuple):
+    """A data file's contents: features ``X``, labels ``y`` (None: none in the file), the
+    feature columns' names in ``X``'s order and the label column's name (None: the file
+    names no columns)."""
+
+    X: np.ndarray
+    y: np.ndarray | None
+    feature_names: list[str] | None
+    label_name: str | None
+
+
 def load_file(path: str, label_column: str | int | None = None, *,
               n_features: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(X, y)`` from a ``.npz`` (arrays ``X`` and ``y``) or a ``.csv``.
+    """``(X, y)`` from a ``.npz`` (arrays ``X`` and ``y``) or a ``.csv``: :func:`load_table`
+    without the column names."""
+    return load_table(path, label_column, n_features=n_features)[:2]
+
+
+def load_table(path: str, label_column: str | int | None = None, *,
+               n_features: int | None = None,
+               feature_names: list[str] | None = None,
+               label_name: str | None = None) -> Table:
+    """``(X, y, feature_names)`` from a ``.npz`` (arrays ``X`` and ``y``) or a ``.csv``.
 
     CSV: a header row is detected when its cells are not numbers. The label column is
     ``label_column`` (a name, or an index counted from 0; negative counts from the end), or
@@ -54,6 +76,17 @@ def load_file(path: str, label_column: str | int | None = None, *,
     With ``n_features`` (prediction: the model's input width) labels are optional: a ``.npz``
     may lack ``y``, and a CSV of exactly ``n_features`` columns is features only (``y`` is
     None); any other width than ``n_features`` or ``n_features + 1`` is an error.
+
+    With ``feature_names`` (the columns a model was trained on, in order) a CSV with a header
+    is read **by name**: its columns may come in any order, ``X`` has them in this one, and
+    the one column left over, if any, is the label (named ``label_name``, the training
+    file's label column, or label/y/target/class; or given by ``label_column``). A named
+    feature missing from the file, or any other column left over, is an error: the same
+    numbers in another column order would be a silent wrong answer. (A CSV without a header
+    is read by position.)
+
+    ``Table.feature_names``: the file's header minus its label column, ``label_name`` that
+    column's (None without a header).
     """
     if not os.path.exists(path):
         raise ConfigError(f"data: no file at {path!r}")
@@ -72,9 +105,9 @@ def load_file(path: str, label_column: str | int | None = None, *,
         if y is not None and len(X) != len(y):
             raise ShapeError(f"data: X has {len(X)} rows but y has {len(y)} in {path!r}")
         _check_width(path, X.shape[1], n_features, with_label=False)
-        return X, y
+        return Table(X, y, None, None)
     if path.endswith(".csv") or path.endswith(".txt"):
-        return _load_csv(path, label_column, n_features)
+        return _load_csv(path, label_column, n_features, feature_names, label_name)
     raise ConfigError(f"data: {path!r}: expected a .npz (with X and y) or a .csv file")
 
 
@@ -101,9 +134,11 @@ def _label_index(label_column: str | int | None, header: list[str] | None, width
         return col % width
     if header:
         names = [h.lower() for h in header]
-        return next((names.index(n) for n in ("label", "y", "target", "class") if n in names),
-                    width - 1)
+        return next((names.index(n) for n in _LABEL_NAMES if n in names), width - 1)
     return width - 1
+
+
+_LABEL_NAMES = ("label", "y", "target", "class")  # a label column's usual names
 
 
 def _is_number(cell: str) -> bool:
@@ -138,8 +173,8 @@ def parse_labels(cells: list[str]) -> np.ndarray:
     return np.array(cells, dtype=str)
 
 
-def _load_csv(path: str, label_column: str | int | None, n_features: int | None
-              ) -> tuple[np.ndarray, np.ndarray | None]:
+def _load_csv(path: str, label_column: str | int | None, n_features: int | None,
+              feature_names: list[str] | None, label_name: str | None) -> Table:
     with open(path, newline="") as f:
         rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
     if not rows:
@@ -160,15 +195,55 @@ def _load_csv(path: str, label_column: str | int | None, n_features: int | None
     if uneven:
         raise ShapeError(f"data: {path!r}: rows have different numbers of cells (data row "
                          f"{uneven[0]} has {len(body[uneven[0]])}, the first row {width})")
+    if header is not None and feature_names is not None:
+        return _by_name(path, header, body, list(feature_names), label_column, label_name)
     if n_features is not None and width == n_features and label_column is None:
-        return _numeric(body, list(range(width)), path), None  # features only
+        return Table(_numeric(body, list(range(width)), path), None, header, None)  # no y
     if n_features is not None and width != n_features + 1:
         raise ShapeError(f"data: {path!r} has {width} columns; the model takes {n_features} "
                          f"features, so expected {n_features} (features only) or "
                          f"{n_features + 1} (features and a label).")
     col = _label_index(label_column, header, width, path)
-    X = _numeric(body, [c for c in range(width) if c != col], path)
-    return X, parse_labels([r[col] for r in body])
+    features = [c for c in range(width) if c != col]
+    names = [header[c] for c in features] if header is not None else None
+    return Table(_numeric(body, features, path), parse_labels([r[col] for r in body]), names,
+                 header[col] if header is not None else None)
+
+
+def _by_name(path: str, header: list[str], body: list[list[str]], names: list[str],
+             label_column: str | int | None, label_name: str | None) -> Table:
+    """The columns ``names`` of a CSV with a header, in that order, and the label column:
+    ``label_column`` if given, else the one column left over (if any), which must be named
+    ``label_name`` (the training file's) or label/y/target/class."""
+    missing = [n for n in names if n not in header]
+    twice = sorted({n for n in names if header.count(n) > 1})
+    if missing or twice:
+        raise ShapeError(
+            f"data: {path!r} names its columns {header}; the model was trained on the "
+            f"features {names}, in that order"
+            + (f", and {missing} are missing" if missing else "")
+            + (f", and {twice} appear more than once" if twice else "")
+            + ". Give the file those columns (in any order), or drop its header row to "
+              "read the columns by position.")
+    features = [header.index(n) for n in names]
+    rest = [c for c in range(len(header)) if c not in features]
+    if label_column is not None:
+        col = _label_index(label_column, header, len(header), path)
+        if col in features:
+            raise ShapeError(f"data: label column {label_column!r} of {path!r} is the "
+                             f"model's feature {header[col]!r}")
+        rest = [col] + [c for c in rest if c != col]
+    elif rest:  # the one column left over is the label if it is named as one
+        known = {n.lower() for n in (label_name, *_LABEL_NAMES) if n}
+        if len(rest) > 1 or header[rest[0]].lower() not in known:
+            raise ShapeError(
+                f"data: {path!r} has columns {[header[c] for c in rest]} besides the "
+                f"model's features {names}; only the label ("
+                + (f"{label_name!r}, or " if label_name else "")
+                + f"one named {'/'.join(_LABEL_NAMES)}) may be left over. Drop the others, "
+                "or name the label column with --label-column.")
+    y = parse_labels([r[rest[0]] for r in body]) if rest else None
+    return Table(_numeric(body, features, path), y, names, header[rest[0]] if rest else None)
 
 
 def _numeric(body: list[list[str]], columns: list[int], path: str) -> np.ndarray:
