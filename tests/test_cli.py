@@ -299,3 +299,15 @@ def test_resume_reads_the_data_by_the_checkpoints_names(named_model, tmp_path, c
                  "--quiet", "--out", str(tmp_path / "run")]) == 0
     assert bpcore.load_checkpoint(str(tmp_path / "run" / "model.safetensors")).metadata[
         "feature_names"] == ["u", "v", "w"]
+
+
+@pytest.mark.parametrize("names, label", [(5, "kind"), (["u", "u", "w"], "kind"),
+                                          (["u", "v"], "kind"), ([1, 2, 3], "kind"),
+                                          (["u", "v", "w"], 7)])
+def test_a_checkpoints_malformed_column_names_are_refused(names, label):
+    """Crafted metadata (a checkpoint is untrusted input): one clear error, never a guess."""
+    from bpcore.cli.commands import _column_names
+
+    with pytest.raises(ValueError, match="feature_names are malformed"):
+        _column_names({"feature_names": names, "label_name": label}, 3)
+    assert _column_names({}, 3) == (None, None)  # (a checkpoint from before: by position)
