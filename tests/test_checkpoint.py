@@ -144,6 +144,13 @@ def test_failed_save_leaves_the_old_file_intact(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["m.safetensors"]  # no temporary file left behind
     with pytest.raises(CheckpointError, match="does not exist"):
         bpcore.save(tmp_path / "nope" / "m.safetensors", m)
+    # a folder as the path: said at once (it failed at the rename, after the whole write,
+    # with an OSError naming the temporary file)
+    (tmp_path / "run").mkdir()
+    with pytest.raises(CheckpointError, match="is a folder; give a file path in it"):
+        bpcore.save(tmp_path / "run", m)
+    assert os.listdir(tmp_path / "run") == [] and sorted(os.listdir(tmp_path)) == [
+        "m.safetensors", "run"]
 
 
 def test_custom_activation_cannot_be_saved_by_name(tmp_path):

@@ -74,6 +74,9 @@ def atomic_write(path: str, payload: bytes) -> None:
     folder = os.path.dirname(path)
     if not os.path.isdir(folder):
         raise CheckpointError(f"save: folder {folder!r} does not exist; create it first")
+    if os.path.isdir(path):  # (the rename would fail after the whole write)
+        raise CheckpointError(f"save: {path!r} is a folder; give a file path in it, e.g. "
+                              f"{os.path.join(path, 'model.safetensors')!r}")
     _remove_dead_writers_leftovers(path)
     tmp = os.path.join(folder, f"{_temp_prefix(path)}{socket.gethostname()}.{os.getpid()}."
                                f"{secrets.token_hex(4)}.tmp")
