@@ -8,6 +8,7 @@ hyperparameters and ``random_state`` give the same ``coefs_``, ``intercepts_`` a
 from __future__ import annotations
 
 import copy
+import os
 import pickle
 import warnings
 
@@ -330,6 +331,39 @@ def test_lbfgs_convergence_warning_and_max_fun():
             sk = sknn.MLPClassifier(solver="lbfgs", random_state=0, **kw).fit(X3, y3)
         assert str(ours[0].message) == str(theirs[0].message)
         _assert_same_fit(sk, bp)
+
+
+def test_lbfgs_runs_scipys_own_blas_on_one_thread_and_restores_it(monkeypatch):
+    """Where SciPy bundles its own BLAS (``scipy.libs``), L-BFGS-B runs it on one thread (its
+    spinning threads took the cores from NumPy's products: the fit 2.5x slower), and every
+    library's thread count is as before afterwards. The fit is scikit-learn's to 1e-10."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import scipy.optimize as so
+
+    def counts():
+        return {i["filepath"]: i["num_threads"] for i in threadpoolctl.threadpool_info()}
+
+    before = counts()
+    seen = []
+    real = so.minimize
+
+    def spy(*a, **k):
+        seen.append(counts())
+        return real(*a, **k)
+
+    monkeypatch.setattr(so, "minimize", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        bp = MLPClassifier(solver="lbfgs", max_iter=20, random_state=0).fit(X3, y3)
+    monkeypatch.undo()
+    assert seen and counts() == before
+    scipys = [f for f in before if os.path.basename(os.path.dirname(f)) == "scipy.libs"]
+    for f, n in seen[0].items():
+        assert n == (1 if f in scipys else before[f]), (f, n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        sk = sknn.MLPClassifier(solver="lbfgs", max_iter=20, random_state=0).fit(X3, y3)
+    _assert_same_fit(sk, bp)
 
 
 def test_diverging_fit_raises_and_keeps_the_last_good_weights():
