@@ -299,6 +299,11 @@ def test_resume_reads_the_data_by_the_checkpoints_names(named_model, tmp_path, c
                  "--quiet", "--out", str(tmp_path / "run")]) == 0
     assert bpcore.load_checkpoint(str(tmp_path / "run" / "model.safetensors")).metadata[
         "feature_names"] == ["u", "v", "w"]
+    capsys.readouterr()
+    bare = _csv(tmp_path / "x.csv", X, ["w", "u", "v"])  # the features and no label
+    assert main(["train", "--resume", str(ckpt), "--data", str(bare), "--epochs", "1",
+                 "--quiet", "--out", str(tmp_path / "run2")]) == 1
+    assert "no label column; training needs one" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("names, label", [(5, "kind"), (["u", "u", "w"], "kind"),

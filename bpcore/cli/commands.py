@@ -35,6 +35,9 @@ def _prepare_data(args, feature_names: list[str] | None = None,
                                              feature_names=feature_names,
                                              label_name=label_name)
         name = os.path.basename(args.data)
+        if y is None:  # (a CSV read by the checkpoint's names, with no column left over)
+            raise ValueError(f"--data: {args.data!r} has the model's features {names} and no "
+                             "label column; training needs one")
         if names is not None and len(set(names)) != len(names):
             names = None  # (repeated column names: the columns go by position)
     else:

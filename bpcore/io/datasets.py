@@ -67,7 +67,8 @@ def load_table(path: str, label_column: str | int | None = None, *,
                n_features: int | None = None,
                feature_names: list[str] | None = None,
                label_name: str | None = None) -> Table:
-    """``(X, y, feature_names)`` from a ``.npz`` (arrays ``X`` and ``y``) or a ``.csv``.
+    """``Table(X, y, feature_names, label_name)`` from a ``.npz`` (arrays ``X`` and ``y``)
+    or a ``.csv``.
 
     CSV: a header row is detected when its cells are not numbers. The label column is
     ``label_column`` (a name, or an index counted from 0; negative counts from the end), or
