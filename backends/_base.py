@@ -33,11 +33,11 @@ def _library_of(x: Any) -> str:
     return type(x).__module__.split(".")[0]
 
 
-
 def _native_order(a: np.ndarray) -> np.ndarray:
     """``a`` in this machine's byte order (an array read from a big-endian file, say): the
     same values; PyTorch refuses any other order and compiled kernels take native only."""
     return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
+
 
 @dataclass(frozen=True, eq=False)
 class Backend:

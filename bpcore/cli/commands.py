@@ -39,7 +39,7 @@ def _prepare_data(args, feature_names: list[str] | None = None,
             raise ValueError(f"--data: {args.data!r} has the model's features {names} and no "
                              "label column; training needs one")
         if names is not None and len(set(names)) != len(names):
-            names = None  # (repeated column names: the columns go by position)
+            names = label_name = None  # (repeated column names: the columns go by position)
     else:
         X, y, name = load_digits()
     X = np.asarray(X, dtype=np.float64)
@@ -130,8 +130,8 @@ def cmd_train(args) -> int:
     ckpt = os.path.join(args.out, "model.safetensors")
     trainer.save(ckpt, metadata={
         "dataset": data_name, "classes": None if classes is None else classes.tolist(),
-        "task": task, "feature_names": feature_names,
-        "label_name": label_name if feature_names is not None else None}, preprocessing=pre)
+        "task": task, "feature_names": feature_names, "label_name": label_name},
+        preprocessing=pre)
     with open(os.path.join(args.out, "history.json"), "w") as f:
         json.dump({"epochs": history.epochs, **history.metrics, "test": result}, f, indent=1)
     png = training_curves(history, os.path.join(args.out, "curves.png"), data_name, model)
