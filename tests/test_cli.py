@@ -316,3 +316,26 @@ def test_a_checkpoints_malformed_column_names_are_refused(names, label):
     with pytest.raises(ValueError, match="feature_names are malformed"):
         _column_names({"feature_names": names, "label_name": label}, 3)
     assert _column_names({}, 3) == (None, None)  # (a checkpoint from before: by position)
+
+
+def test_a_byte_order_mark_is_no_part_of_the_data(named_model, tmp_path, capsys):
+    """A CSV a spreadsheet saved with a UTF-8 byte-order mark reads as the same file without
+    one: a header-less file kept its first row as a "header" (one row of data dropped), and
+    a header's first name did not match. A file in another encoding is a clear error."""
+    ckpt, X, y = named_model
+    headed = _csv(tmp_path / "h.csv", np.column_stack([X, y]), ["u", "v", "w", "kind"])
+    bare = _csv(tmp_path / "b.csv", X)
+    want, _ = _predictions(capsys, ["predict", str(ckpt), "--data", str(headed)])
+    for plain in (headed, bare):
+        bom = tmp_path / ("bom-" + plain.name)
+        bom.write_text(plain.read_text(), encoding="utf-8-sig")
+        got, _ = _predictions(capsys, ["predict", str(ckpt), "--data", str(bom)])
+        assert got == want
+        Xb, _ = load_file(str(bom), n_features=3)
+        Xp, _ = load_file(str(plain), n_features=3)
+        np.testing.assert_array_equal(Xb, Xp)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(headed.read_bytes().replace(b"u,", b"\xe9,", 1))
+    capsys.readouterr()
+    assert main(["predict", str(ckpt), "--data", str(latin)]) == 1
+    assert "is not UTF-8 text (byte 0xe9" in capsys.readouterr().err

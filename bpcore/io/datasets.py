@@ -176,8 +176,15 @@ def parse_labels(cells: list[str]) -> np.ndarray:
 
 def _load_csv(path: str, label_column: str | int | None, n_features: int | None,
               feature_names: list[str] | None, label_name: str | None) -> Table:
-    with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    # utf-8-sig: a byte-order mark (spreadsheets write one) is no part of the first cell;
+    # left in, it turned a header-less file's first row into a "header" and renamed a column
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"data: {path!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                          f"offset {e.start}); save it as UTF-8 (a spreadsheet's \"CSV UTF-8\")"
+                          ) from None
     if not rows:
         raise ShapeError(f"data: {path!r} is empty")
     width = len(rows[0])
