@@ -4,6 +4,24 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+
+def _source_checkout_path() -> None:
+    """Run in place from a source checkout (Python started in the repository, so this
+    folder shadows the installed package): ``bpcore.backends`` and ``bpcore.benchmarks``
+    are the repository's ``backends/`` and ``benchmarks/``, which an install maps into the
+    package (``[tool.setuptools.package-dir]``); without this, ``import bpcore`` there
+    failed with a circular-import error."""
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    if (not os.path.isdir(os.path.join(here, "backends"))
+            and os.path.isfile(os.path.join(root, "backends", "__init__.py"))):
+        __path__.append(root)  # noqa: F821  (a package's own __path__)
+
+
+_source_checkout_path()
+
 from . import errors  # noqa: E402  (first: the backends import it)
 from . import backends  # noqa: E402
 from .nn import activations, losses  # noqa: E402

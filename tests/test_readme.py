@@ -44,6 +44,22 @@ def test_the_example_runs_as_printed(name):
     assert float(acc) > 0.9 and check.startswith("gradcheck passed"), r.stdout
 
 
+def test_the_example_runs_from_the_repository_over_a_plain_install():
+    """After ``pip install ".[train]"`` (not editable), Python started in the repository
+    imports this folder's ``bpcore/``, whose ``backends/`` an install maps into the package:
+    ``import bpcore`` there failed with a circular-import error. Simulated without the
+    editable install's import hook: ``-S`` (no .pth files), the checkout first on the path,
+    then the environment's packages."""
+    import sysconfig
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "BPCORE_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), sysconfig.get_paths()["purelib"]])
+    r = subprocess.run([sys.executable, "-S", "-c", _example()], capture_output=True,
+                       text=True, timeout=600, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().split(" ", 1)[1].startswith("gradcheck passed"), r.stdout
+
+
 def _dropin_blocks() -> tuple[str, str]:
     section = README.split("## scikit-learn drop-in", 1)[1].split("\n## ", 1)[0]
     ours, theirs = re.findall(r"```python\n(.*?)```", section, re.S)[:2]
