@@ -339,3 +339,25 @@ def test_a_byte_order_mark_is_no_part_of_the_data(named_model, tmp_path, capsys)
     capsys.readouterr()
     assert main(["predict", str(ckpt), "--data", str(latin)]) == 1
     assert "is not UTF-8 text (byte 0xe9" in capsys.readouterr().err
+
+
+def test_a_file_in_another_csv_dialect_is_read_or_named(named_model, tmp_path, capsys):
+    """Cells quoted after a space (``"a", "b"``) read as plain ones; a file separated by
+    ';' or tabs (one column to the csv reader) is an error that says so, for predict and
+    for train (train took its one column as 301 classes and no features)."""
+    ckpt, X, y = named_model
+    plain = _csv(tmp_path / "p.csv", np.column_stack([X, y]), ["u", "v", "w", "kind"])
+    want, _ = _predictions(capsys, ["predict", str(ckpt), "--data", str(plain)])
+    lines = plain.read_text().splitlines()
+    spaced = tmp_path / "s.csv"
+    spaced.write_text("\n".join(", ".join(f'"{c}"' for c in ln.split(",")) for ln in lines))
+    assert _predictions(capsys, ["predict", str(ckpt), "--data", str(spaced)])[0] == want
+    for sep in (";", "\t"):
+        other = tmp_path / "o.csv"
+        other.write_text("\n".join(ln.replace(",", sep) for ln in lines) + "\n")
+        for argv in (["predict", str(ckpt), "--data", str(other)],
+                     ["train", "--data", str(other), "--epochs", "1", "--quiet", "--out",
+                      str(tmp_path / "run")]):
+            capsys.readouterr()
+            assert main(argv) == 1
+            assert f"seem separated by {sep!r}" in capsys.readouterr().err

@@ -180,7 +180,8 @@ def _load_csv(path: str, label_column: str | int | None, n_features: int | None,
     # left in, it turned a header-less file's first row into a "header" and renamed a column
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+            rows = [r for r in csv.reader(f, skipinitialspace=True)  # ("a", "b" too)
+                    if r and any(c.strip() for c in r)]
     except UnicodeDecodeError as e:
         raise ConfigError(f"data: {path!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
                           f"offset {e.start}); save it as UTF-8 (a spreadsheet's \"CSV UTF-8\")"
@@ -210,12 +211,21 @@ def _load_csv(path: str, label_column: str | int | None, n_features: int | None,
     if n_features is not None and width != n_features + 1:
         raise ShapeError(f"data: {path!r} has {width} columns; the model takes {n_features} "
                          f"features, so expected {n_features} (features only) or "
-                         f"{n_features + 1} (features and a label).")
+                         f"{n_features + 1} (features and a label).{_separator_hint(rows)}")
+    if n_features is None and width < 2:
+        raise ShapeError(f"data: {path!r} has one column; training needs the features and a "
+                         f"label column.{_separator_hint(rows)}")
     col = _label_index(label_column, header, width, path)
     features = [c for c in range(width) if c != col]
     names = [header[c] for c in features] if header is not None else None
     return Table(_numeric(body, features, path), parse_labels([r[col] for r in body]), names,
                  header[col] if header is not None else None)
+
+
+def _separator_hint(rows: list[list[str]]) -> str:
+    """A hint where a one-column file's cells hold another separator (a European ';')."""
+    sep = next((c for c in ";\t|" if len(rows[0]) == 1 and c in rows[0][0]), None)
+    return f" Its cells seem separated by {sep!r}: save it with commas." if sep else ""
 
 
 def _by_name(path: str, header: list[str], body: list[list[str]], names: list[str],
