@@ -40,9 +40,6 @@ class NumpyOps:
     def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
         return self.np.empty(shape, dtype=dtype)
 
-    def bool_empty(self, shape: tuple[int, ...]) -> Any:
-        return self.np.empty(shape, dtype=bool)
-
     def copy_(self, dst: Any, src: Any) -> None:
         self.np.copyto(dst, src)
 
@@ -68,14 +65,34 @@ class NumpyOps:
         self.np.sqrt(a, out=out)
 
     def relu_(self, Z: Any) -> None:
-        """``Z ← max(Z, 0)``; NaN stays NaN (as the generic ``where(Z < 0, 0, Z)``).
-        (``less`` + ``copyto(where=)`` looks faster on data already clipped, but is 2.5x
-        slower on real pre-activations: measured.)"""
-        self.np.maximum(Z, 0, out=Z)
+        """``Z ← max(Z, 0)``; NaN stays NaN (as the generic ``where(Z < 0, 0, Z)``). Against
+        an array of zeros, not the scalar 0: NumPy's vectorised loop takes two arrays (on
+        a 100-square float32 block 3.4 µs against 15 µs, measured). (``less`` +
+        ``copyto(where=)`` is 2.5x slower on real pre-activations: measured.)"""
+        self.np.maximum(Z, self._zeros(Z.shape, Z.dtype), out=Z)
 
-    def gt0(self, Y: Any, mask: Any) -> None:
-        """``mask ← [Y > 0]`` (relu's derivative, from its output; NaN gives False)."""
-        self.np.greater(Y, 0, out=mask)
+    def relu_backward_(self, D: Any, Y: Any) -> None:
+        """``D ← D ⊙ [Y > 0]`` (relu's ``G`` from its output; NaN in ``Y`` gives 0): the
+        product with the mask, equal to the generic ``where(Z > 0, D, 0)`` for every finite
+        ``D`` (an infinite one gives NaN here, 0 there: either way the step's gradient is not
+        finite, and the guard refuses it). The product, not a select: 8x faster (measured).
+        (The mask is a new array: a scratch one shared by the backend's steps would race
+        between threads.)"""
+        self.np.multiply(D, self.np.greater(Y, 0), out=D)
+
+    def _zeros(self, shape: tuple, dtype: Any) -> Any:
+        """A read-only array of zeros, kept per shape and dtype."""
+        cache = self.__dict__.setdefault("_zeros_cache", {})
+        key = (tuple(shape), dtype)
+        a = cache.get(key)
+        if a is None:
+            if len(cache) > 32:  # (batch sizes come and go: keep it bounded)
+                cache.clear()
+            a = self.np.zeros(shape, dtype=dtype)
+            if hasattr(a.flags, "writeable"):  # (NumPy: a write would raise, not corrupt)
+                a.flags.writeable = False
+            cache[key] = a
+        return a
 
     def rsub(self, a: float, b: Any, out: Any) -> None:
         """``out ← a - b`` for a scalar ``a``."""
@@ -260,6 +277,11 @@ class NumpyOps:
     def count(self, hit: Any, like: Any) -> Any:
         """How many of the booleans ``hit`` are true, as a 0-d value of ``like``'s dtype."""
         return like.dtype.type(self.np.count_nonzero(hit))
+
+    def count_argmax_hits(self, Z: Any, labels: Any) -> Any:
+        """How many rows of ``Z`` have their (first) maximum at their label, as a 0-d value
+        of ``Z``'s dtype (a step's correct predictions)."""
+        return self.count(self.argmax_rows(Z) == labels, Z)
 
     def host_view(self, a: Any) -> Any:
         """``a`` as a NumPy array sharing its memory (for MPI, which takes host buffers)."""

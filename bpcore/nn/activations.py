@@ -25,32 +25,28 @@ __all__ = ["Activation", "ACTIVATIONS", "InplaceKernel", "get_activation", "sigm
 @dataclass(frozen=True)
 class InplaceKernel:
     """An activation's in-place form, kept beside its generic one: how an executor with
-    preallocated buffers (:mod:`bpcore.training.inplace`) runs it inside the layer's ``Z`` buffer,
-    with the backend's in-place operations ``ops``.
+    preallocated buffers (:mod:`bpcore.training.buffered`) runs it inside the layer's ``Z``
+    buffer, with the backend's in-place operations ``ops``.
 
-    ``forward_(ops, Z)`` overwrites ``Z`` with ``f(Z)`` (None: ``f`` is the identity).
-    ``mask_(ops, Y, M)`` stores in the boolean buffer ``M`` what the backward needs, from the
-    output ``Y``, and ``backward_(ops, D, M)`` turns ``D`` into ``G = J^T D`` in place (both
-    None: ``f' = 1``, ``G = D``). ``tests/test_registry_kernels.py`` holds every kernel to
-    its entry's ``forward``/``vjp``, bit for bit (for every ``Z``, and every finite ``D``).
+    ``forward_(ops, Z)`` overwrites ``Z`` with ``Y = f(Z)`` (None: ``f`` is the identity).
+    ``backward_(ops, D, Y)`` turns ``D`` into ``G = J^T D`` in place, from the layer's output
+    ``Y``, which the executor keeps intact until then (None: ``f' = 1``, ``G = D``).
+    ``tests/test_registry_kernels.py`` holds every kernel to its entry's ``forward``/``vjp``,
+    bit for bit, for every ``Z`` and every finite ``D`` (at a NaN output, where ``f'`` is
+    undefined, ``backward_`` may keep ``D`` where the generic form gives 0: a NaN output
+    makes its row's loss NaN, so the step is refused either way).
     """
 
     forward_: Callable[[Any, Array], None] | None
-    mask_: Callable[[Any, Array, Any], None] | None = None
-    backward_: Callable[[Any, Array, Any], None] | None = None
-
-    @property
-    def masked(self) -> bool:
-        return self.mask_ is not None
+    backward_: Callable[[Any, Array, Array], None] | None = None
 
 
-# relu: Y = max(Z, 0) in place; G = D ⊙ [Y > 0]. The product, not a select: 8x faster in
-# NumPy and PyTorch (measured), and equal to the generic vjp's where() for every finite D (an
-# infinite D gives NaN here, 0 there; either way the step's gradient is not finite, and the
-# guard refuses it).
+# relu: Y = max(Z, 0) in place; G = D where Y > 0, else 0 (Y > 0 exactly where Z > 0): the
+# backend's one-pass form (ops.relu_backward_: PyTorch's threshold_backward, a compiled
+# select with Numba; NumPy alone multiplies by the mask, which equals the generic vjp's
+# where() for every finite D).
 RELU_KERNEL = InplaceKernel(lambda ops, Z: ops.relu_(Z),
-                            mask_=lambda ops, Y, M: ops.gt0(Y, M),
-                            backward_=lambda ops, D, M: ops.mul(D, M, D))
+                            backward_=lambda ops, D, Y: ops.relu_backward_(D, Y))
 IDENTITY_KERNEL = InplaceKernel(None)
 
 

@@ -82,12 +82,15 @@ class SoftmaxXentKernel:
         ops.div(D, B, D)
         return value, D
 
-    def labels(self, ops: Any, Z: Array, labels: Array, bufs: tuple) -> tuple[Any, Array]:
+    def labels(self, ops: Any, Z: Array, labels: Array, bufs: tuple
+               ) -> tuple[Any, Array, Any]:
         """:meth:`__call__` for one-hot targets given as labels ``y``: value
         ``Σ_b (lse_b - Z_{b,y_b}) / B`` and ``D = (softmax(Z) - onehot(y)) / B``, the same
-        numbers to round-off without the one-hot rows. Where the backend has a one-pass
-        form of exactly this (``ops.softmax_xent_labels``: PyTorch's, Numba's), that runs
-        instead (it may decline with None: then the operations below)."""
+        numbers to round-off without the one-hot rows; and the number of rows whose
+        ``argmax`` (the first, as ``argmax_rows``) is the label, where the pass counts it
+        (else None: the executor counts). Where the backend has a one-pass form of exactly
+        this (``ops.softmax_xent_labels``: PyTorch's, Numba's), that runs instead (it may
+        decline with None: then the operations below)."""
         fused = getattr(ops, "softmax_xent_labels", None)
         out = fused(Z, labels, bufs[0]) if fused is not None else None
         if out is not None:
@@ -102,7 +105,7 @@ class SoftmaxXentKernel:
         ops.exp(D, D)
         ops.sub_at(D, labels, 1.0)                # D_{b, y_b} -= 1
         ops.div(D, B, D)
-        return value, D
+        return value, D, None
 
     def correct(self, ops: Any, Z: Array, T: Array) -> Any:
         """:meth:`Loss.correct` on canonical targets (``argmax`` of the logits equals

@@ -159,26 +159,18 @@ class BufferedStep:
         return state.params is self.params and state.opt_state is self.opt_state
 
     # -- buffers per batch size ---------------------------------------------------------------
-    def _buffers(self, B: int, like: Any) -> list[tuple[Any, Any, Any]]:
-        """Per layer ``(Z, mask, D_prev)`` for batch size ``B``: ``Z`` holds Z^k (and Y^k where
-        the layer's kernel runs in place); ``mask`` what a masked kernel's backward needs;
-        ``D_prev`` receives D^{k-1} where layer k-1 needs its Z and Y for a generic ``vjp``
-        (after a layer that ran in place, D^{k-1} overwrites its Z buffer, no longer needed)."""
+    def _buffers(self, B: int, like: Any) -> list[tuple[Any, Any]]:
+        """Per layer ``(Z, D_prev)`` for batch size ``B``: ``Z`` holds Z^k (and Y^k where the
+        layer's kernel runs in place, kept intact for its backward); ``D_prev`` receives
+        D^{k-1} (None for the first layer, which has no δ^0)."""
         bufs = self._batch_buffers.get(B)
         if bufs is None:
             if len(self._batch_buffers) >= 4:  # a full batch and a last, smaller one
                 self._batch_buffers.clear()
             ops = self.ops
-            bufs = []
-            kernels = self.kernels
-            for k, (W, _) in enumerate(self.params):
-                n_out, n_in = W.shape
-                Z = ops.empty((B, n_out), like.dtype)
-                mask = (ops.bool_empty((B, n_out)) if kernels[k] is not None and
-                        kernels[k].masked else None)
-                D_prev = (ops.empty((B, n_in), like.dtype)
-                          if k > 0 and kernels[k - 1] is None else None)
-                bufs.append((Z, mask, D_prev))
+            bufs = [(ops.empty((B, W.shape[0]), like.dtype),
+                     ops.empty((B, W.shape[1]), like.dtype) if k > 0 else None)
+                    for k, (W, _) in enumerate(self.params)]
             self._batch_buffers[B] = bufs
         return bufs
 
@@ -197,8 +189,8 @@ class BufferedStep:
         bufs = self._buffers(x.shape[0], self.p_flat)
         # forward: Z^k = Y^{k-1} W^{kT} + b^k, Y^k = f^k(Z^k)
         Ys, Y = [], x
-        for (W, b), act, kernel, (Z, _, _) in zip(self.params, self.activations, self.kernels,
-                                                  bufs):
+        for (W, b), act, kernel, (Z, _) in zip(self.params, self.activations, self.kernels,
+                                               bufs):
             ops.linear(Y, W, b, Z)                  # Z = Y W^T + b
             if kernel is not None:                  # the entry's kernel: Y^k in Z's buffer
                 if kernel.forward_ is not None:
@@ -208,8 +200,9 @@ class BufferedStep:
                 Y = act.forward(Z)
             Ys.append((Z, Y))
         if labels is not None:
-            value, D = self.loss_kernel.labels(ops, Y, labels, self._loss_buffers(Y))
-            correct = ops.count(ops.argmax_rows(Y) == labels, Y)
+            value, D, correct = self.loss_kernel.labels(ops, Y, labels, self._loss_buffers(Y))
+            if correct is None:  # (a kernel that does not count in its pass)
+                correct = ops.count_argmax_hits(Y, labels)
         elif self._fused_loss:
             value, D = self.loss_kernel(ops, Y, T, self._loss_buffers(Y))
             correct = (self._kernel_correct(ops, Y, T) if self._kernel_correct is not None
@@ -221,27 +214,19 @@ class BufferedStep:
         for k in range(len(self.params) - 1, -1, -1):
             W, _ = self.params[k]
             gW, gb = self.grads[k]
-            act, (Z, Yk), (_, mask, D_prev) = self.activations[k], Ys[k], bufs[k]
             kernel = self.kernels[k]
-            if kernel is not None and kernel.masked:  # G = f'(Z) ⊙ D, in D's buffer
-                if k == len(self.params) - 1:  # (inner layers took their mask below)
-                    kernel.mask_(ops, Yk, mask)
-                kernel.backward_(ops, D, mask)  # D is a buffer of ours, or the loss's new array
+            if kernel is None:  # the entry's generic vjp (allocates)
+                G = self.activations[k].vjp(*Ys[k], D)
+            else:  # in D's buffer (ours, or the loss's): G = f'(Y) ⊙ D, or D where f' = 1
+                if kernel.backward_ is not None:
+                    kernel.backward_(ops, D, Ys[k][1])
                 G = D
-            elif kernel is not None:  # f' = 1
-                G = D
-            else:
-                G = act.vjp(Z, Yk, D)
             Y_prev = Ys[k - 1][1] if k > 0 else x
             ops.matmul(G.T, Y_prev, gW)
             ops.sum_rows(G, gb)
             if k > 0:
-                if D_prev is None:  # layer k-1 ran in place: its Z/Y buffer takes D^{k-1}
-                    if bufs[k - 1][1] is not None:  # its mask, while its Y is intact
-                        self.kernels[k - 1].mask_(ops, Y_prev, bufs[k - 1][1])
-                    D_prev = Ys[k - 1][0]
-                ops.matmul(G, W, D_prev)
-                D = D_prev
+                D = bufs[k][1]
+                ops.matmul(G, W, D)
         return value, correct
 
     # -- the step -----------------------------------------------------------------------------
