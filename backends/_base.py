@@ -89,7 +89,17 @@ class Backend:
     # given). PyTorch's indexing kernels take int64 (gather, scatter, nll_loss) and it has
     # no comparisons for uint16/32/64, so labels become int64 there, once, at the boundary.
     label_dtype: str | None = None
+    # ``take_rows(a, idx)``: rows ``idx`` (non-negative integers) of ``a``, in the library's
+    # own gather where the array-API form costs more (None: ``xp.take(a, idx, axis=0)``).
+    take_rows: Callable[[Any, Any], Any] | None = field(default=None, repr=False)
     version: str = ""
+
+    def rows(self, a: Any, idx: Any) -> Any:
+        """Rows ``idx`` (a vector of non-negative integers, on this backend) of ``a``: a
+        batch gathered on the device."""
+        if self.take_rows is not None:
+            return self.take_rows(a, idx)
+        return self.xp.take(a, idx, axis=0)
 
     # -- dtypes -------------------------------------------------------------------------
     def dtype(self, name: Any) -> Any:

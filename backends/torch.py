@@ -54,5 +54,8 @@ def make() -> Backend:
         # (on CUDA, ops.host_reads is False: the buffered step runs, with no host read)
         inplace_ops=TorchOps(torch, device),
         label_dtype="int64",
+        # (array_api_compat's take first maps negative indices, two more calls: 48 µs
+        # against 13 for a 200-row batch on the CPU, measured; bpcore's are never negative)
+        take_rows=lambda a, idx: torch.index_select(a, 0, idx),
         version=torch.__version__,
     )

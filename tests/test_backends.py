@@ -69,6 +69,21 @@ def test_backend_attributes(backend):
     assert callable(backend.jit(lambda x: x))
 
 
+@pytest.mark.parametrize("index_dtype", ["int32", "int64"])
+def test_rows_gathers_what_the_array_apis_take_gathers(backend, index_dtype):
+    """``Backend.rows`` (PyTorch: its own index_select) gathers the batch exactly as
+    ``xp.take(a, idx, axis=0)``: repeated rows, any order, an empty selection."""
+    host = np.arange(24.0).reshape(8, 3)
+    a = backend.asarray(host, dtype="float32")
+    for sel in ([5, 0, 7, 5, 2], [7], []):
+        idx = backend.asarray(np.array(sel, dtype=index_dtype))
+        got = backend.rows(a, idx)
+        want = backend.xp.take(a, idx, axis=0)
+        assert backend.is_native(got) and tuple(got.shape) == (len(sel), 3)
+        np.testing.assert_array_equal(backend.to_numpy(got), backend.to_numpy(want))
+        np.testing.assert_array_equal(backend.to_numpy(got), host[sel].astype("float32"))
+
+
 @pytest.mark.parametrize("source", ["numpy", "list", "dlpack", "native"])
 def test_asarray_accepts_host_data_sequences_and_dlpack(backend, source):
     host = np.array([[1.5, -2.0], [3.0, 4.25]])

@@ -59,15 +59,19 @@ def _state(params, opt, bad, zero, nan) -> TrainState:
     return TrainState(params, opt, zero, GuardState(xp.astype(bad, xp.int32), zero, nan), zero)
 
 
-def _indexed(step, workers: Any = None):
+def _indexed(step, workers: Any = None, rows: Any = None):
     """``step`` on rows ``idx`` of the data on the device (the gather inside the compiled
-    step on JAX, where sharding splits the gathered batch across the devices)."""
+    step on JAX, where sharding splits the gathered batch across the devices). ``rows``:
+    the backend's gather (:meth:`Backend.rows`), or None for the array API's ``take``."""
     constrain = workers.constrain if workers is not None else (lambda a: a)
 
     def step_indexed(params, opt, bad, X, Y, SW, idx, h, S=None):
-        xp = array_namespace(X)
-        return step(params, opt, bad, *(constrain(xp.take(a, idx, axis=0)) for a in (X, Y, SW)),
-                    h, S)
+        if rows is None:
+            xp = array_namespace(X)
+            batch = [xp.take(a, idx, axis=0) for a in (X, Y, SW)]
+        else:
+            batch = [rows(a, idx) for a in (X, Y, SW)]
+        return step(params, opt, bad, *(constrain(a) for a in batch), h, S)
 
     return step_indexed
 
@@ -110,7 +114,7 @@ def _make_buffered_step(be: Backend, dtype: str, params, opt_state, acts, loss: 
         new, metrics = exe.step(_state(params, opt, bad, zero, nan), x, T)
         return new.params, new.opt_state, new.guard.bad_step != 0, metrics.loss
 
-    return step, _indexed(step)
+    return step, _indexed(step, rows=be.rows)
 
 
 def _make_value_and_grad(acts, loss: Loss):

@@ -150,8 +150,8 @@ class _Solvers:
                             xb = place(be.asarray(_padded(xb, len(idx))))
                             ib = place(be.asarray(idx.astype(index_dtype)))
                             params, state, bad, v = step(
-                                params, state, bad, xb, be.xp.take(Yd, ib, axis=0),
-                                be.xp.take(SWd, ib, axis=0), h, S)
+                                params, state, bad, xb, be.rows(Yd, ib), be.rows(SWd, ib),
+                                h, S)
                         else:
                             params, state, bad, v = step_indexed(
                                 params, state, bad, Xd, Yd, SWd,

@@ -339,15 +339,14 @@ class Trainer:
         if m.backend.compiles:
             metrics = self._advance(self._indexed_step_fn, Xd, Td, order[lo:hi], **eb)
             return metrics.loss, metrics.correct
-        xp = m.backend.xp
         sel = idx[lo:hi]
-        xb, Tb = xp.take(Xd, sel, axis=0), xp.take(Td, sel, axis=0)
+        xb, Tb = m.backend.rows(Xd, sel), m.backend.rows(Td, sel)
         metrics = self._advance(self._prepared_step, xb, Tb, **eb)
         return metrics.loss, metrics.correct
 
     def _pure_indexed_step(self, state, Xd, Td, sel):
-        xp = self.model.backend.xp
-        xb, Tb = xp.take(Xd, sel, axis=0), xp.take(Td, sel, axis=0)
+        be = self.model.backend
+        xb, Tb = be.rows(Xd, sel), be.rows(Td, sel)
         constrain = self._workers.constrain  # (JAX sharding: XLA splits the batch)
         return self._pure_step(state, constrain(xb), constrain(Tb))
 
