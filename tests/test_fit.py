@@ -33,6 +33,39 @@ def test_fit_records_history_and_learns(backend):
     assert ev["accuracy"] == pytest.approx(h["val_accuracy"][-1])
 
 
+@pytest.mark.parametrize("backend_name", ["numpy", "torch"])
+@pytest.mark.parametrize("split", [None, 0.25])
+def test_fit_on_class_labels_takes_them_as_labels_and_equals_one_hot_rows(backend_name,
+                                                                           split):
+    """Where the in-place step takes class labels directly, ``fit`` on integer labels runs
+    it on the labels (no one-hot rows: the loss's one-pass kernel), and trains the same
+    model, history and all, as ``fit`` on the same targets given as one-hot rows (the
+    canonical path), to round-off in float64; a validation split takes its labels too."""
+    from bpcore._array import nested_leaves
+
+    from .conftest import _backend_or_skip
+
+    be = _backend_or_skip(backend_name)
+    X, y = _data(n=90)
+    runs = []
+    for targets in (y, np.eye(3)[y]):
+        model = bpcore.MLP([5, 8, 3], backend=be, dtype="float64", seed=1)
+        trainer = bpcore.Trainer(model, "softmax_cross_entropy", optim.adam(0.01))
+        calls = []
+        step_labels = trainer._inplace.step_labels
+        trainer._inplace.step_labels = lambda *a: calls.append(1) or step_labels(*a)
+        h = trainer.fit(X, targets, epochs=3, batch_size=16, seed=4, verbose=0,
+                        validation_split=split)
+        runs.append((model.copy_params(), h, len(calls)))
+    (p_labels, h_labels, n_labels), (p_rows, h_rows, n_rows) = runs
+    n_train = 90 - (0 if split is None else int(round(90 * split)))
+    assert n_labels == 3 * -(-n_train // 16) and n_rows == 0
+    for a, b in zip(nested_leaves(p_labels), nested_leaves(p_rows)):
+        np.testing.assert_allclose(be.to_numpy(a), be.to_numpy(b), rtol=1e-12, atol=1e-14)
+    for key in h_rows.keys() - {"time"}:
+        np.testing.assert_allclose(h_labels[key], h_rows[key], rtol=1e-12)
+
+
 def test_fit_is_reproducible_and_shuffles_by_seed(backend):
     X, y = _data()
 

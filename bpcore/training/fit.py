@@ -23,7 +23,13 @@ __all__ = ["fit"]
 
 def _split(Xd: Any, Td: Any, fraction: Any) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
     """The last ``fraction`` of the rows, before any shuffling (as Keras), as validation."""
+    n_val = _n_validation(Xd.shape[0], fraction)
     n = Xd.shape[0]
+    return (Xd[:n - n_val, ...], Td[:n - n_val, ...]), (Xd[n - n_val:, ...], Td[n - n_val:, ...])
+
+
+def _n_validation(n: int, fraction: Any) -> int:
+    """How many of ``n`` rows ``validation_split=fraction`` holds out."""
     if (isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating)) or
             not 0 < fraction < 1):
         raise ConfigError(f"fit: validation_split must be a fraction in (0, 1), got "
@@ -32,18 +38,23 @@ def _split(Xd: Any, Td: Any, fraction: Any) -> tuple[tuple[Any, Any], tuple[Any,
     if not 0 < n_val < n:
         raise ConfigError(f"fit: validation_split={fraction} of {n} rows leaves {n_val} for "
                           "validation; use a larger dataset or another fraction")
-    return (Xd[:n - n_val, ...], Td[:n - n_val, ...]), (Xd[n - n_val:, ...], Td[n - n_val:, ...])
+    return n_val
 
 
 def _prepare(trainer: "Trainer", X: Any, y: Any, validation_data: Any, validation_split: Any
-             ) -> tuple[Any, Any, Any]:
-    """The training data and the validation pair (or None), validated and on the device."""
+             ) -> tuple[Any, Any, Any, Any]:
+    """The training data and the validation pair (or None), validated and on the device;
+    and, where the step takes class labels directly (:meth:`Trainer.labels_for_fit`), the
+    training rows' labels on the device (else None)."""
     Xd, Td = trainer.prepare_batch(X, y)  # (with JAX sharding: on every device)
+    Ld = trainer.labels_for_fit(y, Xd.shape[0])
     Vd = None
     if validation_split is not None:
         if validation_data is not None:
             raise ConfigError("fit: pass validation_data or validation_split, not both")
         (Xd, Td), Vd = _split(Xd, Td, validation_split)
+        if Ld is not None:
+            Ld = Ld[:Xd.shape[0]]
     if validation_data is not None:
         if len(validation_data) != 2:
             raise ShapeError("validation_data: expected a pair (X_val, y_val), got "
@@ -51,7 +62,7 @@ def _prepare(trainer: "Trainer", X: Any, y: Any, validation_data: Any, validatio
         Vd = trainer.prepare_batch(*validation_data)
     if Vd is not None:  # validation runs no guarded step: check its labels once, here
         trainer.check_targets(Vd[1], "validation_data")
-    return Xd, Td, Vd
+    return Xd, Td, Vd, Ld
 
 
 def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 128, *,
@@ -66,7 +77,7 @@ def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 
     workers = trainer._workers  # the data-parallel protocol (one worker: no-ops)
     failed = None
     try:
-        Xd, Td, Vd = _prepare(trainer, X, y, validation_data, validation_split)
+        Xd, Td, Vd, Ld = _prepare(trainer, X, y, validation_data, validation_split)
         n = Xd.shape[0]
         n_batches = n // batch_size if drop_last else math.ceil(n / batch_size)
         if n_batches == 0:
@@ -125,7 +136,8 @@ def fit(trainer: "Trainer", X: Any, y: Any, epochs: int = 10, batch_size: int = 
             bar.start(epoch + 1, start + epochs)
             for b in range(first if epoch == start else 0, n_batches):
                 lo, hi = b * batch_size, min((b + 1) * batch_size, n)
-                value, c = trainer.step_indexed(Xd, Td, order, idx, lo, hi, epoch_batch=b + 1)
+                value, c = trainer.step_indexed(Xd, Td, order, idx, lo, hi, epoch_batch=b + 1,
+                                                labels=Ld)
                 values.append(value)
                 counts.append(hi - lo)
                 corrects.append(c)

@@ -327,12 +327,15 @@ class Trainer:
         return self._local(metrics)
 
     def step_indexed(self, Xd: Array, Td: Array, order: np.ndarray, idx: Array, lo: int,
-                     hi: int, epoch_batch: int | None = None) -> tuple[Array, Array]:
+                     hi: int, epoch_batch: int | None = None, labels: Array | None = None
+                     ) -> tuple[Array, Array]:
         """:meth:`step_prepared` on rows ``order[lo:hi]`` of prepared data (what :meth:`fit`
         does per batch; ``idx`` is ``order`` on the device). Where the step is compiled (JAX)
         the gather happens inside it, from the host indices: one call per batch.
         ``epoch_batch``: this batch's number in its epoch, counted from 1 (:attr:`epoch_batch`
-        after it)."""
+        after it). ``labels``: the class labels ``Td`` was made from, from
+        :meth:`labels_for_fit` (the in-place step then takes them as :meth:`step` does,
+        without the one-hot rows), or None."""
         m = self.model
         eb = {"epoch_batch": epoch_batch}
         lo, hi = self._workers.row_range(lo, hi)  # this worker's part of order[lo:hi]
@@ -340,9 +343,26 @@ class Trainer:
             metrics = self._advance(self._indexed_step_fn, Xd, Td, order[lo:hi], **eb)
             return metrics.loss, metrics.correct
         sel = idx[lo:hi]
-        xb, Tb = m.backend.rows(Xd, sel), m.backend.rows(Td, sel)
-        metrics = self._advance(self._prepared_step, xb, Tb, **eb)
+        xb = m.backend.rows(Xd, sel)
+        if labels is not None and self._inplace is not None:
+            metrics = self._advance(self._inplace.step_labels, xb, m.backend.rows(labels, sel),
+                                    **eb)
+        else:
+            metrics = self._advance(self._prepared_step, xb, m.backend.rows(Td, sel), **eb)
         return metrics.loss, metrics.correct
+
+    def labels_for_fit(self, y: Any, n: int) -> Array | None:
+        """``y`` as class labels on the device, for :meth:`step_indexed`, where the in-place
+        step takes labels directly (its loss's kernel has a form on labels and the host
+        reads values: it uses them with no one-hot rows, as :meth:`step` does); else None.
+        ``y`` has passed :meth:`prepare_batch` already (its labels are in range)."""
+        ex = self._inplace
+        if (ex is None or not ex.ops.host_reads or
+                getattr(ex.loss_kernel, "labels", None) is None):
+            return None
+        m = self.model
+        labels = label_targets(self.loss, m.backend, y, m.sizes[-1], n)
+        return None if labels is None else self._workers.place(labels)
 
     def _pure_indexed_step(self, state, Xd, Td, sel):
         be = self.model.backend
