@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import numpy
+
 from ._ops import NumpyOps
 
 
@@ -181,8 +183,6 @@ class TorchOps(NumpyOps):
         # On the CPU the tensors are host memory: NumPy's argmax and count on views of
         # them, 12 µs against 36 for PyTorch's three calls on a 100 x 10 batch (measured).
         # (The same first-maximum rule: NaN counts as the maximum in both.)
-        import numpy
-
         hits = numpy.count_nonzero(Z.numpy().argmax(axis=1) == labels.numpy())
         return self.torch.scalar_tensor(hits, dtype=Z.dtype)
 

@@ -235,6 +235,13 @@ class BufferedStep:
         with self.ops.quiet():
             return self._step(state, x, T, None)
 
+    @property
+    def takes_labels(self) -> bool:
+        """Whether :meth:`step_labels` uses class labels as they are (the loss's kernel has a
+        form on labels, and the host has read them: range-checked at the boundary), rather
+        than turning them into one-hot rows first."""
+        return getattr(self.loss_kernel, "labels", None) is not None and self.ops.host_reads
+
     def step_labels(self, state: TrainState, x: Any, labels: Any
                     ) -> tuple[TrainState, StepMetrics]:
         """The step on integer class labels. Where the host reads values, they were checked
@@ -242,7 +249,7 @@ class BufferedStep:
         softmax cross-entropy uses them directly, with no one-hot rows. On a device they may
         not have been read: one-hot rows, where an invalid label is a row of NaN the guard
         refuses (an index out of range would stop the GPU instead)."""
-        if getattr(self.loss_kernel, "labels", None) is None or not self.ops.host_reads:
+        if not self.takes_labels:
             T = labels_to_canonical(labels, self.params[-1][0].shape[0], self.p_flat.dtype)
             return self.step(state, x, T)
         with self.ops.quiet():

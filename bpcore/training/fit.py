@@ -23,13 +23,7 @@ __all__ = ["fit"]
 
 def _split(Xd: Any, Td: Any, fraction: Any) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
     """The last ``fraction`` of the rows, before any shuffling (as Keras), as validation."""
-    n_val = _n_validation(Xd.shape[0], fraction)
     n = Xd.shape[0]
-    return (Xd[:n - n_val, ...], Td[:n - n_val, ...]), (Xd[n - n_val:, ...], Td[n - n_val:, ...])
-
-
-def _n_validation(n: int, fraction: Any) -> int:
-    """How many of ``n`` rows ``validation_split=fraction`` holds out."""
     if (isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating)) or
             not 0 < fraction < 1):
         raise ConfigError(f"fit: validation_split must be a fraction in (0, 1), got "
@@ -38,7 +32,7 @@ def _n_validation(n: int, fraction: Any) -> int:
     if not 0 < n_val < n:
         raise ConfigError(f"fit: validation_split={fraction} of {n} rows leaves {n_val} for "
                           "validation; use a larger dataset or another fraction")
-    return n_val
+    return (Xd[:n - n_val, ...], Td[:n - n_val, ...]), (Xd[n - n_val:, ...], Td[n - n_val:, ...])
 
 
 def _prepare(trainer: "Trainer", X: Any, y: Any, validation_data: Any, validation_split: Any

@@ -353,12 +353,9 @@ class Trainer:
 
     def labels_for_fit(self, y: Any, n: int) -> Array | None:
         """``y`` as class labels on the device, for :meth:`step_indexed`, where the in-place
-        step takes labels directly (its loss's kernel has a form on labels and the host
-        reads values: it uses them with no one-hot rows, as :meth:`step` does); else None.
-        ``y`` has passed :meth:`prepare_batch` already (its labels are in range)."""
-        ex = self._inplace
-        if (ex is None or not ex.ops.host_reads or
-                getattr(ex.loss_kernel, "labels", None) is None):
+        step takes labels as they are (``takes_labels``: with no one-hot rows, as
+        :meth:`step` does); else None. ``y`` has passed :meth:`prepare_batch` already."""
+        if self._inplace is None or not self._inplace.takes_labels:
             return None
         m = self.model
         labels = label_targets(self.loss, m.backend, y, m.sizes[-1], n)
