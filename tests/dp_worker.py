@@ -56,6 +56,13 @@ def main() -> int:
             if a.ckpt:
                 trainer.save(a.ckpt)
             rank = getattr(trainer.parallel, "rank", 0)
+            if epoch == a.at_epoch and {a.kill_rank, a.raise_rank} != {None}:
+                # save is no collective (rank 0 writes, the others go on), so rank 0 may
+                # still be writing this epoch's checkpoint when another rank dies and takes
+                # it down. Wait for the write, so that the test knows which file is the last.
+                from mpi4py import MPI
+
+                MPI.COMM_WORLD.Barrier()
             if epoch == a.at_epoch and rank == a.kill_rank:
                 os.kill(os.getpid(), signal.SIGKILL)
             if epoch == a.at_epoch and rank == a.raise_rank:
