@@ -13,6 +13,7 @@ from . import interrupts as _interrupts
 from .._checks import whole_number
 from .callbacks import Callback, History
 from ..errors import ConfigError, ShapeError
+from ..nn.targets import label_targets
 from .progress import Progress
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,13 +36,25 @@ def _split(Xd: Any, Td: Any, fraction: Any) -> tuple[tuple[Any, Any], tuple[Any,
     return (Xd[:n - n_val, ...], Td[:n - n_val, ...]), (Xd[n - n_val:, ...], Td[n - n_val:, ...])
 
 
+def _labels(trainer: "Trainer", y: Any, n: int) -> Any:
+    """``y`` as class labels on the device, for :meth:`Trainer.step_indexed`, where the
+    in-place step takes labels as they are (``takes_labels``: no one-hot rows, as
+    :meth:`Trainer.step` does); else None. ``y`` has passed ``prepare_batch`` already."""
+    step = trainer._inplace
+    if step is None or not step.takes_labels:
+        return None
+    m = trainer.model
+    labels = label_targets(trainer.loss, m.backend, y, m.sizes[-1], n)
+    return None if labels is None else trainer._workers.place(labels)
+
+
 def _prepare(trainer: "Trainer", X: Any, y: Any, validation_data: Any, validation_split: Any
              ) -> tuple[Any, Any, Any, Any]:
     """The training data and the validation pair (or None), validated and on the device;
-    and, where the step takes class labels directly (:meth:`Trainer.labels_for_fit`), the
-    training rows' labels on the device (else None)."""
+    and, where the step takes class labels directly (:func:`_labels`), the training rows'
+    labels on the device (else None)."""
     Xd, Td = trainer.prepare_batch(X, y)  # (with JAX sharding: on every device)
-    Ld = trainer.labels_for_fit(y, Xd.shape[0])
+    Ld = _labels(trainer, y, Xd.shape[0])
     Vd = None
     if validation_split is not None:
         if validation_data is not None:

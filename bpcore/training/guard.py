@@ -20,15 +20,27 @@ import numpy as np
 
 from .._array import Array, array_device, array_namespace, nested_leaves, nested_map
 from ..backends._base import dtype_name
-from ..errors import DivergenceError, ShapeError
+from ..errors import ConfigError, DivergenceError, ShapeError
 from ..nn.losses import Loss
 
-__all__ = ["GuardState", "guard_decision", "host_guard_decision", "step_is_finite", "tree_sq_norm", "where_select",
-           "raise_if_refused", "GUARD_NONFINITE", "GUARD_GREW", "GUARD_TARGETS",
-           "DEFAULT_DIVERGENCE_FACTOR"]
+__all__ = ["GuardState", "guard_decision", "host_guard_decision", "step_is_finite",
+           "tree_sq_norm", "where_select", "raise_if_refused", "checked_divergence_factor",
+           "GUARD_NONFINITE", "GUARD_GREW", "GUARD_TARGETS", "DEFAULT_DIVERGENCE_FACTOR"]
 
 GUARD_NONFINITE, GUARD_GREW, GUARD_TARGETS = 1, 2, 3
 DEFAULT_DIVERGENCE_FACTOR = 1e4
+
+
+def checked_divergence_factor(factor: Any) -> float | None:
+    """The guard's ``divergence_factor`` setting as a float (None: only non-finite values
+    count); a ConfigError for anything but a number in (1, inf)."""
+    if factor is None:
+        return None
+    if isinstance(factor, bool) or not isinstance(factor, (int, float, np.floating,
+                                                           np.integer)) \
+            or not 1.0 < float(factor) < math.inf:
+        raise ConfigError(f"divergence_factor: expected a number > 1 (or None), got {factor!r}")
+    return float(factor)
 
 
 class GuardState(NamedTuple):

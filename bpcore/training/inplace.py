@@ -37,7 +37,7 @@ from .buffered import BufferedStep, buffered_unsupported_reason
 from .guard import host_guard_decision
 from .step import StepMetrics, TrainState
 
-__all__ = ["InplaceStep", "BufferedStep", "executor_for", "unsupported_reason", "CHUNK"]
+__all__ = ["InplaceStep", "BufferedStep", "unsupported_reason", "CHUNK"]
 
 CHUNK = 1 << 16  # elements per chunk of an elementwise update with a temporary (fits L2)
 
@@ -61,17 +61,6 @@ def unsupported_reason(trainer: Any) -> str | None:
     if trainer._workers.reduce is not None and trainer._workers.reduce_flat_ is None:
         return "the data-parallel workers reduce no flat buffer: the buffered step runs"
     return None
-
-
-def executor_for(trainer: Any) -> tuple[BufferedStep | None, str | None]:
-    """The fastest buffered executor ``trainer`` can use (the in-place step, else the
-    buffered step), or ``(None, why)`` when neither can run."""
-    why = buffered_unsupported_reason(trainer)
-    if why is not None:
-        return None, why
-    if unsupported_reason(trainer) is None:
-        return InplaceStep(trainer), None
-    return BufferedStep(trainer), None
 
 
 class InplaceStep(BufferedStep):

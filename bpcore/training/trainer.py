@@ -11,7 +11,6 @@ epochs; :meth:`save` / :meth:`resume` write and read the state with its
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -23,11 +22,13 @@ from .interrupts import Commit
 from .callbacks import Callback, EarlyStopping, History
 from ..errors import ConfigError
 from ..nn.losses import Loss, get_loss
-from ..nn.targets import label_targets, labels_to_canonical, prepare_target
+from ..nn.targets import label_targets, prepare_target
 from ..nn.model import MLP
 from ..optim import GradientTransformation, Optimizer, chain, clip_by_global_norm, get_optimizer
-from .guard import DEFAULT_DIVERGENCE_FACTOR, GuardState, raise_if_refused
+from .guard import (DEFAULT_DIVERGENCE_FACTOR, GuardState, checked_divergence_factor,
+                    raise_if_refused)
 from .evaluation import check_targets, evaluate, evaluate_prepared
+from .executors import build_steps
 from .step import TrainState, init_state, state_mismatch, train_step
 
 __all__ = ["Trainer", "train_step", "TrainState", "GuardState", "History", "Callback",
@@ -84,12 +85,6 @@ class Trainer:
                  inplace: bool | None = None, data_parallel: bool = False):
         if not isinstance(model, MLP):
             raise TypeError(f"model: expected a bpcore.MLP, got {type(model).__name__}")
-        if divergence_factor is not None and (
-                isinstance(divergence_factor, bool) or
-                not isinstance(divergence_factor, (int, float, np.floating, np.integer)) or
-                not 1.0 < float(divergence_factor) < math.inf):
-            raise ConfigError(f"divergence_factor: expected a number > 1 (or None), got "
-                              f"{divergence_factor!r}")
         self.model = model
         # Held for each step and each snapshot (save): the model's, so that saving the model
         # alone (bpcore.save) from another thread also sees whole steps.
@@ -99,7 +94,7 @@ class Trainer:
         self.base_optimizer = get_optimizer(optimizer)
         self.clip_norm = clip_norm
         self.check_finite = bool(check_finite)
-        self.divergence_factor = None if divergence_factor is None else float(divergence_factor)
+        self.divergence_factor = checked_divergence_factor(divergence_factor)
         self.optimizer = (self.base_optimizer if clip_norm is None else
                           chain(clip_by_global_norm(clip_norm), self.base_optimizer))
         from .. import parallel as _parallel
@@ -121,27 +116,10 @@ class Trainer:
         self.trace_count = 0  # how many times the step was traced (once per shape on JAX)
         if inplace not in (None, True, False):
             raise ConfigError(f"inplace: expected None, True or False, got {inplace!r}")
-        # A backend that compiles the step (JAX) can reuse the old state's buffers for the
-        # new one (donation) — but only without the guard: a guarded step keeps the old state
-        # until it knows the step is good, so XLA would first copy every donated buffer
-        # (measured: Adam on `large` in float64 took 33 ms donated against 21 ms not).
-        jit_kw = {"donate_argnums": (0,)} if inplace is not False and \
-            model.backend.compiles and not check_finite else {}
-        self._donates = bool(jit_kw)
-        jit_kw.update(workers.jit_options())
-        self._indexed_step_fn = model.backend.jit(self._pure_indexed_step, **jit_kw)
-        self._step_fn = model.backend.jit(self._pure_step, **jit_kw)
-        self._label_step_fn = model.backend.jit(self._pure_label_step, **jit_kw)
-        self._inplace = None
-        if inplace is not False:
-            from .inplace import executor_for
-
-            self._inplace, why = executor_for(self)
-            if self._inplace is None and inplace and not self._donates:
-                if model.backend.compiles:
-                    why += ("; on a compiled backend (JAX) the step donates its buffers, which "
-                            "needs check_finite=False")
-                raise ConfigError(f"inplace=True: not possible here: {why}")
+        # The compiled pure step's three entry points, and the buffered (or in-place)
+        # executor where it can run (bpcore.training.executors: the one place that chooses)
+        (self._step_fn, self._label_step_fn, self._indexed_step_fn, self._inplace,
+         self._donates) = build_steps(self, inplace)
 
         self._fixed = True
 
@@ -166,21 +144,10 @@ class Trainer:
         """Whether steps reuse the state's buffers (see the ``inplace`` parameter)."""
         return self._inplace is not None or self._donates
 
-    def _pure_step(self, state: TrainState, x: Array, T: Array):
-        self.trace_count += 1  # Python side effect: runs once per compilation on JAX
-        return train_step(state, (x, T), activations=self.model.activations, loss=self.loss,
-                          optimizer=self.optimizer, check_finite=self.check_finite,
-                          divergence_factor=self.divergence_factor,
-                          reduce=self._workers.reduce)
-
     @property
     def _prepared_step(self) -> Any:
         """The step on canonical targets: the in-place one where it runs, else the compiled."""
         return self._inplace.step if self._inplace is not None else self._step_fn
-
-    def _pure_label_step(self, state: TrainState, x: Array, labels: Array):
-        T = labels_to_canonical(labels, self.model.sizes[-1], x.dtype)
-        return self._pure_step(state, x, T)
 
     # -- the state --------------------------------------------------------------------------
     @property
@@ -333,9 +300,9 @@ class Trainer:
         does per batch; ``idx`` is ``order`` on the device). Where the step is compiled (JAX)
         the gather happens inside it, from the host indices: one call per batch.
         ``epoch_batch``: this batch's number in its epoch, counted from 1 (:attr:`epoch_batch`
-        after it). ``labels``: the class labels ``Td`` was made from, from
-        :meth:`labels_for_fit` (the in-place step then takes them as :meth:`step` does,
-        without the one-hot rows), or None."""
+        after it). ``labels``: the class labels ``Td`` was made from, on the device, where
+        the in-place step takes them as :meth:`step` does, without the one-hot rows (``fit``
+        passes them), or None."""
         m = self.model
         eb = {"epoch_batch": epoch_batch}
         lo, hi = self._workers.row_range(lo, hi)  # this worker's part of order[lo:hi]
@@ -350,22 +317,6 @@ class Trainer:
         else:
             metrics = self._advance(self._prepared_step, xb, m.backend.rows(Td, sel), **eb)
         return metrics.loss, metrics.correct
-
-    def labels_for_fit(self, y: Any, n: int) -> Array | None:
-        """``y`` as class labels on the device, for :meth:`step_indexed`, where the in-place
-        step takes labels as they are (``takes_labels``: with no one-hot rows, as
-        :meth:`step` does); else None. ``y`` has passed :meth:`prepare_batch` already."""
-        if self._inplace is None or not self._inplace.takes_labels:
-            return None
-        m = self.model
-        labels = label_targets(self.loss, m.backend, y, m.sizes[-1], n)
-        return None if labels is None else self._workers.place(labels)
-
-    def _pure_indexed_step(self, state, Xd, Td, sel):
-        be = self.model.backend
-        xb, Tb = be.rows(Xd, sel), be.rows(Td, sel)
-        constrain = self._workers.constrain  # (JAX sharding: XLA splits the batch)
-        return self._pure_step(state, constrain(xb), constrain(Tb))
 
     def check(self) -> None:
         """Raise if the guard refused a step (reads the device): :class:`DivergenceError`,
