@@ -5,7 +5,9 @@ The same estimator settings and ``random_state`` on both sides, so both fit the 
 runs all ``max_iter`` epochs (``tol=0``), so both do the same work. Each implementation fits
 once untimed (JAX compiles then; that first fit's time is reported on its own), then
 ``rounds`` times, interleaved with the others; the fastest fit counts. Ratios are bpcore's
-time over scikit-learn's, measured in this one run.
+time over scikit-learn's, measured in this one run. Each stochastic case also has a floor
+row, the fit's matrix products each timed alone on NumPy (:func:`products_alone`): no fit
+on scikit-learn's BLAS takes less, so its ratio bounds what any such fit can reach.
 """
 
 from __future__ import annotations
@@ -123,6 +125,11 @@ def run(cases: list[str], backends: list[str], dtypes: list[str], rounds: int = 
                     times.setdefault(impl, []).append(_fit(est, Xtr, ytr))
             best = {impl: min(t) for impl, t in times.items()}
             ref = ests.get("sklearn")
+            floor = None
+            if ref is not None and dict(case.settings).get("solver", "adam") != "lbfgs":
+                sizes = [c.shape[0] for c in ref.coefs_] + [ref.coefs_[-1].shape[1]]
+                floor = products_alone(sizes, Xtr.shape[0], min(200, Xtr.shape[0]),
+                                       int(ref.n_iter_), dtype)
             for impl, est in ests.items():
                 row = {"case": name, "dtype": dtype, "impl": impl, "time_s": best[impl],
                        "first_fit_s": first[impl], "score": float(est.score(Xte, yte)),
@@ -136,13 +143,47 @@ def run(cases: list[str], backends: list[str], dtypes: list[str], rounds: int = 
                 rows.append(row)
                 log(f"{name:15s} {dtype} {impl:8s} {best[impl] * 1e3:9.1f} ms  "
                     f"x{row.get('vs_sklearn', float('nan')):.2f}  score {row['score']:.4f}")
+            if floor is not None:
+                rows.append({"case": name, "dtype": dtype, "impl": "floor", "time_s": floor[0],
+                             "vs_sklearn": floor[0] / best["sklearn"], "spread": floor[1]})
+                log(f"{name:15s} {dtype} {'floor':8s} {floor[0] * 1e3:9.1f} ms  "
+                    f"x{floor[0] / best['sklearn']:.2f}  (the matrix products alone)")
     return {"rows": rows, "skipped": skipped, "rounds": rounds}
+
+
+def products_alone(sizes: list[int], n_rows: int, batch: int, epochs: int, dtype: str
+                   ) -> tuple[float, float]:
+    """The floor of a stochastic fit: its matrix products, each timed alone on NumPy
+    (scikit-learn's own BLAS), summed over the fit's batches. The products of a step are
+    :func:`benchmarks.impls.floor_parts`'s (the step benchmark's floor), at the full batch
+    size and at the last, smaller batch of each epoch. A fit on this BLAS cannot take less,
+    whatever else it does; the ratio to scikit-learn's time says how much of scikit-learn's
+    fit is products, and so how far any implementation on the same BLAS can go below it.
+    Returns ``(seconds, spread)``, the spread the largest of the products' timings."""
+    from .cases import Case
+    from .impls import floor_parts
+    from .timing import measure
+
+    full, last = divmod(n_rows, batch)
+    total, spreads = 0.0, []
+    for rows, count in ((batch, full), (last, 1)):
+        if rows and count:
+            parts, _, _ = floor_parts("numpy", Case(f"fit@{rows}", tuple(sizes), rows), dtype)
+            for _, runner, _ in parts:
+                m = measure(runner)
+                total += count * m["time_s"]
+                spreads.append(m["spread"])
+    return epochs * total, max(spreads)
 
 
 def markdown(result: dict) -> str:
     lines = ["| case | dtype | implementation | fit time | × scikit-learn | first fit | "
              "test score | max \\|Δcoef\\| vs scikit-learn |", "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        if r["impl"] == "floor":
+            lines.append(f"| {r['case']} | {r['dtype']} | *the matrix products alone (NumPy)* | "
+                         f"{r['time_s'] * 1e3:.1f} ms | {r['vs_sklearn']:.2f} | | | |")
+            continue
         impl = "scikit-learn" if r["impl"] == "sklearn" else f"bpcore.sklearn ({r['impl']})"
         lines.append(f"| {r['case']} | {r['dtype']} | {impl} | {r['time_s'] * 1e3:.1f} ms | "
                      f"{r.get('vs_sklearn', float('nan')):.2f} | {r['first_fit_s'] * 1e3:.0f} ms | "

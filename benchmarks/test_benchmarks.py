@@ -163,6 +163,9 @@ def test_estimators_benchmark_runs_and_reports(tmp_path):
     result = estimators.run(["digits-adam"], ["numpy", "torch"], ["float64"], rounds=1,
                             log=lambda *_: None)
     rows = {r["impl"]: r for r in result["rows"]}
+    floor = rows.pop("floor")  # the fit's products alone, on scikit-learn's BLAS
+    assert floor["time_s"] > 0  # (no comparison of two timings: this machine is shared)
+    assert floor["vs_sklearn"] == floor["time_s"] / rows["sklearn"]["time_s"]
     assert set(rows) == {"sklearn", "numpy", "torch"} or "torch" in str(result["skipped"])
     for r in rows.values():
         assert r["time_s"] > 0 and np.isfinite(r["vs_sklearn"]) and r["n_iter"] == 20
@@ -172,6 +175,7 @@ def test_estimators_benchmark_runs_and_reports(tmp_path):
     with open(paths[1]) as f:
         text = f.read()
     assert "bpcore.sklearn (numpy)" in text and "× scikit-learn" in text
+    assert "the matrix products alone" in text
 
 
 def test_scaling_benchmark_runs_and_reports(tmp_path):
