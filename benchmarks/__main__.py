@@ -105,11 +105,11 @@ def machine(gpu: bool) -> dict:
 def _interrupt_on_sigterm() -> None:
     """SIGTERM (``timeout``'s default signal) and SIGINT stop the run: report written.
 
-    The handler raises KeyboardInterrupt, and also sets :data:`report.STOP`: Python swallows
+    The handler raises KeyboardInterrupt, and also sets :data:`suite.STOP`: Python swallows
     an exception raised while a finalizer runs (JAX's GC callback, say: "Exception ignored
     in ..."), and the flag then stops the run at the next measurement instead.
     """
-    from .report import STOP
+    from .suite import STOP
 
     STOP.clear()
 
@@ -249,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_and_report(args, backends, profile, cases, dtypes, info) -> int:
-    from .report import (below_floor, markdown_table, noise_warning, run_suite, write_json,
-                         write_report)
+    from .report import below_floor, markdown_table, noise_warning, write_json, write_report
+    from .suite import run_suite
 
     result = run_suite(backends, profile, gpu=args.gpu, cases=cases, sweep=not args.no_sweep,
                        max_seconds=args.max_seconds, dtypes=dtypes, generic=args.generic,

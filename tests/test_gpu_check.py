@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import report
+from benchmarks import report, suite
 from benchmarks.cases import CASES
-from benchmarks.report import plan, run_suite
+from benchmarks.suite import plan, run_suite
 
 from .conftest import sigint_not_ignored
 
@@ -219,14 +219,14 @@ def test_bpcore_bench_time_budget(tmp_path):
 
 
 def test_a_failing_measurement_is_recorded_and_the_run_goes_on(monkeypatch):
-    real = report.bpcore_runner
+    real = suite.bpcore_runner
 
     def flaky(backend, kind, case, dtype, path="prepared"):
         if kind == "adam" and path == "prepared":
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return real(backend, kind, case, dtype, path=path)
 
-    monkeypatch.setattr(report, "bpcore_runner", flaky)
+    monkeypatch.setattr(suite, "bpcore_runner", flaky)
     result = run_suite(["numpy"], cases=["small"], sweep=False, smoke=True)
     assert result["status"] == "complete" and result["missing"] == []
     assert list(result["failed"]) == ["small/float32/bpcore/numpy/adam"]
@@ -358,9 +358,9 @@ def test_a_noisy_machine_is_reported():
 def test_a_stop_request_survives_a_swallowed_interrupt():
     """Python drops an exception raised in a finalizer (JAX's GC callback ate a SIGTERM's
     KeyboardInterrupt once); the handler's flag still stops the run at the next measurement."""
-    report.STOP.set()
+    suite.STOP.set()
     try:
         result = run_suite(["numpy"], cases=["small"], sweep=False)
     finally:
-        report.STOP.clear()
+        suite.STOP.clear()
     assert result["status"] == "interrupted" and not result["rows"] and result["missing"]
