@@ -2,7 +2,7 @@
 
 :class:`NumbaOps` is :class:`~backends._ops.NumpyOps` with the updates overridden
 (``add_scaled_``, ``axpy_``, ``fold_div_``, ``momentum_update_``, ``velocity_update_``,
-``adam_update_``), relu's backward as one select (``relu_backward_``), and softmax
+``adam_update_``), relu's backward as one pass (``relu_backward_``), and softmax
 cross-entropy on labels added (``softmax_xent_labels``, the executors' hook that PyTorch's
 operations also fill). NumPy runs each update as up to a
 dozen passes over the flat buffers (in chunks that stay in cache); here each is one compiled
@@ -168,12 +168,14 @@ def _build(njit: Any, cache: bool) -> Any:
         return total, correct
 
     @jit
-    def relu_backward(D, Y):
-        # D ← D where Y > 0, else 0 (NaN in Y: 0), row by row (D, Y: C-contiguous)
+    def relu_backward(D, Y, zero, one):
+        # D ← D · [Y > 0] (NaN in Y: 0), row by row (D, Y: C-contiguous): NumPy's mask
+        # product, bit for bit, in one pass. The product, not a select (D where Y > 0, else
+        # 0): it vectorises, a select does not (200 x 256: 11 µs against 35 in float32, 21
+        # against 42 in float64, measured)
         for b in range(D.shape[0]):
             for c in range(D.shape[1]):
-                if not Y[b, c] > 0:
-                    D[b, c] = 0
+                D[b, c] = D[b, c] * (one if Y[b, c] > zero else zero)
 
     class K:
         pass
@@ -213,7 +215,8 @@ class NumbaOps(NumpyOps):
         k = _kernels()
         if k is None or not (D.flags.c_contiguous and Y.flags.c_contiguous):
             return super().relu_backward_(D, Y)
-        k.relu_backward(D, Y)  # a select in one pass: the generic vjp's where(), exactly
+        t = D.dtype.type
+        k.relu_backward(D, Y, t(0), t(1))  # NumPy's mask product in one pass
 
     def fold_div_(self, g, W, alpha, S, tmp):
         k = _kernels()

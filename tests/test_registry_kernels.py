@@ -305,7 +305,8 @@ _any = st.one_of(st.sampled_from([0.0, -0.0, 1.0, -1.0, 1e-300, 1e308, -1e308, f
 
 
 def _update_calls():
-    """(label, call(ops, p, g, m, v, tmp)) for every update NumbaOps overrides."""
+    """(label, call(ops, p, g, m, v, tmp)) for every update NumbaOps overrides, and relu's
+    backward."""
     return [
         ("axpy", lambda o, p, g, m, v, t: o.axpy_(p, 0.37, g, t)),
         ("sgd", lambda o, p, g, m, v, t: o.add_scaled_(p, g.copy(), -0.1)),
@@ -322,6 +323,9 @@ def _update_calls():
                                                            0.0, p.shape[0] // 2, t)),
         ("adamw", lambda o, p, g, m, v, t: o.adam_update_(p, g, m, v, 3e-3, 1e-7, 0.8, 0.99,
                                                             1e-2, p.shape[0] // 2, t)),
+        # (not an update, but NumPy's numbers too: D ← D·[Y > 0], here D = g and Y = p)
+        ("relu-backward", lambda o, p, g, m, v, t: o.relu_backward_(g.reshape(1, -1),
+                                                                    p.reshape(1, -1))),
     ]
 
 

@@ -42,8 +42,8 @@ class InplaceKernel:
 
 
 # relu: Y = max(Z, 0) in place; G = D where Y > 0, else 0 (Y > 0 exactly where Z > 0): the
-# backend's one-pass form (ops.relu_backward_: PyTorch's threshold_backward, a compiled
-# select with Numba; NumPy alone multiplies by the mask, which equals the generic vjp's
+# backend's one-pass form (ops.relu_backward_: PyTorch's threshold_backward; on NumPy the
+# product with the mask, as one compiled pass with Numba, which equals the generic vjp's
 # where() for every finite D).
 RELU_KERNEL = InplaceKernel(lambda ops, Z: ops.relu_(Z),
                             backward_=lambda ops, D, Y: ops.relu_backward_(D, Y))
