@@ -116,6 +116,13 @@ class _WeightedKernel:
         return value
 
 
+def _one_pass(ops: Any, name: str, Z: Any, Y: Any, sw: Any, eps: float, D: Any) -> Any:
+    """The loss's value by the backend's one-pass form of it, where it has one (Numba's:
+    ``backends/_numba.py``; it writes ``D`` too), else None: the operations below run."""
+    fused = getattr(ops, name, None)
+    return fused(Z, Y, sw, eps, D) if fused is not None else None
+
+
 class _SoftmaxLogLossKernel(_WeightedKernel):
     """:func:`_log_loss_softmax` in place."""
 
@@ -123,6 +130,9 @@ class _SoftmaxLogLossKernel(_WeightedKernel):
         Y, sw = T[0], T[1]
         P, rows, work, _, _ = bufs
         eps = _eps(Z)
+        value = _one_pass(ops, "softmax_log_loss", Z, Y, sw, eps, P)
+        if value is not None:
+            return value, P
         ops.row_max(Z, rows)                      # P = softmax(Z): exp(Z - max) / Σ
         ops.sub(Z, rows, P)
         ops.exp(P, P)
@@ -142,6 +152,9 @@ class _LogisticLossKernel(_WeightedKernel):
         Y, sw = T[0], T[1]
         P, _, work, work2, work3 = bufs
         eps = _eps(Z)
+        value = _one_pass(ops, "sigmoid_log_loss", Z, Y, sw, eps, P)
+        if value is not None:
+            return value, P
         ops.sigmoid(Z, P, work)                   # P
         ops.clip(P, eps, 1.0 - eps, work)         # Pc
         ops.rsub(1.0, work, work2)                # log(1 - Pc)
