@@ -132,6 +132,18 @@ def _build(njit: Any, cache: bool) -> Any:
             p[i] = p[i] + u
 
     @jit
+    def row_argmax(Z, b):
+        # NumPy's argmax of row b: the first maximum, or the first NaN (whose max is NaN)
+        top = 0
+        m = Z[b, 0]
+        for c in range(1, Z.shape[1]):
+            v = Z[b, c]
+            if m == m and (v > m or v != v):
+                m = v
+                top = c
+        return top
+
+    @jit
     def softmax_xent_labels(Z, labels, D, zero, one, B, nan):
         # per row b: m = max Z_b (NaN if any), lse = m + log Σ exp(Z_b - m); returns
         # (Σ_b (lse - Z_{b,y_b}), the rows whose argmax is y_b); D ← (exp(Z - lse) -
@@ -147,13 +159,8 @@ def _build(njit: Any, cache: bool) -> Any:
                 for c in range(Z.shape[1]):
                     D[b, c] = nan
                 continue
-            m = Z[b, 0]
-            top = 0
-            for c in range(1, Z.shape[1]):
-                v = Z[b, c]
-                if m == m and (v > m or v != v):
-                    m = v
-                    top = c
+            top = row_argmax(Z, b)
+            m = Z[b, top]
             if top == y:
                 correct += 1
             s = zero
@@ -169,17 +176,14 @@ def _build(njit: Any, cache: bool) -> Any:
         return total, correct
 
     @jit
-    def softmax_log_loss(Z, Y, sw, lo, hi, D, zero):
+    def softmax_log_loss(Z, Y, sw, lo, hi, D, zero, one):
         # scikit-learn's multinomial log loss, row by row: P = exp(Z - max) / Σ (max: NaN if
         # any, as NumPy's), returns Σ sw (Y log clip(P, lo, hi)) (summed in float64; the
-        # caller negates it) and D ← sw (P - Y)
+        # caller negates it) and D ← sw (P - Y) (one: unused; both log losses take the same
+        # arguments)
         total = 0.0
         for r in range(Z.shape[0]):
-            m = Z[r, 0]
-            for c in range(1, Z.shape[1]):
-                v = Z[r, c]
-                if m == m and (v > m or v != v):
-                    m = v
+            m = Z[r, row_argmax(Z, r)]
             s = zero
             for c in range(Z.shape[1]):
                 e = np.exp(Z[r, c] - m)
@@ -263,25 +267,25 @@ class NumbaOps(NumpyOps):
         entry's kernel, :class:`bpcore.sklearn._rules._SoftmaxLogLossKernel`, calls): its
         ``-Σ sw (Y log clip(P))`` and ``D = sw (P - Y)``, the kernel's numbers to round-off
         (the sums in another order; the value summed in float64); None: declined."""
-        return self._log_loss("softmax_log_loss", Z, Y, sw, eps, D)
+        k = _kernels()
+        return None if k is None else self._log_loss(k.softmax_log_loss, Z, Y, sw, eps, D)
 
     def sigmoid_log_loss(self, Z, Y, sw, eps, D):
         """scikit-learn's binary log loss likewise (:class:`bpcore.sklearn._rules.
         _LogisticLossKernel`): each element's arithmetic is the kernel's, the sum's order
         alone differs."""
-        return self._log_loss("sigmoid_log_loss", Z, Y, sw, eps, D)
+        k = _kernels()
+        return None if k is None else self._log_loss(k.sigmoid_log_loss, Z, Y, sw, eps, D)
 
     @staticmethod
-    def _log_loss(name, Z, Y, sw, eps, D):
-        k = _kernels()
-        if k is None or not all(a.flags.c_contiguous and a.dtype == Z.dtype and
-                                a.dtype.isnative for a in (Z, Y, sw, D)):
+    def _log_loss(kernel, Z, Y, sw, eps, D):
+        """``kernel``'s value, negated, in ``Z``'s dtype; None where a layout is not one
+        Numba takes (then the registry entry's kernel runs NumPy's operations)."""
+        if not all(a.flags.c_contiguous and a.dtype == Z.dtype and a.dtype.isnative
+                   for a in (Z, Y, sw, D)):
             return None
         t = Z.dtype.type
-        args = (Z, Y, sw, t(eps), t(1.0 - eps), D, t(0))
-        total = getattr(k, name)(*args, t(1)) if name == "sigmoid_log_loss" else \
-            getattr(k, name)(*args)
-        return t(-total)
+        return t(-kernel(Z, Y, sw, t(eps), t(1.0 - eps), D, t(0), t(1)))
 
     def relu_backward_(self, D, Y):
         k = _kernels()

@@ -595,7 +595,8 @@ def test_one_late_step_is_as_exact_in_float32_on_every_backend(backend):
 
     def one_step(be, dtype):
         step, _ = bs._make_step(_rules._acts("relu", 4), _rules._LOSSES["softmax"], "adam", True,
-                                select_on_host=not (be.compiles or be.asynchronous))
+                                select_on_host=not (be.compiles or be.asynchronous),
+                                rows=be.rows)
         to = lambda a: be.asarray(np.asarray(a, dtype=dtype))  # noqa: E731
         out = step(nested_map(to, params), (nested_map(to, ms), nested_map(to, vs)),
                    be.asarray(np.zeros((), bool)), to(X[:200]), to(Y[:200]),

@@ -20,7 +20,7 @@ from ._rules import _finish, _grad_sums
 
 
 def _make_step(acts, loss: Loss, solver: str, nesterov: bool, select_on_host: bool,
-               workers: Any = None):
+               rows: Any, workers: Any = None):
     """One guarded stochastic step: ``(params, opt, bad, x, Y, sw, h, S=None) -> (params,
     opt, bad, loss)``: bpcore's :func:`~bpcore.training.step.train_step` with scikit-learn's
     loss, L2 penalty and optimizer (:mod:`bpcore.sklearn._rules`), its scalars ``h`` passed
@@ -31,6 +31,7 @@ def _make_step(acts, loss: Loss, solver: str, nesterov: bool, select_on_host: bo
     ``select_on_host``: for backends whose values are read without waiting for a device
     (NumPy, PyTorch on the CPU), the guard's decision is read and the old or new arrays
     returned; elsewhere (JAX, CUDA) an elementwise ``where`` decides on the device.
+    ``rows``: the backend's gather (:meth:`Backend.rows`), for the step on rows of the data.
     ``workers`` (:mod:`bpcore.parallel`, data-parallel training): over MPI each rank passes
     its rows of the batch and ``S``, the global batch's Σ sw, and the step adds the ranks'
     sums before the penalty and the update; under JAX sharding the gathered batch is split
@@ -49,7 +50,7 @@ def _make_step(acts, loss: Loss, solver: str, nesterov: bool, select_on_host: bo
                                   reduce=reduce)
         return new.params, new.opt_state, new.guard.bad_step != 0, metrics.loss
 
-    return step, _indexed(step, workers)
+    return step, _indexed(step, rows, workers)
 
 
 def _state(params, opt, bad, zero, nan) -> TrainState:
@@ -59,19 +60,14 @@ def _state(params, opt, bad, zero, nan) -> TrainState:
     return TrainState(params, opt, zero, GuardState(xp.astype(bad, xp.int32), zero, nan), zero)
 
 
-def _indexed(step, workers: Any = None, rows: Any = None):
-    """``step`` on rows ``idx`` of the data on the device (the gather inside the compiled
-    step on JAX, where sharding splits the gathered batch across the devices). ``rows``:
-    the backend's gather (:meth:`Backend.rows`), or None for the array API's ``take``."""
+def _indexed(step, rows, workers: Any = None):
+    """``step`` on rows ``idx`` of the data on the device, gathered by ``rows`` (the
+    backend's :meth:`Backend.rows`; inside the compiled step on JAX, where sharding splits
+    the gathered batch across the devices)."""
     constrain = workers.constrain if workers is not None else (lambda a: a)
 
     def step_indexed(params, opt, bad, X, Y, SW, idx, h, S=None):
-        if rows is None:
-            xp = array_namespace(X)
-            batch = [xp.take(a, idx, axis=0) for a in (X, Y, SW)]
-        else:
-            batch = [rows(a, idx) for a in (X, Y, SW)]
-        return step(params, opt, bad, *(constrain(a) for a in batch), h, S)
+        return step(params, opt, bad, *(constrain(rows(a, idx)) for a in (X, Y, SW)), h, S)
 
     return step_indexed
 
@@ -114,7 +110,7 @@ def _make_buffered_step(be: Backend, dtype: str, params, opt_state, acts, loss: 
         new, metrics = exe.step(_state(params, opt, bad, zero, nan), x, T)
         return new.params, new.opt_state, new.guard.bad_step != 0, metrics.loss
 
-    return step, _indexed(step, rows=be.rows)
+    return step, _indexed(step, be.rows)
 
 
 def _make_value_and_grad(acts, loss: Loss):

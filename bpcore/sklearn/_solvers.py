@@ -117,7 +117,7 @@ class _Solvers:
                      opt["solver"], bool(self.nesterovs_momentum)),
                 lambda: _make_step(acts, loss, opt["solver"], bool(self.nesterovs_momentum),
                                    select_on_host=not (be.compiles or be.asynchronous),
-                                   workers=dp),
+                                   rows=be.rows, workers=dp),
                 workers=dp)
         bad = place(be.asarray(np.zeros((), dtype=bool)))
         index_dtype = np.int32 if n_samples < 2**31 else np.int64
