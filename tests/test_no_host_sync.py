@@ -65,6 +65,11 @@ def _trainer(be, act, loss, opt, clip, executor):
     if executor == "buffered":
         if type(trainer._inplace) is not BufferedStep:  # (on the CPU: the in-place step)
             trainer._inplace = BufferedStep(trainer)
+            # ... with the operations as on a CUDA device, where the host reads no tensor
+            # (on the CPU's tensors they run the NumPy backend's one-pass loss kernels on
+            # the tensors' memory, by design: host scalars)
+            ops = trainer._inplace.ops = type(be.inplace_ops)(be.inplace_ops.torch)
+            ops.host_reads = False
     return trainer
 
 

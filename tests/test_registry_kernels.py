@@ -246,6 +246,11 @@ def _ops(variant: str):
         from bpcore.backends._ops import NumpyOps
 
         return backend_or_skip("numpy"), NumpyOps(np)
+    if variant == "torch-own":  # PyTorch's own kernels, as on a CUDA device (no host reads)
+        be = backend_or_skip("torch")
+        ops = type(be.inplace_ops)(be.inplace_ops.torch)
+        ops.host_reads = False
+        return be, ops
     be = backend_or_skip(variant)
     return be, be.inplace_ops
 
@@ -406,17 +411,23 @@ def test_a_numba_that_fails_to_import_leaves_numpys_kernels(monkeypatch):
     assert type(_numba.numba_ops(np)) is NumpyOps
 
 
-@pytest.mark.parametrize("variant", ["numpy", "torch"])
+@pytest.mark.parametrize("form", ["labels", "targets"])
+@pytest.mark.parametrize("variant", ["numpy", "torch", "torch-own"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @settings(max_examples=40, deadline=None)
 @given(data=st.data())
-def test_a_backends_softmax_xent_on_labels_equals_the_entrys_kernel(variant, dtype, data):
-    """``ops.softmax_xent_labels`` (Numba's one pass per row on NumPy; PyTorch's own
-    kernels), which the softmax entry's kernel runs in place of its own operations: the same
-    value and D as that kernel on NumPy's own operations, to round-off (logits with ties,
-    ±1e3, infinities and NaN)."""
+def test_a_backends_softmax_xent_equals_the_entrys_kernel(form, variant, dtype, data):
+    """The backend's one-pass softmax cross-entropy, which the softmax entry's kernel runs
+    in place of its own operations: ``ops.softmax_xent_labels`` on integer labels and
+    ``ops.softmax_xent`` on canonical targets (one-hot rows, soft rows, rows of zeros, rows
+    of NaN: a label found out of range on a device). Numba's one pass per row on NumPy;
+    on PyTorch's CPU tensors the same pass on their memory; PyTorch's own kernels where the
+    host does not read the tensors (a CUDA device; here on the CPU, ``torch-own``). The same value and D as that
+    kernel on NumPy's own operations, to round-off, and the same count of correct rows as
+    :meth:`Loss.correct` (logits with ties, ±1e3, infinities and NaN)."""
     be, ops = _ops(variant)
-    fused = getattr(ops, "softmax_xent_labels", None)
+    name = "softmax_xent_labels" if form == "labels" else "softmax_xent"
+    fused = getattr(ops, name, None)
     if fused is None:
         pytest.skip(f"{variant}: no fused kernel here (Numba not installed)")
     from bpcore.backends._ops import NumpyOps
@@ -426,15 +437,31 @@ def test_a_backends_softmax_xent_on_labels_equals_the_entrys_kernel(variant, dty
                                    float("nan")]), st.floats(-30, 30, width=32))
     Zh = data.draw(hnp.arrays(np.float64, (B, C), elements=z), label="Z").astype(dtype)
     yh = data.draw(hnp.arrays(np.int64, B, elements=st.integers(0, C - 1)), label="labels")
-    kernel = bpcore.LOSSES["softmax_cross_entropy"].kernel
-    plain = NumpyOps(np)
+    Th = np.eye(C)[yh]
+    if form == "targets":  # some rows soft, of zeros, or NaN
+        for b in range(B):
+            kind = data.draw(st.sampled_from(["onehot", "soft", "zeros", "nan"]), label="row")
+            if kind == "soft":
+                Th[b] = data.draw(hnp.arrays(np.float64, C, elements=st.sampled_from(
+                    [0.0, 0.25, 0.5, 1.0])), label="soft row")
+            elif kind != "onehot":
+                Th[b] = 0.0 if kind == "zeros" else np.nan
+    Th = Th.astype(dtype)
+    loss = bpcore.LOSSES["softmax_cross_entropy"]
+    kernel, plain = loss.kernel, NumpyOps(np)
     with np.errstate(all="ignore"):
-        v_want, D_want, none = kernel.labels(plain, Zh, yh, kernel.buffers(plain, Zh))
-        Z, y = be.asarray(Zh), be.asarray(yh)
-        v_got, D_got, correct = fused(Z, y, ops.empty((B, C), Z.dtype))
+        if form == "labels":
+            v_want, D_want, none = kernel.labels(plain, Zh, yh, kernel.buffers(plain, Zh))
+            Z, t = be.asarray(Zh), be.asarray(yh)
+        else:
+            plain.softmax_xent = None  # (NumPy's own operations, whatever this class adds)
+            v_want, D_want, none = kernel(plain, Zh, Th, kernel.buffers(plain, Zh))
+            Z, t = be.asarray(Zh), be.asarray(Th)
+        count_want = float(loss.correct(Zh, Th))
+        v_got, D_got, correct = fused(Z, t, ops.empty((B, C), Z.dtype))
     assert none is None  # (NumPy's own operations leave the count to the executor)
     if correct is not None:  # counted in the pass: NumPy's argmax (first maximum, first NaN)
-        assert float(correct) == np.count_nonzero(Zh.argmax(axis=1) == yh)
+        assert float(correct) == count_want
         assert str(be.to_numpy(correct).dtype) == dtype
     if not np.isfinite(float(v_want)):  # (inf or NaN alike: the guard refuses the step)
         assert not np.isfinite(float(v_got))
@@ -515,16 +542,17 @@ def test_scikit_learns_losses_carry_kernels():
     assert [k for k, _ in SK_LOSSES] == ["identity", "logistic", "softmax"]
 
 
-@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("variant", ["numpy", "numpy-plain", "torch", "torch-own"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("name,loss", SK_LOSSES, ids=[k for k, _ in SK_LOSSES])
 @settings(max_examples=30, deadline=None)
 @given(data=st.data())
-def test_scikit_learns_loss_kernel_equals_its_generic_form(backend, dtype, name, loss, data):
+def test_scikit_learns_loss_kernel_equals_its_generic_form(variant, dtype, name, loss, data):
     """The value and D of each scikit-learn loss's in-place kernel equal its generic form's
-    (logits with zeros, ties, ±1e3 and NaN; 0/1 or real targets; sample weights with zeros)."""
-    be = backend_or_skip(backend)
-    ops = be.inplace_ops
+    (logits with zeros, ties, ±1e3 and NaN; 0/1 or real targets; sample weights with zeros),
+    with each set of in-place operations: Numba's one-pass log losses (on NumPy, and on
+    PyTorch's CPU tensors), NumPy's and PyTorch's own operations."""
+    be, ops = _ops(variant)
     B = data.draw(st.integers(1, 9), label="B")
     C = 1 if name == "logistic" and data.draw(st.booleans(), label="binary") else \
         data.draw(st.integers(1, 6), label="C")
@@ -540,14 +568,16 @@ def test_scikit_learns_loss_kernel_equals_its_generic_form(backend, dtype, name,
     Z, T = be.asarray(Zh), (be.asarray(Yh.astype(dtype)), be.asarray(swh.astype(dtype)))
     with np.errstate(all="ignore"):
         v_want, D_want = loss.forward(Z, T)
-        v_got, D_got = loss.kernel(ops, Z, T, loss.kernel.buffers(ops, Z))
+        v_got, D_got, counted = loss.kernel(ops, Z, T, loss.kernel.buffers(ops, Z))
     # (PyTorch spells 1 - x and 1/x with other kernels; Numba's one-pass form sums in
     # another order)
-    exact = backend == "numpy" and getattr(ops, {"softmax": "softmax_log_loss",
-                                                 "logistic": "sigmoid_log_loss"}.get(name, ""),
-                                           None) is None
-    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-6 if dtype == "float32" else 1e-14,
-                                                  atol=0)
-    np.testing.assert_allclose(float(v_got), float(v_want), **tol, equal_nan=True)
-    np.testing.assert_allclose(be.to_numpy(D_got), be.to_numpy(D_want), **tol)
+    exact = variant == "numpy-plain" or variant == "numpy" and getattr(
+        ops, {"softmax": "softmax_log_loss", "logistic": "sigmoid_log_loss"}.get(name, ""),
+        None) is None
+    rtol = 0 if exact else 1e-6 if dtype == "float32" else 1e-14
+    np.testing.assert_allclose(float(v_got), float(v_want), rtol=rtol, atol=0, equal_nan=True)
+    # (D = sw (P - Y) cancels where P is near Y: its round-off is P's, up to rtol·sw)
+    np.testing.assert_allclose(be.to_numpy(D_got), be.to_numpy(D_want), rtol=rtol,
+                               atol=rtol * swh.max())
+    assert counted is None  # (nothing counted in the pass: the executor asks correct)
     assert float(loss.kernel.correct(ops, Z, T)) == float(loss.correct(Z, T)) == 0.0

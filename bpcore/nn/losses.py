@@ -66,8 +66,16 @@ class SoftmaxXentKernel:
         return (ops.empty((B, C), Z.dtype), ops.empty((B, 1), Z.dtype),
                 ops.empty((B, 1), Z.dtype), ops.empty((B, C), Z.dtype))
 
-    def __call__(self, ops: Any, Z: Array, T: Array, bufs: tuple) -> tuple[Any, Array]:
-        """``(value, D)`` on canonical targets ``T``."""
+    def __call__(self, ops: Any, Z: Array, T: Array, bufs: tuple) -> tuple[Any, Array, Any]:
+        """``(value, D, correct)`` on canonical targets ``T``: ``correct`` as
+        :meth:`Loss.correct` where the pass counts it, else None (the executor counts, with
+        :meth:`correct`). Where the backend has a one-pass form of exactly this
+        (``ops.softmax_xent``: Numba's), that runs instead (it may decline with None: then
+        the operations below)."""
+        fused = getattr(ops, "softmax_xent", None)
+        out = fused(Z, T, bufs[0]) if fused is not None else None
+        if out is not None:
+            return out
         D, lse, rows, scratch = bufs
         B = Z.shape[0]
         self._logsumexp_rows(ops, Z, D, lse, rows)
@@ -80,7 +88,7 @@ class SoftmaxXentKernel:
         ops.mul(D, rows, D)
         ops.sub(D, T, D)
         ops.div(D, B, D)
-        return value, D
+        return value, D, None
 
     def labels(self, ops: Any, Z: Array, labels: Array, bufs: tuple
                ) -> tuple[Any, Array, Any]:

@@ -94,7 +94,8 @@ class _WeightedKernel:
     """The in-place form of one of the losses above (the executors' ``Loss.kernel``, with
     the backend's in-place operations ``ops``): the same operations in the same order, in
     buffers, so the same numbers (``tests/test_registry_kernels.py``). ``Z`` are the logits
-    (the output layer is the identity); ``T = (Y, sw)`` or ``(Y, sw, S)``."""
+    (the output layer is the identity); ``T = (Y, sw)`` or ``(Y, sw, S)``. A call returns
+    ``(value, D, None)``: no count in the pass (:meth:`correct` counts nothing)."""
 
     def buffers(self, ops: Any, Z: Any) -> tuple:
         """Scratch for a batch shaped like ``Z``: ``(D, rows, work, work2, work3)``."""
@@ -132,7 +133,7 @@ class _SoftmaxLogLossKernel(_WeightedKernel):
         eps = _eps(Z)
         value = _one_pass(ops, "softmax_log_loss", Z, Y, sw, eps, P)
         if value is not None:
-            return value, P
+            return value, P, None
         ops.row_max(Z, rows)                      # P = softmax(Z): exp(Z - max) / Σ
         ops.sub(Z, rows, P)
         ops.exp(P, P)
@@ -141,7 +142,7 @@ class _SoftmaxLogLossKernel(_WeightedKernel):
         ops.clip(P, eps, 1.0 - eps, work)         # value = -Σ sw (Y log clip(P))
         ops.log(work, work)
         ops.mul(Y, work, work)
-        return self._log_loss(ops, work, P, Y, sw), P  # (D = sw (P - Y))
+        return self._log_loss(ops, work, P, Y, sw), P, None  # (D = sw (P - Y))
 
 
 class _LogisticLossKernel(_WeightedKernel):
@@ -154,7 +155,7 @@ class _LogisticLossKernel(_WeightedKernel):
         eps = _eps(Z)
         value = _one_pass(ops, "sigmoid_log_loss", Z, Y, sw, eps, P)
         if value is not None:
-            return value, P
+            return value, P, None
         ops.sigmoid(Z, P, work)                   # P
         ops.clip(P, eps, 1.0 - eps, work)         # Pc
         ops.rsub(1.0, work, work2)                # log(1 - Pc)
@@ -164,7 +165,7 @@ class _LogisticLossKernel(_WeightedKernel):
         ops.rsub(1.0, Y, work3)                   # (1 - Y) log(1 - Pc)
         ops.mul(work3, work2, work2)
         ops.add(work, work2, work)                # value = -Σ sw (both terms)
-        return self._log_loss(ops, work, P, Y, sw), P  # (D = sw (P - Y))
+        return self._log_loss(ops, work, P, Y, sw), P, None  # (D = sw (P - Y))
 
 
 class _SquaredErrorKernel(_WeightedKernel):
@@ -179,7 +180,7 @@ class _SquaredErrorKernel(_WeightedKernel):
         value = 0.5 * ops.total(work) / Z.shape[1]
         ops.sub(Z, Y, D)                          # D = sw (Z - Y)
         ops.mul(sw, D, D)
-        return value, D
+        return value, D, None
 
 
 class _WeightedLoss(Loss):

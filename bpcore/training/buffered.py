@@ -204,9 +204,10 @@ class BufferedStep:
             if correct is None:  # (a kernel that does not count in its pass)
                 correct = ops.count_argmax_hits(Y, labels)
         elif self._fused_loss:
-            value, D = self.loss_kernel(ops, Y, T, self._loss_buffers(Y))
-            correct = (self._kernel_correct(ops, Y, T) if self._kernel_correct is not None
-                       else self.loss.correct(Y, T))
+            value, D, correct = self.loss_kernel(ops, Y, T, self._loss_buffers(Y))
+            if correct is None:  # (a kernel that does not count in its pass)
+                correct = (self._kernel_correct(ops, Y, T) if self._kernel_correct is not None
+                           else self.loss.correct(Y, T))
         else:
             value, D = self.loss.forward(Y, T)
             correct = self.loss.correct(Y, T)
