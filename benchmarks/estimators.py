@@ -4,7 +4,8 @@ The same estimator settings and ``random_state`` on both sides, so both fit the 
 (in float64 to rounding: the report shows the largest coefficient difference). Every fit
 runs all ``max_iter`` epochs (``tol=0``), so both do the same work. Each implementation fits
 once untimed (JAX compiles then; that first fit's time is reported on its own), then
-``rounds`` times, interleaved with the others; the fastest fit counts. Ratios are bpcore's
+``rounds`` times, interleaved with the others, each after a pause (``SETTLE_S``) in which
+the threads of the fit before it stop spinning; the fastest fit counts. Ratios are bpcore's
 time over scikit-learn's, measured in this one run. Each stochastic case also has a floor
 row, the fit's matrix products each timed alone on NumPy (:func:`products_alone`): no fit
 on scikit-learn's BLAS takes less, so its ratio bounds what any such fit can reach.
@@ -19,6 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+
+# Idle time before each timed fit: the fit before it leaves its library's threads spinning
+# (OpenBLAS's wait ~0.1 s for more work before they sleep), and on a 2-core machine they
+# take a core from whatever runs next (measured: PyTorch's fit 0.33 s right after NumPy's,
+# 0.23 s after a pause). Each implementation is timed as a user runs it, alone.
+SETTLE_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,7 @@ def run(cases: list[str], backends: list[str], dtypes: list[str], rounds: int = 
                     ests.pop(impl, None)
             for _ in range(rounds):
                 for impl, est in ests.items():
+                    time.sleep(SETTLE_S)
                     times.setdefault(impl, []).append(_fit(est, Xtr, ytr))
             best = {impl: min(t) for impl, t in times.items()}
             ref = ests.get("sklearn")
