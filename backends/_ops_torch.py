@@ -139,15 +139,17 @@ class TorchOps(NumpyOps):
             return None
         return fused(*(a.numpy() if isinstance(a, self.torch.Tensor) else a for a in args))
 
-    def _host_xent(self, name, Z, targets, D):
-        """:meth:`_host_kernel` for the softmax cross-entropy hooks: ``(value, D,
-        correct)`` as PyTorch's, or None."""
+    def _xent(self, name, Z, targets, D):
+        """The softmax cross-entropy hooks' start: where :meth:`_host_kernel` runs Numba's
+        pass ``name``, its ``(value, D, correct)`` as PyTorch's; else None, with ``D ←
+        log-softmax(Z)`` in PyTorch's kernel (``Z - lse`` per row) for the hook to go on."""
         out = self._host_kernel(name, Z, targets, D)
-        if out is None:
-            return None
-        value, _, correct = out
-        scalar = self.torch.scalar_tensor
-        return scalar(float(value), dtype=Z.dtype), D, scalar(float(correct), dtype=Z.dtype)
+        if out is not None:
+            value, _, correct = out
+            scalar = self.torch.scalar_tensor
+            return scalar(float(value), dtype=Z.dtype), D, scalar(float(correct), dtype=Z.dtype)
+        self.torch._log_softmax(Z, 1, False, out=D)
+        return None
 
     def softmax_log_loss(self, Z, Y, sw, eps, D):
         """scikit-learn's multinomial log loss (the hook of its registry entry's kernel):
@@ -163,39 +165,36 @@ class TorchOps(NumpyOps):
 
     def softmax_xent_labels(self, Z, labels, D):
         """Softmax cross-entropy on integer labels: on the CPU, Numba's one pass on the
-        tensors' memory (:meth:`_host_xent`: 18 µs against 73 here on a 100 x 10 batch);
-        else PyTorch's own kernels (five calls where the generic composition takes a dozen):
-        ``(value, D, None)`` with D written in place (its log-softmax first)."""
-        out = self._host_xent("softmax_xent_labels", Z, labels, D)
+        tensors' memory (:meth:`_xent`: 18 µs against 73 here on a 100 x 10 batch); else
+        PyTorch's own kernels (five calls where the generic composition takes a dozen):
+        ``(value, D, None)`` with D written in place."""
+        out = self._xent("softmax_xent_labels", Z, labels, D)  # (else D = log-softmax)
         if out is not None:
             return out
-        torch = self.torch
         B = Z.shape[0]
-        torch._log_softmax(Z, 1, False, out=D)  # Z - lse, per row
-        value = torch.nn.functional.nll_loss(D, labels)  # Σ_b (lse_b - Z_{b,y_b}) / B
+        value = self.torch.nn.functional.nll_loss(D, labels)  # Σ_b (lse_b - Z_{b,y_b}) / B
         D.exp_()                                # softmax
         neg = getattr(self, "_neg_one", None)
         if neg is None or neg.dtype != D.dtype:
-            neg = self._neg_one = torch.full((1, 1), -1.0, dtype=D.dtype, device=D.device)
+            neg = self._neg_one = self.torch.full((1, 1), -1.0, dtype=D.dtype,
+                                                  device=D.device)
         D.scatter_add_(1, labels.view(-1, 1), neg.expand(B, 1))  # D[b, y_b] -= 1
         D.div_(B)
         return value, D, None
 
     def softmax_xent(self, Z, T, D):
         """Softmax cross-entropy on canonical targets: on the CPU, Numba's one pass
-        (:meth:`_host_xent`: 18 µs against 47); else PyTorch's own kernels (eight calls where the entry's
-        kernel takes sixteen): ``(value, D, None)`` with D written in place."""
+        (:meth:`_xent`: 18 µs against 47); else PyTorch's own kernels (eight calls where the
+        entry's kernel takes sixteen): ``(value, D, None)`` with D written in place."""
         if T.dtype != Z.dtype:
             return None  # (the entry's kernel: its operations promote as they do)
-        out = self._host_xent("softmax_xent", Z, T, D)
+        out = self._xent("softmax_xent", Z, T, D)  # (else D = log-softmax)
         if out is not None:
             return out
-        torch = self.torch
         B = Z.shape[0]
-        torch._log_softmax(Z, 1, False, out=D)     # Z - lse, per row
-        value = torch.dot(T.reshape(-1), D.reshape(-1)).neg_().div_(B)  # Σ T (lse - Z) / B
-        D.exp_()                                   # softmax
-        D.mul_(T.sum(1, keepdim=True))             # ... Σ_c T, then - T, / B
+        value = self.torch.dot(T.reshape(-1), D.reshape(-1)).neg_().div_(B)  # Σ T (lse - Z) / B
+        D.exp_()                                # softmax
+        D.mul_(T.sum(1, keepdim=True))          # ... Σ_c T, then - T, / B
         D.sub_(T)
         D.div_(B)
         return value, D, None

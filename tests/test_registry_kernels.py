@@ -422,9 +422,9 @@ def test_a_backends_softmax_xent_equals_the_entrys_kernel(form, variant, dtype, 
     ``ops.softmax_xent`` on canonical targets (one-hot rows, soft rows, rows of zeros, rows
     of NaN: a label found out of range on a device). Numba's one pass per row on NumPy;
     on PyTorch's CPU tensors the same pass on their memory; PyTorch's own kernels where the
-    host does not read the tensors (a CUDA device; here on the CPU, ``torch-own``). The same value and D as that
-    kernel on NumPy's own operations, to round-off, and the same count of correct rows as
-    :meth:`Loss.correct` (logits with ties, ±1e3, infinities and NaN)."""
+    host does not read the tensors (a CUDA device; here on the CPU, ``torch-own``). The same
+    value and D as that kernel on NumPy's own operations, to round-off, and the same count
+    of correct rows as :meth:`Loss.correct` (logits with ties, ±1e3, infinities and NaN)."""
     be, ops = _ops(variant)
     name = "softmax_xent_labels" if form == "labels" else "softmax_xent"
     fused = getattr(ops, name, None)
