@@ -53,6 +53,14 @@ def _softmax_cross_entropy(Z: Array, T: Array) -> tuple[Array, Array]:
     return value, D
 
 
+def backend_pass(ops: Any, name: str, *args: Any) -> Any:
+    """A loss kernel's one-pass form ``name`` on the backend's in-place operations ``ops``
+    (Numba's loops, PyTorch's kernels: the hooks in ``backends/``), run on ``args``; None
+    where ``ops`` has none or it declines (the kernel then runs its own operations)."""
+    fused = getattr(ops, name, None)
+    return fused(*args) if fused is not None else None
+
+
 class SoftmaxXentKernel:
     """Softmax cross-entropy's in-place form, kept beside its generic one
     (:func:`_softmax_cross_entropy`): the same operations, in buffers, with the backend's
@@ -72,13 +80,11 @@ class SoftmaxXentKernel:
         :meth:`correct`). Where the backend has a one-pass form of exactly this
         (``ops.softmax_xent``: Numba's), that runs instead (it may decline with None: then
         the operations below)."""
-        fused = getattr(ops, "softmax_xent", None)
-        out = fused(Z, T, bufs[0]) if fused is not None else None
+        out = self._pass_or_lse(ops, "softmax_xent", Z, T, bufs)
         if out is not None:
             return out
         D, lse, rows, scratch = bufs
         B = Z.shape[0]
-        self._logsumexp_rows(ops, Z, D, lse, rows)
         ops.sub(lse, Z, scratch)                  # value = Σ T (lse - Z) / B
         ops.mul(T, scratch, scratch)
         value = ops.total(scratch) / B
@@ -99,13 +105,11 @@ class SoftmaxXentKernel:
         (else None: the executor counts). Where the backend has a one-pass form of exactly
         this (``ops.softmax_xent_labels``: PyTorch's, Numba's), that runs instead (it may
         decline with None: then the operations below)."""
-        fused = getattr(ops, "softmax_xent_labels", None)
-        out = fused(Z, labels, bufs[0]) if fused is not None else None
+        out = self._pass_or_lse(ops, "softmax_xent_labels", Z, labels, bufs)
         if out is not None:
             return out
-        D, lse, rows, _ = bufs
+        D, lse = bufs[:2]
         B = Z.shape[0]
-        self._logsumexp_rows(ops, Z, D, lse, rows)
         picked = ops.pick(Z, labels)              # Z_{b, y_b}
         ops.sub(lse[:, 0], picked, picked)
         value = ops.total(picked) / B
@@ -119,6 +123,15 @@ class SoftmaxXentKernel:
         """:meth:`Loss.correct` on canonical targets (``argmax`` of the logits equals
         ``argmax`` of the target row)."""
         return ops.count(ops.argmax_rows(Z) == ops.argmax_rows(T), Z)
+
+    def _pass_or_lse(self, ops: Any, name: str, Z: Array, targets: Array, bufs: tuple
+                     ) -> tuple | None:
+        """Both forms' start: the backend's one pass ``name`` where it has one (its
+        ``(value, D, correct)``), else None with each row's log-sum-exp in ``bufs[1]``."""
+        out = backend_pass(ops, name, Z, targets, bufs[0])
+        if out is None:
+            self._logsumexp_rows(ops, Z, *bufs[:3])
+        return out
 
     @staticmethod
     def _logsumexp_rows(ops: Any, Z: Array, work: Array, lse: Array, rows: Array) -> None:

@@ -10,7 +10,7 @@ from scipy.special import expit
 
 from .._array import Params, array_namespace, nested_map
 from ..nn.activations import get_activation
-from ..nn.losses import Loss
+from ..nn.losses import Loss, backend_pass
 from ..optim import GradientTransformation
 from ..optim.inplace import AdamUpdate, InplaceUpdate
 from ..nn.mlp import loss_grad_output
@@ -95,7 +95,11 @@ class _WeightedKernel:
     the backend's in-place operations ``ops``): the same operations in the same order, in
     buffers, so the same numbers (``tests/test_registry_kernels.py``). ``Z`` are the logits
     (the output layer is the identity); ``T = (Y, sw)`` or ``(Y, sw, S)``. A call returns
-    ``(value, D, None)``: no count in the pass (:meth:`correct` counts nothing)."""
+    ``(value, D, None)``: no count in the pass (:meth:`correct` counts nothing). Where the
+    backend has a one-pass form of the loss (``one_pass``: Numba's loops, value and ``D``
+    together), that runs instead of the operations (:meth:`_ops`)."""
+
+    one_pass: str | None = None  # the name of the backend's hook, if any
 
     def buffers(self, ops: Any, Z: Any) -> tuple:
         """Scratch for a batch shaped like ``Z``: ``(D, rows, work, work2, work3)``."""
@@ -105,6 +109,18 @@ class _WeightedKernel:
 
     def correct(self, ops: Any, Z: Any, T: Any) -> Any:
         return ops.scalar(0.0, Z)  # (scikit-learn counts nothing: _WeightedLoss.correct)
+
+    def __call__(self, ops: Any, Z: Any, T: Any, bufs: tuple) -> tuple:
+        Y, sw, eps = T[0], T[1], _eps(Z)
+        if self.one_pass is not None:
+            value = backend_pass(ops, self.one_pass, Z, Y, sw, eps, bufs[0])
+            if value is not None:
+                return value, bufs[0], None
+        return (*self._ops(ops, Z, Y, sw, eps, bufs), None)
+
+    def _ops(self, ops: Any, Z: Any, Y: Any, sw: Any, eps: float, bufs: tuple) -> tuple:
+        """``(value, D)`` by the backend's operations, ``D`` in ``bufs[0]``."""
+        raise NotImplementedError
 
     @staticmethod
     def _log_loss(ops: Any, terms: Any, P: Any, Y: Any, sw: Any) -> Any:
@@ -117,23 +133,13 @@ class _WeightedKernel:
         return value
 
 
-def _one_pass(ops: Any, name: str, Z: Any, Y: Any, sw: Any, eps: float, D: Any) -> Any:
-    """The loss's value by the backend's one-pass form of it, where it has one (Numba's:
-    ``backends/_numba.py``; it writes ``D`` too), else None: the operations below run."""
-    fused = getattr(ops, name, None)
-    return fused(Z, Y, sw, eps, D) if fused is not None else None
-
-
 class _SoftmaxLogLossKernel(_WeightedKernel):
     """:func:`_log_loss_softmax` in place."""
 
-    def __call__(self, ops, Z, T, bufs):
-        Y, sw = T[0], T[1]
+    one_pass = "softmax_log_loss"
+
+    def _ops(self, ops, Z, Y, sw, eps, bufs):
         P, rows, work, _, _ = bufs
-        eps = _eps(Z)
-        value = _one_pass(ops, "softmax_log_loss", Z, Y, sw, eps, P)
-        if value is not None:
-            return value, P, None
         ops.row_max(Z, rows)                      # P = softmax(Z): exp(Z - max) / Σ
         ops.sub(Z, rows, P)
         ops.exp(P, P)
@@ -142,20 +148,17 @@ class _SoftmaxLogLossKernel(_WeightedKernel):
         ops.clip(P, eps, 1.0 - eps, work)         # value = -Σ sw (Y log clip(P))
         ops.log(work, work)
         ops.mul(Y, work, work)
-        return self._log_loss(ops, work, P, Y, sw), P, None  # (D = sw (P - Y))
+        return self._log_loss(ops, work, P, Y, sw), P  # (D = sw (P - Y))
 
 
 class _LogisticLossKernel(_WeightedKernel):
     """:func:`_log_loss_logistic` in place (the sigmoid as :func:`bpcore.nn.activations.
     sigmoid` computes it: ``ops.sigmoid``)."""
 
-    def __call__(self, ops, Z, T, bufs):
-        Y, sw = T[0], T[1]
+    one_pass = "sigmoid_log_loss"
+
+    def _ops(self, ops, Z, Y, sw, eps, bufs):
         P, _, work, work2, work3 = bufs
-        eps = _eps(Z)
-        value = _one_pass(ops, "sigmoid_log_loss", Z, Y, sw, eps, P)
-        if value is not None:
-            return value, P, None
         ops.sigmoid(Z, P, work)                   # P
         ops.clip(P, eps, 1.0 - eps, work)         # Pc
         ops.rsub(1.0, work, work2)                # log(1 - Pc)
@@ -165,14 +168,13 @@ class _LogisticLossKernel(_WeightedKernel):
         ops.rsub(1.0, Y, work3)                   # (1 - Y) log(1 - Pc)
         ops.mul(work3, work2, work2)
         ops.add(work, work2, work)                # value = -Σ sw (both terms)
-        return self._log_loss(ops, work, P, Y, sw), P, None  # (D = sw (P - Y))
+        return self._log_loss(ops, work, P, Y, sw), P  # (D = sw (P - Y))
 
 
 class _SquaredErrorKernel(_WeightedKernel):
     """:func:`_squared_error` in place."""
 
-    def __call__(self, ops, Z, T, bufs):
-        Y, sw = T[0], T[1]
+    def _ops(self, ops, Z, Y, sw, eps, bufs):
         D, _, work, _, _ = bufs
         ops.sub(Y, Z, work)                       # value = 0.5 Σ sw (R R) / n_out, R = Y - Z
         ops.mul(work, work, work)
@@ -180,7 +182,7 @@ class _SquaredErrorKernel(_WeightedKernel):
         value = 0.5 * ops.total(work) / Z.shape[1]
         ops.sub(Z, Y, D)                          # D = sw (Z - Y)
         ops.mul(sw, D, D)
-        return value, D, None
+        return value, D
 
 
 class _WeightedLoss(Loss):
