@@ -211,15 +211,21 @@ def _build(njit: Any, cache: bool) -> Any:
         # scikit-learn's multinomial log loss, row by row: P = exp(Z - max) / Σ (row_exp),
         # returns Σ sw (Y log clip(P, lo, hi)) (summed in float64; the caller negates it) and
         # D ← sw (P - Y) (one: unused; both log losses take the same arguments)
+        # A term with Y = 0 is w (0 · log Pc) = ±0 where Pc is a number (clipped into
+        # (0, 1): its log is finite) and w finite, and adding ±0 to the sum changes nothing:
+        # those logs are skipped (9 in 10 with one-hot rows of 10 classes), the sum the same.
         total = 0.0
         for r in range(Z.shape[0]):
             _, s = row_exp(Z, r, D, zero)
             w = sw[r, 0]
+            w_finite = w - w == zero
             for c in range(Z.shape[1]):
                 p = D[r, c] / s
                 pc = lo if p < lo else (hi if p > hi else p)  # (NaN stays NaN, as np.clip)
-                total += w * (Y[r, c] * np.log(pc))
-                D[r, c] = w * (p - Y[r, c])
+                y = Y[r, c]
+                if y != zero or pc != pc or not w_finite:
+                    total += w * (y * np.log(pc))
+                D[r, c] = w * (p - y)
         return total
 
     @jit
@@ -238,7 +244,13 @@ def _build(njit: Any, cache: bool) -> Any:
                 p = e / d if z < zero else one / d
                 pc = lo if p < lo else (hi if p > hi else p)
                 y = Y[r, c]
-                total += w * (y * np.log(pc) + (one - y) * np.log(one - pc))
+                if y == zero:    # (y log Pc is -0 beside a log below 0 or NaN: the same sum)
+                    t = (one - y) * np.log(one - pc)
+                elif y == one:   # ((1 - y) log(1 - Pc) likewise)
+                    t = y * np.log(pc)
+                else:
+                    t = y * np.log(pc) + (one - y) * np.log(one - pc)
+                total += w * t
                 D[r, c] = w * (p - y)
         return total
 
