@@ -111,15 +111,18 @@ class _WeightedKernel:
         return ops.scalar(0.0, Z)  # (scikit-learn counts nothing: _WeightedLoss.correct)
 
     def __call__(self, ops: Any, Z: Any, T: Any, bufs: tuple) -> tuple:
-        Y, sw, eps = T[0], T[1], _eps(Z)
-        if self.one_pass is not None:
+        Y, sw, eps = T[0], T[1], None
+        if self.one_pass is not None:  # (a log loss: eps is its clip)
+            eps = _eps(Z)
             value = backend_pass(ops, self.one_pass, Z, Y, sw, eps, bufs[0])
             if value is not None:
                 return value, bufs[0], None
         return (*self._ops(ops, Z, Y, sw, eps, bufs), None)
 
-    def _ops(self, ops: Any, Z: Any, Y: Any, sw: Any, eps: float, bufs: tuple) -> tuple:
-        """``(value, D)`` by the backend's operations, ``D`` in ``bufs[0]``."""
+    def _ops(self, ops: Any, Z: Any, Y: Any, sw: Any, eps: float | None, bufs: tuple
+             ) -> tuple:
+        """``(value, D)`` by the backend's operations, ``D`` in ``bufs[0]`` (``eps``: the
+        log losses' clip; None for the squared error, which has none)."""
         raise NotImplementedError
 
     @staticmethod

@@ -125,7 +125,6 @@ class BufferedStep:
         self.kernels = [a.kernel for a in model.activations]
         # The loss's in-place kernel, from its registry entry (on the logits: identity output).
         self.loss_kernel = (self.loss.kernel if self.kernels[-1] is IDENTITY_KERNEL else None)
-        self._fused_loss = self.loss_kernel is not None
         # how it counts correct predictions (a kernel without its own count: the entry's)
         self._kernel_correct = getattr(self.loss_kernel, "correct", None)
         self._out: TrainState | None = None
@@ -203,7 +202,7 @@ class BufferedStep:
             value, D, correct = self.loss_kernel.labels(ops, Y, labels, self._loss_buffers(Y))
             if correct is None:  # (a kernel that does not count in its pass)
                 correct = ops.count_argmax_hits(Y, labels)
-        elif self._fused_loss:
+        elif self.loss_kernel is not None:
             value, D, correct = self.loss_kernel(ops, Y, T, self._loss_buffers(Y))
             if correct is None:  # (a kernel that does not count in its pass)
                 correct = (self._kernel_correct(ops, Y, T) if self._kernel_correct is not None
